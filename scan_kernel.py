@@ -1,0 +1,739 @@
+"""
+scan_kernel.py: the selective scan (S6) of Mamba, three ways, one contract.
+
+Reading guide
+-------------
+Paper: Gu & Dao, "Mamba: Linear-Time Sequence Modeling with Selective State Spaces"
+(arXiv 2312.00752), Algorithm 2 / eq. (2a)-(2b) with the ZOH discretisation of A and the
+Euler discretisation of B. LocalMamba (arXiv 2403.09338) runs K of these per layer, one per
+scan direction, as ONE grouped call (G = K groups of B/C).
+
+Contract: the same as `mamba_ssm.selective_scan_fn` (state-spaces/mamba,
+mamba_ssm/ops/selective_scan_interface.py), so users can swap one for the other:
+
+    selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None,
+                   delta_softplus=False, return_last_state=False, backend="auto")
+
+Glossary (code name -> paper symbol):
+    batch     B in the paper's tensors; called `batch` here because `B` is the input matrix
+    D (dim)   number of channels (d_inner of the mixer; K*d_inner for a grouped call)
+    L         sequence length (tokens in scan order)
+    N         state size per channel (d_state, 16 in all LocalMamba models)
+    G         groups of B/C: channel d reads group d // (D/G); G = K runs K directions at once
+    u         x_t, the input sequence                       (batch, D, L)
+    delta     Δ before softplus / bias                      (batch, D, L)
+    A         the diagonal state matrix, negative           (D, N)
+    B, C      input / output projections, input-dependent   (batch, N, L) or (batch, G, N, L)
+    D (skip)  the skip connection                           (D,)
+    z         the gate, out = y * silu(z)                   (batch, D, L)
+    x         the hidden state h_t of the paper             (batch, D, N)
+
+Math (state starts at 0, all arithmetic in fp32, or fp64 for fp64 inputs on ref/torch):
+    Δ_l = softplus(delta_l + delta_bias)          (softplus only if delta_softplus)
+    x_l = exp(Δ_l A) * x_{l-1} + Δ_l B_l u_l      per (batch, d, n)
+    y_l = sum_n x_l C_l + D u_l
+    out = y * silu(z)                             (if z is given), in u's dtype
+
+Backends, switched by one readable condition in `selective_scan`:
+    "ref"     `selective_scan_ref`: the obvious loop over L, autograd does the backward.
+              The oracle every other path is tested against.
+    "torch"   `selective_scan_torch`: the same loop with the exp/outer products hoisted out
+              of it and a hand-written backward; the path for CPU and MPS.
+    "triton"  `_SelectiveScanTriton`: chunked Triton kernels, forward and backward. On CUDA,
+              or on the CPU under TRITON_INTERPRET=1 (how CI tests it).
+    "auto"    "triton" for CUDA tensors when Triton imports, else "torch".
+
+`python scan_kernel.py --bench` times the backends available here (see README.md).
+"""
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+
+try:  # Triton is optional: it is missing on macOS/Windows wheels and not needed on CPU.
+    import triton
+    import triton.language as tl
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - depends on the install
+    triton, tl, HAS_TRITON = None, None, False
+
+TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+__all__ = ["selective_scan", "selective_scan_ref", "selective_scan_torch", "HAS_TRITON"]
+
+
+# -----------------------------------------------------------------------------
+# input checks, shared by every backend
+
+def _check_inputs(u, delta, A, B, C, D, z, delta_bias):
+    """Raise one ValueError naming the argument, the shape it has and the shape it needs."""
+    def need(cond, msg):
+        if not cond:
+            raise ValueError(msg)
+
+    for name, t in (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C)):
+        need(isinstance(t, torch.Tensor), f"selective_scan: {name} must be a torch.Tensor, got {type(t).__name__}")
+    need(u.dim() == 3, f"selective_scan: u must be (batch, D, L), got shape {tuple(u.shape)}")
+    batch, dim, L = u.shape
+    need(L >= 1, f"selective_scan: u must have L >= 1, got shape {tuple(u.shape)}")
+    need(delta.shape == u.shape, f"selective_scan: delta must be (batch, D, L) = {tuple(u.shape)} like u, got {tuple(delta.shape)}")
+    need(A.dim() == 2 and A.shape[0] == dim, f"selective_scan: A must be (D, N) with D = {dim}, got {tuple(A.shape)}")
+    N = A.shape[1]
+    for name, t in (("B", B), ("C", C)):
+        if t.dim() == 3:
+            need(t.shape == (batch, N, L), f"selective_scan: {name} must be (batch, N, L) = {(batch, N, L)} or (batch, G, N, L), got {tuple(t.shape)}")
+        else:
+            need(t.dim() == 4 and t.shape[0] == batch and t.shape[2:] == (N, L),
+                 f"selective_scan: {name} must be (batch, N, L) = {(batch, N, L)} or (batch, G, N, L) = {(batch, 'G', N, L)}, got {tuple(t.shape)}")
+            G = t.shape[1]
+            need(G >= 1 and dim % G == 0, f"selective_scan: {name} has G = {G} groups, which must divide D = {dim} (channel d uses group d // (D/G))")
+    if B.dim() == 4 and C.dim() == 4:
+        need(B.shape[1] == C.shape[1], f"selective_scan: B and C must have the same number of groups, got {B.shape[1]} and {C.shape[1]}")
+    for name, t, shape in (("D", D, (dim,)), ("delta_bias", delta_bias, (dim,)), ("z", z, tuple(u.shape))):
+        if t is not None:
+            need(isinstance(t, torch.Tensor) and tuple(t.shape) == shape, f"selective_scan: {name} must be {shape}, got {tuple(getattr(t, 'shape', ())) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    floats = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+    need(u.dtype in floats, f"selective_scan: u must be float16, bfloat16, float32 or float64, got {u.dtype}")
+    need(delta.dtype == u.dtype, f"selective_scan: delta must have u's dtype {u.dtype}, got {delta.dtype}")
+    if z is not None:
+        need(z.dtype == u.dtype, f"selective_scan: z must have u's dtype {u.dtype}, got {z.dtype}")
+    for name, t in (("A", A), ("B", B), ("C", C), ("D", D), ("delta_bias", delta_bias)):
+        if t is not None:
+            need(t.dtype in floats, f"selective_scan: {name} must be a float tensor, got {t.dtype}")
+    devices = {t.device for t in (u, delta, A, B, C, D, z, delta_bias) if t is not None}
+    need(len(devices) == 1, f"selective_scan: all tensors must be on one device, got {sorted(str(d) for d in devices)}; move them with .to(u.device)")
+
+
+def _as_groups(t):
+    """(batch, N, L) -> (batch, 1, N, L); (batch, G, N, L) unchanged."""
+    return t.unsqueeze(1) if t.dim() == 3 else t
+
+
+def _compute_dtype(u):
+    return torch.float64 if u.dtype == torch.float64 else torch.float32
+
+
+# -----------------------------------------------------------------------------
+# "ref": the naive loop, written as the paper's equations. Autograd does the backward.
+
+def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None,
+                       delta_softplus=False, return_last_state=False):
+    """The oracle: a plain loop over L. Slow, obvious, differentiable, any float dtype."""
+    _check_inputs(u, delta, A, B, C, D, z, delta_bias)
+    out_dtype, f = u.dtype, _compute_dtype(u)
+    batch, dim, L = u.shape
+    u, delta, A = u.to(f), delta.to(f), A.to(f)
+    B, C = _as_groups(B).to(f), _as_groups(C).to(f)                          # (batch, G, N, L)
+    G = B.shape[1]
+    B = B.repeat_interleave(dim // G, dim=1)                                  # (batch, D, N, L)
+    C = C.repeat_interleave(dim // G, dim=1)                                  # (batch, D, N, L)
+    if delta_bias is not None:
+        delta = delta + delta_bias.to(f)[None, :, None]
+    if delta_softplus:
+        delta = F.softplus(delta)                                             # threshold 20, as torch
+    x = u.new_zeros(batch, dim, A.shape[1])                                   # (batch, D, N)
+    ys = []
+    for l in range(L):
+        dA = torch.exp(delta[:, :, l, None] * A)                              # (batch, D, N)  ZOH
+        dBu = delta[:, :, l, None] * B[:, :, :, l] * u[:, :, l, None]         # (batch, D, N)  Euler
+        x = dA * x + dBu
+        ys.append((x * C[:, :, :, l]).sum(-1))                                # (batch, D)
+    y = torch.stack(ys, dim=-1)                                               # (batch, D, L)
+    if D is not None:
+        y = y + D.to(f)[None, :, None] * u
+    out = y if z is None else y * F.silu(z.to(f))
+    out = out.to(out_dtype)
+    return (out, x.detach()) if return_last_state else out
+
+
+# -----------------------------------------------------------------------------
+# "torch": the fallback for every non-CUDA tensor. The same algorithm as the Triton kernels,
+# in PyTorch ops: L is cut into chunks of T steps; in a chunk, everything that does not depend
+# on the previous state (exp(ΔA), ΔBu, the contractions with C, every gradient) is one op over
+# (T, batch, G, D/G, N), and only the multiply-add of the recurrence loops over the T steps.
+# The forward keeps the state at the start of each chunk; the backward walks the chunks in
+# reverse, recomputes each chunk's states from that checkpoint and runs the reverse scan, so
+# autograd saves O(batch·D·L) and each chunk's temporaries stay small enough for the cache.
+
+LOG2E = 1.4426950408889634
+
+
+def _chunk_size(batch, dim, N):
+    """Steps per chunk: about 128K state elements per (T, batch, D, N) temporary (fits in L2)."""
+    return max(1, min(64, (1 << 17) // max(1, batch * dim * N)))
+
+
+def _torch_inputs(u, delta, A, B, C, delta_bias, delta_softplus):
+    """Cast to the compute dtype and lay everything out L-major, channels split into groups."""
+    f = _compute_dtype(u)
+    batch, dim, L = u.shape
+    Bg, Cg = _as_groups(B), _as_groups(C)
+    G = Bg.shape[1]
+    dt_raw = delta.to(f)
+    if delta_bias is not None:
+        dt_raw = dt_raw + delta_bias.to(f)[None, :, None]
+    dt = F.softplus(dt_raw) if delta_softplus else dt_raw                     # (batch, D, L)
+    as_lbgk = lambda t: t.to(f).permute(2, 0, 1).reshape(L, batch, G, dim // G)  # (L, batch, G, D/G)
+    return dict(
+        dt_raw=dt_raw, u=as_lbgk(u), dt=as_lbgk(dt),
+        A=A.to(f).reshape(G, dim // G, -1),                                  # (G, D/G, N)
+        A_log2e=A.to(f).reshape(G, dim // G, -1) * LOG2E,  # exp(Δ A) = exp2(Δ A log2 e): exp2 is ~5x faster on CPU
+        B=Bg.to(f).permute(3, 0, 1, 2),                                      # (L, batch, G, N)
+        C=Cg.to(f).permute(3, 0, 1, 2),                                      # (L, batch, G, N)
+    )
+
+
+def _chunk_states(p, sl, x0):
+    """States of one chunk from the state x0 before it. Returns dA, dBu, xs: (T, batch, G, D/G, N)."""
+    dt = p["dt"][sl][..., None]                                               # (T, batch, G, D/G, 1)
+    dA = torch.exp2(dt * p["A_log2e"])                                        # (T, batch, G, D/G, N) = exp(Δ A)
+    dBu = (dt * p["u"][sl][..., None]) * p["B"][sl][:, :, :, None, :]         # (T, batch, G, D/G, N)
+    xs = torch.empty_like(dBu)
+    torch.addcmul(dBu[0], dA[0], x0, out=xs[0])
+    for t in range(1, xs.shape[0]):
+        torch.addcmul(dBu[t], dA[t], xs[t - 1], out=xs[t])                    # x_t = dA_t x_{t-1} + dBu_t
+    return dA, dBu, xs
+
+
+def _chunk_y(p, sl, xs):
+    """y_t = sum_n x_t C_t, (T, batch, G, D/G)."""
+    return (xs @ p["C"][sl][..., None]).squeeze(-1)
+
+
+class _SelectiveScanTorch(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+        f = _compute_dtype(u)
+        batch, dim, L = u.shape
+        p = _torch_inputs(u, delta, A, B, C, delta_bias, delta_softplus)
+        G, N = p["A"].shape[0], p["A"].shape[2]
+        T = _chunk_size(batch, dim, N)
+        x = u.new_zeros(batch, G, dim // G, N, dtype=f)                       # (batch, G, D/G, N)
+        y = torch.empty(L, batch, G, dim // G, dtype=f, device=u.device)
+        ckpts = []
+        for c0 in range(0, L, T):
+            sl = slice(c0, c0 + T)
+            ckpts.append(x)
+            _, _, xs = _chunk_states(p, sl, x)
+            y[sl] = _chunk_y(p, sl, xs)
+            x = xs[-1]
+        y = y.reshape(L, batch, dim).permute(1, 2, 0)                          # (batch, D, L)
+        if D is not None:
+            y = y + D.to(f)[None, :, None] * u.to(f)
+        out = y if z is None else y * F.silu(z.to(f))
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, torch.stack(ckpts))
+        ctx.delta_softplus, ctx.T = delta_softplus, T
+        last = x.reshape(batch, dim, N).clone()
+        ctx.mark_non_differentiable(last)
+        return out.to(u.dtype), last
+
+    @staticmethod
+    def backward(ctx, dout, _dlast):
+        u, delta, A, B, C, D, z, delta_bias, ckpts = ctx.saved_tensors
+        f = _compute_dtype(u)
+        batch, dim, L = u.shape
+        T = ctx.T
+        p = _torch_inputs(u, delta, A, B, C, delta_bias, ctx.delta_softplus)
+        G, N = p["A"].shape[0], p["A"].shape[2]
+        dout = dout.to(f)
+        uf = u.to(f)
+        dz = None
+        if z is not None:                                                     # out = y silu(z)
+            zf = z.to(f)
+            sz = torch.sigmoid(zf)
+            g = dout * zf * sz                                                # dL/dy, (batch, D, L)
+        else:
+            g = dout
+        gT = g.permute(2, 0, 1).reshape(L, batch, G, dim // G)                # (L, batch, G, D/G)
+        ddt = torch.empty(L, batch, G, dim // G, dtype=f, device=u.device)
+        du = torch.empty_like(ddt)
+        y = torch.empty_like(ddt) if z is not None else None
+        dB = torch.empty(L, batch, G, N, dtype=f, device=u.device)
+        dC = torch.empty_like(dB)
+        dA_grad = torch.zeros_like(p["A"])                                    # (G, D/G, N)
+        dh_next = torch.zeros_like(ckpts[0])                                  # dh at the step after the chunk
+        dA_next = torch.zeros_like(ckpts[0])                                  # exp(Δ A) at that step
+        for i in reversed(range(len(ckpts))):
+            sl = slice(i * T, min(L, (i + 1) * T))
+            dA, dBu, xs = _chunk_states(p, sl, ckpts[i])
+            if y is not None:
+                y[sl] = _chunk_y(p, sl, xs)
+            gC = gT[sl][..., None] * p["C"][sl][:, :, :, None, :]             # (T, batch, G, D/G, N)
+            dh = torch.empty_like(gC)
+            n = dh.shape[0]
+            torch.addcmul(gC[n - 1], dA_next, dh_next, out=dh[n - 1])
+            for t in reversed(range(n - 1)):
+                torch.addcmul(gC[t], dA[t + 1], dh[t + 1], out=dh[t])        # dh_t = gC_t + dA_{t+1} dh_{t+1}
+            dh_next, dA_next = dh[0], dA[0]
+            dt = p["dt"][sl]                                                  # (T, batch, G, D/G)
+            w = dh * (xs - dBu)                                               # dh · exp(Δ_t A) x_{t-1}
+            dhB = (dh @ p["B"][sl][..., None]).squeeze(-1)                    # sum_n dh B, (T, batch, G, D/G)
+            ddt[sl] = (w * p["A"]).sum(-1) + p["u"][sl] * dhB
+            dA_grad += (w * dt[..., None]).sum((0, 1))
+            du[sl] = dt * dhB
+            dB[sl] = ((dt * p["u"][sl])[..., None, :] @ dh).squeeze(-2)       # sum over the group's channels
+            dC[sl] = (gT[sl][..., None, :] @ xs).squeeze(-2)
+        to_bdl = lambda t: t.reshape(L, batch, dim).permute(1, 2, 0)          # -> (batch, D, L)
+        du, ddt = to_bdl(du), to_bdl(ddt)
+        dD = None
+        if D is not None:
+            du = du + g * D.to(f)[None, :, None]
+            dD = (g * uf).sum((0, 2)).to(D.dtype)
+        if z is not None:
+            yf = to_bdl(y) + (D.to(f)[None, :, None] * uf if D is not None else 0)
+            dz = (dout * yf * sz * (1 + zf * (1 - sz))).to(z.dtype)
+        if ctx.delta_softplus:
+            dt_raw = p["dt_raw"]
+            ddt = ddt * torch.where(dt_raw <= 20.0, torch.sigmoid(dt_raw), torch.ones_like(dt_raw))
+        ddelta_bias = None if delta_bias is None else ddt.sum((0, 2)).to(delta_bias.dtype)
+        dB, dC = dB.permute(1, 2, 3, 0), dC.permute(1, 2, 3, 0)               # (batch, G, N, L)
+        if B.dim() == 3:
+            dB = dB.squeeze(1)
+        if C.dim() == 3:
+            dC = dC.squeeze(1)
+        return (du.to(u.dtype), ddt.to(delta.dtype), dA_grad.reshape(dim, N).to(A.dtype), dB.to(B.dtype),
+                dC.to(C.dtype), dD, dz, ddelta_bias, None)
+
+
+def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None,
+                         delta_softplus=False, return_last_state=False):
+    """The fast pure-PyTorch path (any device, any float dtype): see `_SelectiveScanTorch`."""
+    _check_inputs(u, delta, A, B, C, D, z, delta_bias)
+    out, last = _SelectiveScanTorch.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    return (out, last.detach()) if return_last_state else out
+
+
+# -----------------------------------------------------------------------------
+# "triton": chunked forward and backward kernels.
+#
+# Program-id -> data: program (pid_d, pid_bg) owns batch b = pid_bg // G, group g = pid_bg % G
+# and BLOCK_D consecutive channels of that group, all N states of each. A tile never crosses
+# a group, so each B/C chunk is loaded once per tile and dB/dC are reduced over the tile's
+# channels in registers before one atomic add per (n, l).
+#
+# Along L the program walks CHUNK-long chunks in order (backward: in reverse order). Inside a
+# chunk the recurrence x_l = a_l x_{l-1} + b_l is a `tl.associative_scan` over the chunk axis
+# with the combine (a1, b1) ∘ (a2, b2) = (a1 a2, a2 b1 + b2): CHUNK steps in parallel, and the
+# (BLOCK_D, N) state carried between chunks in registers. The forward writes the state at the
+# start of every chunk (a checkpoint, (batch, D, n_chunks, N) fp32); the backward reloads it,
+# recomputes the chunk's states and runs the reverse scan for dh in the same registers. Nothing
+# of size (batch, D, L, N) ever touches memory.
+
+if HAS_TRITON:
+    @triton.jit
+    def _recurrence_combine(a1, b1, a2, b2):
+        # x = a2 * (a1 * x0 + b1) + b2: the linear map of two consecutive steps
+        return a1 * a2, a2 * b1 + b2
+
+    @triton.jit
+    def _softplus(x):
+        # torch's softplus with threshold 20: log1p(exp(x)) for x <= 20, x above
+        return tl.where(x <= 20.0, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))), x)
+
+    @triton.jit
+    def _scan_fwd_kernel(
+        u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,   # inputs, (batch, D, L) / (D, N) / (batch, G, N, L) / (D,)
+        out_ptr,            # (batch, D, L), u's dtype
+        ckpt_ptr,           # (batch, D, n_chunks, N) fp32: the state before each chunk
+        last_ptr,           # (batch, D, N) fp32: x_{L-1}
+        dim, L, N, G, n_chunks,
+        HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+        BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
+    ):
+        pid_d = tl.program_id(0)
+        pid_bg = tl.program_id(1)
+        b = pid_bg // G
+        g = pid_bg % G
+        dg = dim // G                                               # channels per group
+        offs_c = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)            # channel within the group
+        mask_d = offs_c < dg
+        offs_d = g * dg + offs_c                                    # channel within D
+        offs_n = tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        offs_t = tl.arange(0, CHUNK)
+
+        A = tl.load(A_ptr + offs_d[:, None] * N + offs_n[None, :],
+                    mask=mask_d[:, None] & mask_n[None, :], other=0.0).to(tl.float32)   # (BD, BN)
+        if HAS_D:
+            Dskip = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+
+        row = (b * dim + offs_d) * L                                # start of each channel's row
+        bc_row = ((b * G + g) * N + offs_n) * L                     # start of each B/C row
+        x = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+        for c in range(0, n_chunks):
+            offs_l = c * CHUNK + offs_t
+            mask_l = offs_l < L
+            m2 = mask_d[:, None] & mask_l[None, :]
+            ptrs = row[:, None] + offs_l[None, :]
+            u = tl.load(u_ptr + ptrs, mask=m2, other=0.0).to(tl.float32)               # (BD, T)
+            dt = tl.load(dt_ptr + ptrs, mask=m2, other=0.0).to(tl.float32)             # (BD, T)
+            if HAS_BIAS:
+                dt += bias[:, None]
+            if SOFTPLUS:
+                dt = _softplus(dt)
+            dt = tl.where(m2, dt, 0.0)        # padding steps must leave the state unchanged
+            mbc = mask_n[:, None] & mask_l[None, :]
+            Bc = tl.load(B_ptr + bc_row[:, None] + offs_l[None, :], mask=mbc, other=0.0).to(tl.float32)  # (BN, T)
+            Cc = tl.load(C_ptr + bc_row[:, None] + offs_l[None, :], mask=mbc, other=0.0).to(tl.float32)  # (BN, T)
+
+            tl.store(ckpt_ptr + (((b * dim + offs_d[:, None]) * n_chunks + c) * N + offs_n[None, :]), x,
+                     mask=mask_d[:, None] & mask_n[None, :])
+
+            dA = tl.exp(dt[:, None, :] * A[:, :, None])                                # (BD, BN, T)
+            dBu = (dt * u)[:, None, :] * Bc[None, :, :]                                # (BD, BN, T)
+            P, h = tl.associative_scan((dA, dBu), 2, _recurrence_combine)              # (BD, BN, T) x2
+            xs = h + P * x[:, :, None]                                                 # states of the chunk
+            y = tl.sum(xs * Cc[None, :, :], axis=1)                                    # (BD, T)
+            if HAS_D:
+                y += Dskip[:, None] * u
+            if HAS_Z:
+                zz = tl.load(z_ptr + ptrs, mask=m2, other=0.0).to(tl.float32)
+                y = y * zz * tl.sigmoid(zz)
+            tl.store(out_ptr + ptrs, y.to(out_ptr.dtype.element_ty), mask=m2)
+            x = tl.sum(tl.where(offs_t[None, None, :] == CHUNK - 1, xs, 0.0), axis=2)  # carry (BD, BN)
+
+        tl.store(last_ptr + (b * dim + offs_d[:, None]) * N + offs_n[None, :], x,
+                 mask=mask_d[:, None] & mask_n[None, :])
+
+    @triton.jit
+    def _scan_bwd_kernel(
+        u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, ckpt_ptr,  # as in the forward
+        dout_ptr,           # (batch, D, L)
+        du_ptr, ddt_ptr, dz_ptr,    # (batch, D, L) fp32
+        dA_ptr,             # (batch, D, N) fp32 partial sums, summed over batch by the wrapper
+        dB_ptr, dC_ptr,     # (batch, G, N, L) fp32, zeroed; atomically accumulated over channel tiles
+        dD_ptr, dbias_ptr,  # (batch, D) fp32 partial sums
+        dim, L, N, G, n_chunks,
+        HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+        BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
+    ):
+        pid_d = tl.program_id(0)
+        pid_bg = tl.program_id(1)
+        b = pid_bg // G
+        g = pid_bg % G
+        dg = dim // G
+        offs_c = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+        mask_d = offs_c < dg
+        offs_d = g * dg + offs_c
+        offs_n = tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        mask_dn = mask_d[:, None] & mask_n[None, :]
+        offs_t = tl.arange(0, CHUNK)
+
+        A = tl.load(A_ptr + offs_d[:, None] * N + offs_n[None, :], mask=mask_dn, other=0.0).to(tl.float32)
+        if HAS_D:
+            Dskip = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+
+        row = (b * dim + offs_d) * L
+        bc_row = ((b * G + g) * N + offs_n) * L
+        dh_carry = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)    # dh at the first step of the next chunk
+        dA_acc = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+        dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        for i in range(0, n_chunks):
+            c = n_chunks - 1 - i
+            offs_l = c * CHUNK + offs_t
+            mask_l = offs_l < L
+            m2 = mask_d[:, None] & mask_l[None, :]
+            ptrs = row[:, None] + offs_l[None, :]
+            u = tl.load(u_ptr + ptrs, mask=m2, other=0.0).to(tl.float32)               # (BD, T)
+            dt_raw = tl.load(dt_ptr + ptrs, mask=m2, other=0.0).to(tl.float32)
+            # Δ at l+1, for the factor exp(Δ_{l+1} A) of the reverse scan
+            m2n = mask_d[:, None] & (offs_l[None, :] + 1 < L)
+            dtn = tl.load(dt_ptr + ptrs + 1, mask=m2n, other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                dt_raw += bias[:, None]
+                dtn += bias[:, None]
+            if SOFTPLUS:
+                dt = _softplus(dt_raw)
+                dtn = _softplus(dtn)
+            else:
+                dt = dt_raw
+            dt = tl.where(m2, dt, 0.0)
+            dtn = tl.where(m2n, dtn, 0.0)
+            mbc = mask_n[:, None] & mask_l[None, :]
+            Bc = tl.load(B_ptr + bc_row[:, None] + offs_l[None, :], mask=mbc, other=0.0).to(tl.float32)  # (BN, T)
+            Cc = tl.load(C_ptr + bc_row[:, None] + offs_l[None, :], mask=mbc, other=0.0).to(tl.float32)
+            dout = tl.load(dout_ptr + ptrs, mask=m2, other=0.0).to(tl.float32)
+
+            # 1. recompute this chunk's states from its checkpoint
+            x0 = tl.load(ckpt_ptr + (((b * dim + offs_d[:, None]) * n_chunks + c) * N + offs_n[None, :]),
+                         mask=mask_dn, other=0.0)
+            dA = tl.exp(dt[:, None, :] * A[:, :, None])                                # (BD, BN, T)
+            dBu = (dt * u)[:, None, :] * Bc[None, :, :]
+            P, h = tl.associative_scan((dA, dBu), 2, _recurrence_combine)
+            xs = h + P * x0[:, :, None]                                                # x_l
+            a = xs - dBu                                                               # exp(Δ_l A) x_{l-1}
+
+            # 2. the gate and the output gradient
+            y = tl.sum(xs * Cc[None, :, :], axis=1)                                    # (BD, T)
+            if HAS_D:
+                y += Dskip[:, None] * u
+            if HAS_Z:
+                zz = tl.load(z_ptr + ptrs, mask=m2, other=0.0).to(tl.float32)
+                sz = tl.sigmoid(zz)
+                gy = dout * zz * sz                                                    # dL/dy
+                dz = dout * y * sz * (1.0 + zz * (1.0 - sz))
+                tl.store(dz_ptr + ptrs, dz, mask=m2)
+            else:
+                gy = dout
+
+            # 3. reverse scan: dh_l = gy_l C_l + exp(Δ_{l+1} A) dh_{l+1}, carried across chunks
+            dA_next = tl.exp(dtn[:, None, :] * A[:, :, None])                          # (BD, BN, T)
+            gC = gy[:, None, :] * Cc[None, :, :]
+            Q, r = tl.associative_scan((dA_next, gC), 2, _recurrence_combine, reverse=True)
+            dh = r + Q * dh_carry[:, :, None]                                          # (BD, BN, T)
+            dh_carry = tl.sum(tl.where(offs_t[None, None, :] == 0, dh, 0.0), axis=2)
+
+            # 4. gradients
+            dhdt = dh * dt[:, None, :]
+            ddt = tl.sum(dh * (A[:, :, None] * a + Bc[None, :, :] * u[:, None, :]), axis=1)   # (BD, T)
+            dA_acc += tl.sum(dhdt * a, axis=2)
+            du = tl.sum(dhdt * Bc[None, :, :], axis=1)
+            if HAS_D:
+                du += gy * Dskip[:, None]
+                dD_acc += tl.sum(tl.where(m2, gy * u, 0.0), axis=1)
+            dB = tl.sum(dhdt * u[:, None, :], axis=0)                                  # (BN, T) over the tile
+            dC = tl.sum(xs * gy[:, None, :], axis=0)                                   # (BN, T)
+            tl.atomic_add(dB_ptr + bc_row[:, None] + offs_l[None, :], dB, mask=mbc)
+            tl.atomic_add(dC_ptr + bc_row[:, None] + offs_l[None, :], dC, mask=mbc)
+            if SOFTPLUS:
+                ddt = ddt * tl.where(dt_raw <= 20.0, tl.sigmoid(dt_raw), 1.0)
+            ddt = tl.where(m2, ddt, 0.0)
+            if HAS_BIAS:
+                dbias_acc += tl.sum(ddt, axis=1)
+            tl.store(du_ptr + ptrs, du, mask=m2)
+            tl.store(ddt_ptr + ptrs, ddt, mask=m2)
+
+        tl.store(dA_ptr + (b * dim + offs_d[:, None]) * N + offs_n[None, :], dA_acc, mask=mask_dn)
+        if HAS_D:
+            tl.store(dD_ptr + b * dim + offs_d, dD_acc, mask=mask_d)
+        if HAS_BIAS:
+            tl.store(dbias_ptr + b * dim + offs_d, dbias_acc, mask=mask_d)
+
+
+def _triton_config(N, dg):
+    """Launch heuristics: (BLOCK_D, BLOCK_N, CHUNK)."""
+    BLOCK_N = triton.next_power_of_2(N)
+    # CHUNK: steps scanned in parallel; 16 keeps the (BLOCK_D, N, CHUNK) tensors in registers.
+    CHUNK = 16 if BLOCK_N <= 64 else 4
+    # BLOCK_D: ~2K fp32 per (BLOCK_D, N, CHUNK) tensor, and no wider than the group.
+    BLOCK_D = max(1, min(2048 // (BLOCK_N * CHUNK), triton.next_power_of_2(dg)))
+    return BLOCK_D, BLOCK_N, CHUNK
+
+
+class _SelectiveScanTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+        batch, dim, L = u.shape
+        N = A.shape[1]
+        Bg, Cg = _as_groups(B).contiguous(), _as_groups(C).contiguous()
+        G = Bg.shape[1]
+        u, delta = u.contiguous(), delta.contiguous()
+        z = None if z is None else z.contiguous()
+        A = A.contiguous()
+        BLOCK_D, BLOCK_N, CHUNK = _triton_config(N, dim // G)
+        n_chunks = triton.cdiv(L, CHUNK)
+        out = torch.empty_like(u)
+        ckpt = torch.empty(batch, dim, n_chunks, N, device=u.device, dtype=torch.float32)
+        last = torch.empty(batch, dim, N, device=u.device, dtype=torch.float32)
+        grid = (triton.cdiv(dim // G, BLOCK_D), batch * G)
+        _scan_fwd_kernel[grid](
+            u, delta, A, Bg, Cg, D if D is not None else u, z if z is not None else u,
+            delta_bias if delta_bias is not None else u, out, ckpt, last,
+            dim, L, N, G, n_chunks,
+            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+            SOFTPLUS=bool(delta_softplus), BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, CHUNK=CHUNK,
+        )
+        ctx.save_for_backward(u, delta, A, Bg, Cg, D, z, delta_bias, ckpt)
+        ctx.meta = (delta_softplus, B.dim() == 3, C.dim() == 3, B.dtype, C.dtype)
+        ctx.mark_non_differentiable(last)
+        return out, last
+
+    @staticmethod
+    def backward(ctx, dout, _dlast):
+        u, delta, A, Bg, Cg, D, z, delta_bias, ckpt = ctx.saved_tensors
+        delta_softplus, squeeze_B, squeeze_C, B_dtype, C_dtype = ctx.meta
+        batch, dim, L = u.shape
+        N = A.shape[1]
+        G = Bg.shape[1]
+        BLOCK_D, BLOCK_N, CHUNK = _triton_config(N, dim // G)
+        n_chunks = ckpt.shape[2]
+        dout = dout.contiguous()
+        f32 = dict(device=u.device, dtype=torch.float32)
+        du, ddt = torch.empty(batch, dim, L, **f32), torch.empty(batch, dim, L, **f32)
+        dz = torch.empty(batch, dim, L, **f32) if z is not None else None
+        dA = torch.empty(batch, dim, N, **f32)
+        dB, dC = torch.zeros(batch, G, N, L, **f32), torch.zeros(batch, G, N, L, **f32)
+        dD = torch.empty(batch, dim, **f32) if D is not None else None
+        dbias = torch.empty(batch, dim, **f32) if delta_bias is not None else None
+        grid = (triton.cdiv(dim // G, BLOCK_D), batch * G)
+        _scan_bwd_kernel[grid](
+            u, delta, A, Bg, Cg, D if D is not None else u, z if z is not None else u,
+            delta_bias if delta_bias is not None else u, ckpt, dout,
+            du, ddt, dz if dz is not None else du, dA, dB, dC,
+            dD if dD is not None else du, dbias if dbias is not None else du,
+            dim, L, N, G, n_chunks,
+            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+            SOFTPLUS=bool(delta_softplus), BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, CHUNK=CHUNK,
+        )
+        dB = dB.squeeze(1) if squeeze_B else dB
+        dC = dC.squeeze(1) if squeeze_C else dC
+        return (du.to(u.dtype), ddt.to(delta.dtype), dA.sum(0).to(A.dtype), dB.to(B_dtype), dC.to(C_dtype),
+                None if D is None else dD.sum(0).to(D.dtype), None if z is None else dz.to(z.dtype),
+                None if delta_bias is None else dbias.sum(0).to(delta_bias.dtype), None)
+
+
+def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None,
+                          delta_softplus=False, return_last_state=False):
+    """The Triton kernels (CUDA tensors; CPU tensors under TRITON_INTERPRET=1). fp32/fp16/bf16."""
+    _check_inputs(u, delta, A, B, C, D, z, delta_bias)
+    if not HAS_TRITON:
+        raise RuntimeError("selective_scan: backend='triton' needs the triton package (pip install triton); "
+                           "use backend='torch' instead")
+    if u.device.type != "cuda" and not TRITON_INTERPRET:
+        raise ValueError(f"selective_scan: backend='triton' needs CUDA tensors (u is on {u.device}); "
+                         "set TRITON_INTERPRET=1 before importing triton to run the kernels on the CPU, "
+                         "or use backend='torch'")
+    if u.dtype == torch.float64:
+        raise ValueError("selective_scan: backend='triton' computes in fp32 and takes fp32/fp16/bf16 u; "
+                         "for float64 use backend='ref' or 'torch'")
+    out, last = _SelectiveScanTriton.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    return (out, last.detach()) if return_last_state else out
+
+
+# -----------------------------------------------------------------------------
+# the one entry point
+
+_BACKENDS = {"ref": selective_scan_ref, "torch": selective_scan_torch, "triton": selective_scan_triton}
+
+
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None,
+                   delta_softplus=False, return_last_state=False, backend="auto"):
+    """Mamba's selective scan with `mamba_ssm.selective_scan_fn`'s contract; see the module docstring.
+
+    Returns out (batch, D, L) in u's dtype, and with return_last_state also the last state
+    x_{L-1} (batch, D, N) fp32 (fp64 for fp64 inputs), which carries no gradient.
+    """
+    if backend == "auto":
+        use_triton = HAS_TRITON and isinstance(u, torch.Tensor) and u.is_cuda
+        backend = "triton" if use_triton else "torch"
+    if backend not in _BACKENDS:
+        raise ValueError(f"selective_scan: backend must be one of 'auto', {', '.join(map(repr, _BACKENDS))}; got {backend!r}")
+    return _BACKENDS[backend](u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
+                              delta_softplus=delta_softplus, return_last_state=return_last_state)
+
+
+# -----------------------------------------------------------------------------
+# benchmark: python scan_kernel.py --bench   (a measurement, never a test)
+
+def _bench_inputs(batch, dim, N, L, G, dtype, device):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g)
+    t = dict(u=r(batch, dim, L).to(dtype), delta=(0.5 * r(batch, dim, L)).to(dtype), A=-torch.exp(0.5 * r(dim, N)),
+             B=r(batch, G, N, L).to(dtype), C=r(batch, G, N, L).to(dtype), D=r(dim), z=r(batch, dim, L).to(dtype),
+             delta_bias=0.3 * r(dim))
+    return {k: v.to(device).requires_grad_() for k, v in t.items()}
+
+
+def _min_bytes(batch, dim, N, L, G, dtype):
+    """Bytes a fused call must move at least: each input read once, each output written once."""
+    e = torch.finfo(dtype).bits // 8
+    bdl, bgnl = batch * dim * L * e, batch * G * N * L * e
+    fwd = 3 * bdl + 2 * bgnl + bdl                       # u, delta, z, B, C in; out
+    bwd = 4 * bdl + 2 * bgnl + 3 * bdl + 2 * bgnl        # u, delta, z, dout, B, C in; du, ddelta, dz, dB, dC out
+    return fwd, bwd
+
+
+def _time_cpu(fn, reps):
+    import statistics
+    import time
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts) * 1e3
+
+
+def bench(reps=5):
+    """Print one table: shape, backend, forward ms, forward+backward ms (median of reps),
+    speed-up over the plain autograd loop timed in the same run, and on CUDA the GB/s reached
+    against the bytes the call must move."""
+    rows = []
+    cuda = torch.cuda.is_available()
+    shapes = [  # (name, batch, D, N, L, G)
+        ("Vim-T layer, 1 direction (2,384,16,197)", 2, 384, 16, 197, 1),
+        ("train_mini default (64,256,16,196,G=4)", 64, 256, 16, 196, 4),
+    ]
+    if cuda:
+        shapes.append(("Vim-T layer, K=4 grouped (128,1536,16,197,G=4)", 128, 1536, 16, 197, 4))
+    for name, batch, dim, N, L, G in shapes:
+        big = batch * dim > 20000
+        backends = []
+        if not cuda or not big:
+            backends += [("ref", "cpu"), ("torch", "cpu")]
+        if cuda:
+            backends += [("torch", "cuda"), ("triton", "cuda")]
+            try:
+                from mamba_ssm.ops.selective_scan_interface import selective_scan_fn  # noqa: F401
+                backends.append(("mamba_ssm", "cuda"))
+            except ImportError:
+                pass
+        base = None
+        for be, dev in backends:
+            for dtype in ([torch.float32] if dev == "cpu" else [torch.float32, torch.bfloat16]):
+                x = _bench_inputs(batch, dim, N, L, G, dtype, dev)
+                if be == "mamba_ssm":
+                    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+                    call = lambda: selective_scan_fn(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"],
+                                                     x["delta_bias"], True)
+                else:
+                    call = lambda: selective_scan(x["u"], x["delta"], x["A"], x["B"], x["C"], D=x["D"], z=x["z"],
+                                                  delta_bias=x["delta_bias"], delta_softplus=True, backend=be)
+                dout = torch.randn_like(x["u"])
+                fwd_bwd = lambda: call().backward(dout)
+                if dev == "cuda":
+                    from triton.testing import do_bench
+                    with torch.no_grad():
+                        t_f = do_bench(call, return_mode="median")
+                    t_fb = do_bench(fwd_bwd, return_mode="median")
+                else:
+                    n = 2 if (be == "ref" and big) else reps
+                    call(); fwd_bwd()  # warm-up
+                    with torch.no_grad():
+                        t_f = _time_cpu(call, n)
+                    t_fb = _time_cpu(fwd_bwd, n)
+                if be == "ref" and dtype == torch.float32:
+                    base = t_fb
+                gbs = ""
+                if dev == "cuda":
+                    bf, bb = _min_bytes(batch, dim, N, L, G, dtype)
+                    gbs = f"{bf / t_f / 1e6:.0f} GB/s fwd (floor {bf / 3.0e9 * 1e3:.3f} ms at 3 TB/s)"
+                speedup = f"{base / t_fb:.1f}x" if base else ""
+                rows.append((name, f"{be} {dev} {str(dtype).replace('torch.', '')}", f"{t_f:.2f}", f"{t_fb:.2f}", speedup, gbs))
+                print(" | ".join(rows[-1]), flush=True)
+    dev = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
+    print(f"\nselective scan, with z, D, delta_bias, softplus; {dev}; torch {torch.__version__}"
+          f"{', triton ' + triton.__version__ if HAS_TRITON else ''}; median of {reps} (CPU) or do_bench (CUDA)\n")
+    print("| shape | backend | fwd ms | fwd+bwd ms | fwd+bwd vs ref loop | bandwidth |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print("| " + " | ".join(r) + " |")
+
+
+if __name__ == "__main__":
+    import argparse
+    ap = argparse.ArgumentParser(description="selective scan: benchmark the backends available here")
+    ap.add_argument("--bench", action="store_true", help="time ref/torch (CPU) and triton/mamba_ssm (CUDA)")
+    ap.add_argument("--reps", type=int, default=5)
+    args = ap.parse_args()
+    if args.bench:
+        bench(args.reps)
+    else:
+        ap.print_help()

@@ -238,3 +238,499 @@ def test_scan_bad_input_raises_value_error(over, match):
 def test_scan_bad_backend_name():
     with pytest.raises(ValueError, match="backend must be one of"):
         selective_scan(*[scan_inputs(batch=1, dim=2, L=2, N=2, G=1)[k] for k in ("u", "delta", "A", "B", "C")], backend="cuda")
+
+
+# =============================================================================
+# 2. scan orders, SCAttn, the mixers, the models (localmamba.py against SPEC.md §2-§8)
+
+import json
+import math
+from pathlib import Path
+
+import localmamba as lm
+from localmamba import create_model, derive_directions, load_checkpoint, scan_order
+
+SHARED = Path(__file__).resolve().parent.parent / "shared"
+P = -1
+
+
+def test_scan_orders_on_the_spec_4x4_example():
+    assert scan_order("h", 4, 4).tolist() == list(range(16))
+    assert scan_order("h_flip", 4, 4).tolist() == list(range(15, -1, -1))
+    assert scan_order("v", 4, 4).tolist()[:8] == [0, 4, 8, 12, 1, 5, 9, 13]
+    assert scan_order("w2", 4, 4).tolist() == [0, 1, 4, 5, 2, 3, 6, 7, 8, 9, 12, 13, 10, 11, 14, 15]
+    assert scan_order("w2_flip", 4, 4).tolist() == [15, 14, 11, 10, 13, 12, 9, 8, 7, 6, 3, 2, 5, 4, 1, 0]
+    w7 = scan_order("w7", 4, 4).tolist()
+    assert len(w7) == 49 and w7[:14] == [0, 1, 2, 3, P, P, P, 4, 5, 6, 7, P, P, P]
+    assert sorted(x for x in w7 if x >= 0) == list(range(16)) and w7.count(P) == 33
+
+
+def brute_force_order(direction, H, W):
+    """SPEC.md §2 formulas, one token at a time."""
+    kind, k, flip = lm.parse_direction(direction)
+    if kind == "h":
+        seq = [i * W + j for i in range(H) for j in range(W)]
+    elif kind == "v":
+        seq = [None] * (H * W)
+        for i in range(H):
+            for j in range(W):
+                seq[j * H + i] = i * W + j
+    else:
+        Hp, Wp = math.ceil(H / k) * k, math.ceil(W / k) * k
+        seq = [P] * (Hp * Wp)
+        for i in range(Hp):
+            for j in range(Wp):
+                s = ((i // k) * (Wp // k) + j // k) * k * k + (i % k) * k + j % k
+                seq[s] = i * W + j if (i < H and j < W) else P
+    return seq[::-1] if flip else seq
+
+
+GRIDS = [(4, 4), (3, 5), (5, 3), (14, 14), (7, 7), (6, 9), (1, 4), (2, 1)]
+
+
+@pytest.mark.parametrize("H,W", GRIDS)
+def test_scan_orders_match_the_spec_formulas(H, W):
+    for d in lm.DIRECTIONS + ("w3", "w3_flip", "w1", "w5_flip"):
+        assert scan_order(d, H, W).tolist() == brute_force_order(d, H, W), (d, H, W)
+
+
+@pytest.mark.parametrize("H,W", GRIDS)
+def test_scan_unscan_round_trip(H, W):
+    x = torch.randn(2, 3, H * W)
+    for d in lm.DIRECTIONS + ("w3_flip",):
+        order = scan_order(d, H, W)
+        s = lm.scan_tokens(x, order)
+        assert s.shape[-1] == len(order)
+        assert torch.equal(s[..., order < 0], torch.zeros_like(s[..., order < 0]))   # padding is zeros
+        assert torch.equal(lm.unscan_tokens(s, order, H * W), x), (d, H, W)
+
+
+def test_official_v_unscan_is_wrong_for_non_square_grids_and_ours_is_not():
+    H, W = 3, 5
+    x = torch.arange(H * W).view(1, 1, -1)
+    s = lm.scan_tokens(x, scan_order("v", H, W))
+    official = s.view(1, 1, H, W).transpose(-1, -2).reshape(1, 1, -1)   # rearrange 'b d (h w) -> b d (w h)'
+    assert not torch.equal(official, x)
+    assert torch.equal(lm.unscan_tokens(s, scan_order("v", H, W), H * W), x)
+
+
+@pytest.mark.parametrize("name", ["x", "w0", "w", "hflip", "h_flip_flip", "d2", 3])
+def test_unknown_direction_raises(name):
+    with pytest.raises(ValueError, match="unknown scan direction"):
+        scan_order(name, 4, 4)
+
+
+def test_scattn_gates_channels():
+    torch.manual_seed(0)
+    a = lm.SCAttn(16)
+    assert sorted(n for n, _ in a.named_parameters()) == sorted(
+        ["norm.weight", "norm.bias", "global_reduce.weight", "global_reduce.bias", "channel_select.weight", "channel_select.bias"])
+    assert a.global_reduce.out_features == 2
+    x = torch.randn(3, 10, 16)
+    y = a(x)
+    gate = y / x                                                   # (B, L, C): one gate per (b, c)
+    assert y.shape == x.shape
+    assert torch.allclose(gate, gate[:, :1].expand_as(gate), atol=1e-5)
+    assert (gate > 0).all() and (gate < 1).all()
+    want = torch.sigmoid(a.channel_select(F.gelu(a.global_reduce(F.layer_norm(x, (16,), a.norm.weight, a.norm.bias).mean(1, keepdim=True)))))
+    assert torch.allclose(y, x * want, atol=1e-6)
+
+
+def test_scattn_spatial_branch_gates_tokens():
+    torch.manual_seed(0)
+    a = lm.SCAttn(16, spatial=True)
+    assert {"local_reduce.weight", "spatial_select.weight"} <= {n for n, _ in a.named_parameters()}
+    x = torch.randn(2, 10, 16)
+    gate = a(x) / x
+    assert not torch.allclose(gate, gate[:, :1].expand_as(gate), atol=1e-4)  # differs per token now
+
+
+# --- an official-style mixer, written here per direction (the official loop over K calls) ----
+
+def _official_scan(x, d, H, W):
+    """(B, C, L) -> (B, C, Ls): official MultiScan.scan semantics, by reshapes (SPEC §2)."""
+    kind, k, flip = lm.parse_direction(d)
+    B, C, L = x.shape
+    if kind == "h":
+        s = x
+    elif kind == "v":
+        s = x.view(B, C, H, W).transpose(2, 3).reshape(B, C, L)
+    else:
+        g = F.pad(x.view(B, C, H, W), (0, -W % k, 0, -H % k))
+        Hp, Wp = g.shape[2:]
+        s = g.view(B, C, Hp // k, k, Wp // k, k).permute(0, 1, 2, 4, 3, 5).reshape(B, C, -1)
+    return s.flip(-1) if flip else s
+
+
+def _official_unscan(y, d, H, W):
+    kind, k, flip = lm.parse_direction(d)
+    y = y.flip(-1) if flip else y
+    B, C, _ = y.shape
+    if kind == "h":
+        return y
+    if kind == "v":
+        return y.view(B, C, W, H).transpose(2, 3).reshape(B, C, H * W)   # the true inverse
+    Hp, Wp = math.ceil(H / k) * k, math.ceil(W / k) * k
+    g = y.view(B, C, Hp // k, Wp // k, k, k).permute(0, 1, 2, 4, 3, 5).reshape(B, C, Hp, Wp)
+    return g[:, :, :H, :W].reshape(B, C, H * W)
+
+
+def official_vim_mixer(m, h, H, W, cls_pos=None):
+    """MultiMamba.forward with mamba_inner_fn_no_out_proj, one selective scan per direction."""
+    xz = m.in_proj(h).transpose(1, 2)                                    # (B, 2E, L_in)
+    if cls_pos is not None:
+        cls = xz[:, :, cls_pos:cls_pos + 1]
+        xz = torch.cat([xz[:, :, :cls_pos], xz[:, :, cls_pos + 1:]], 2)
+    outs = []
+    for k, d in enumerate(m.multi_scan.directions):
+        s = _official_scan(xz, d, H, W)
+        if cls_pos is not None:
+            s = torch.cat([s[:, :, :cls_pos], cls, s[:, :, cls_pos:]], 2)
+        x, z = s.chunk(2, 1)
+        Ls = x.shape[-1]
+        conv = getattr(m, f"conv1d_{k}")
+        x = F.silu(F.conv1d(x, conv.weight, conv.bias, padding=m.d_conv - 1, groups=m.d_inner)[..., :Ls])
+        x_dbl = getattr(m, f"x_proj_{k}")(x.transpose(1, 2))             # (B, Ls, R+2N)
+        dt, Bm, Cm = x_dbl.split([m.dt_rank, m.d_state, m.d_state], -1)
+        dt = (dt @ getattr(m, f"dt_proj_{k}").weight.t()).transpose(1, 2)
+        y = selective_scan_ref(x, dt, -torch.exp(getattr(m, f"A_log_{k}")), Bm.transpose(1, 2), Cm.transpose(1, 2),
+                               D=getattr(m, f"D_{k}"), z=z, delta_bias=getattr(m, f"dt_proj_{k}").bias,
+                               delta_softplus=True)
+        if cls_pos is not None:
+            c_out = y[:, :, cls_pos:cls_pos + 1]
+            y = torch.cat([y[:, :, :cls_pos], y[:, :, cls_pos + 1:]], 2)
+        y = _official_unscan(y, d, H, W)
+        if cls_pos is not None:
+            y = torch.cat([y[:, :, :cls_pos], c_out, y[:, :, cls_pos:]], 2)
+        outs.append(m.attn(y.transpose(1, 2)))
+    if m.multi_scan.search:
+        w = m.multi_scan.weights.softmax(0)
+        out = (torch.stack([F.layer_norm(o, o.shape[-1:]) for o in outs]) * w).sum(0)
+    else:
+        out = torch.stack(outs).sum(0)
+    return m.out_proj(out)
+
+
+@pytest.mark.parametrize("H,W,dirs,cls", [
+    (6, 6, ["h", "v_flip", "w7", "w7_flip"], False),      # w7 pads 6×6 to 7×7: unequal lengths
+    (4, 6, ["v", "v_flip", "w2", "h_flip"], False),      # non-square
+    (6, 6, ["h", "h_flip", "v", "w2_flip"], True),        # middle cls token
+    (4, 4, None, False),                                  # supernet, all 8 with the softmax mix
+])
+def test_vim_mixer_one_grouped_call_equals_k_separate_calls(H, W, dirs, cls):
+    torch.manual_seed(0)
+    m = lm.LocalVimMixer(16, dirs or list(lm.DIRECTIONS), search=dirs is None)
+    with torch.no_grad():   # move off the symmetric init so that a mix-up of directions would show
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    cls_pos = (H * W) // 2 if cls else None
+    h = torch.randn(2, H * W + cls, 16)
+    got = m(h, H, W, cls_pos)
+    want = official_vim_mixer(m, h, H, W, cls_pos)
+    assert rel_err(got, want) < 1e-5
+
+
+def official_ss2d(op, x):
+    """SS2D.forward with MultiScanVSSM, one selective scan per direction."""
+    B, H, W, _ = x.shape
+    E, N, R = op.d_inner, op.d_state, op.dt_rank
+    xin, z = op.in_proj(x).chunk(2, -1)
+    xin = F.silu(op.conv2d(xin.permute(0, 3, 1, 2))).flatten(2)          # (B, E, L)
+    outs = []
+    for k, d in enumerate(op.multi_scan.directions):
+        s = _official_scan(xin, d, H, W)
+        x_dbl = torch.einsum("bel,ce->bcl", s, op.x_proj_weight[k])
+        dt, Bm, Cm = x_dbl.split([R, N, N], 1)
+        dt = torch.einsum("brl,er->bel", dt, op.dt_projs_weight[k])
+        y = selective_scan_ref(s, dt, -torch.exp(op.A_logs[k * E:(k + 1) * E]), Bm, Cm, D=op.Ds[k * E:(k + 1) * E],
+                               delta_bias=op.dt_projs_bias[k], delta_softplus=True)
+        outs.append(op.multi_scan.attn(_official_unscan(y, d, H, W).transpose(1, 2)))
+    if op.multi_scan.search:
+        w = op.multi_scan.weights.softmax(0)
+        y = (torch.stack([F.layer_norm(o, o.shape[-1:]) for o in outs]) * w).sum(0)
+    else:
+        y = torch.stack(outs).sum(0)
+    return op.out_proj(op.out_norm(y).view(B, H, W, E) * F.silu(z))
+
+
+@pytest.mark.parametrize("H,W,dirs", [(7, 7, ["h", "v_flip", "w2", "w7_flip"]), (5, 6, ["h_flip", "v", "w2_flip", "w7"]), (4, 4, None)])
+def test_ss2d_one_grouped_call_equals_k_separate_calls(H, W, dirs):
+    torch.manual_seed(0)
+    op = lm.SS2D(8, dirs or list(lm.DIRECTIONS), search=dirs is None)
+    with torch.no_grad():
+        for p in op.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x = torch.randn(2, H, W, 8)
+    assert rel_err(op(x), official_ss2d(op, x)) < 1e-5
+
+
+# --- parameters: names, shapes and counts as the official models have them -----------------
+
+def expected_vim_state(D, depth, dirs, cls=False, rope=True, L=196, classes=1000, N=16):
+    """Official VisionMamba's state_dict shapes, enumerated from SPEC.md §4 (not from localmamba)."""
+    E, R, r = 2 * D, math.ceil(D / 16), int(2 * D * 0.125)
+    s = {"patch_embed.proj.weight": (D, 3, 16, 16), "patch_embed.proj.bias": (D,), "pos_embed": (1, L + cls, D),
+         "norm_f.weight": (D,), "head.weight": (classes, D), "head.bias": (classes,)}
+    if cls:
+        s["cls_token"] = (1, 1, D)
+    if rope:
+        s["rope.freqs_cos"] = s["rope.freqs_sin"] = (L, D)
+    for i in range(depth):
+        p = f"layers.{i}."
+        s[p + "norm.weight"] = (D,)
+        s[p + "mixer.in_proj.weight"] = (2 * E, D)
+        s[p + "mixer.out_proj.weight"] = (D, E)
+        for a, shape in [("norm.weight", (E,)), ("norm.bias", (E,)), ("global_reduce.weight", (r, E)),
+                         ("global_reduce.bias", (r,)), ("channel_select.weight", (E, r)), ("channel_select.bias", (E,))]:
+            s[p + "mixer.attn." + a] = shape
+        K = len(dirs[i]) if dirs else 8
+        if not dirs:
+            s[p + "mixer.multi_scan.weights"] = (8, 1, 1, 1)
+        for k in range(K):
+            s.update({p + f"mixer.conv1d_{k}.weight": (E, 1, 4), p + f"mixer.conv1d_{k}.bias": (E,),
+                      p + f"mixer.x_proj_{k}.weight": (R + 2 * N, E), p + f"mixer.dt_proj_{k}.weight": (E, R),
+                      p + f"mixer.dt_proj_{k}.bias": (E,), p + f"mixer.A_log_{k}": (E, N), p + f"mixer.D_{k}": (E,)})
+    return s
+
+
+def expected_vmamba_state(dims, depths, dirs, classes=1000, N=16):
+    """Official VSSM's state_dict shapes, enumerated from SPEC.md §5."""
+    s = {"patch_embed.0.weight": (dims[0], 3, 4, 4), "patch_embed.0.bias": (dims[0],),
+         "patch_embed.2.weight": (dims[0],), "patch_embed.2.bias": (dims[0],),
+         "classifier.norm.weight": (dims[-1],), "classifier.norm.bias": (dims[-1],),
+         "classifier.head.weight": (classes, dims[-1]), "classifier.head.bias": (classes,)}
+    b = 0
+    for st, (C, depth) in enumerate(zip(dims, depths)):
+        E, R, r = 2 * C, math.ceil(C / 16), int(2 * C * 0.125)
+        for j in range(depth):
+            K = len(dirs[b]) if dirs else 8
+            b += 1
+            p = f"layers.{st}.blocks.{j}."
+            s.update({p + "norm.weight": (C,), p + "norm.bias": (C,), p + "op.in_proj.weight": (2 * E, C),
+                      p + "op.conv2d.weight": (E, 1, 3, 3), p + "op.conv2d.bias": (E,),
+                      p + "op.x_proj_weight": (K, R + 2 * N, E), p + "op.dt_projs_weight": (K, E, R),
+                      p + "op.dt_projs_bias": (K, E), p + "op.A_logs": (K * E, N), p + "op.Ds": (K * E,),
+                      p + "op.out_norm.weight": (E,), p + "op.out_norm.bias": (E,), p + "op.out_proj.weight": (C, E),
+                      p + "op.multi_scan.attn.norm.weight": (E,), p + "op.multi_scan.attn.norm.bias": (E,),
+                      p + "op.multi_scan.attn.global_reduce.weight": (r, E), p + "op.multi_scan.attn.global_reduce.bias": (r,),
+                      p + "op.multi_scan.attn.channel_select.weight": (E, r), p + "op.multi_scan.attn.channel_select.bias": (E,)})
+            if not dirs:
+                s[p + "op.multi_scan.weights"] = (8, 1, 1, 1)
+        if st < len(dims) - 1:
+            s[f"layers.{st}.downsample.norm.weight"] = s[f"layers.{st}.downsample.norm.bias"] = (4 * C,)
+            s[f"layers.{st}.downsample.reduction.weight"] = (dims[st + 1], 4 * C)
+    return s
+
+
+PUBLISHED = json.loads((SHARED / "searched_directions.json").read_text()) if (SHARED / "searched_directions.json").exists() else None
+EXPECTED = {
+    "local_vim_tiny": lambda d: expected_vim_state(192, 20, d["local_vim_tiny"]),
+    "local_vim_tiny_middle_cls_token": lambda d: expected_vim_state(192, 20, d["local_vim_tiny"], cls=True, rope=False),
+    "local_vim_small": lambda d: expected_vim_state(384, 20, d["local_vim_small"]),
+    "local_vim_tiny_search": lambda d: expected_vim_state(128, 20, None),
+    "local_vmamba_tiny": lambda d: expected_vmamba_state((96, 192, 384, 768), (2, 2, 9, 2), d["local_vmamba_tiny"]),
+    "local_vmamba_small": lambda d: expected_vmamba_state((96, 192, 384, 768), (2, 2, 27, 2), d["local_vmamba_small"]),
+    "local_vmamba_tiny_search": lambda d: expected_vmamba_state((32, 64, 128, 256), (2, 2, 9, 2), None),
+    "local_vmamba_small_search": lambda d: expected_vmamba_state((32, 64, 128, 256), (2, 2, 27, 2), None),
+}
+# parameter counts of the official models (the paper rounds them: 8M, 28M, 26M, 50M)
+OFFICIAL_PARAMS = {"local_vim_tiny": 7_994_152, "local_vim_small": 27_783_784,
+                   "local_vmamba_tiny": 25_527_160, "local_vmamba_small": 49_748_536}
+
+
+@pytest.fixture(scope="module")
+def published():
+    return PUBLISHED if PUBLISHED is not None else {k: v for k, v in lm.SEARCHED_DIRECTIONS.items()}
+
+
+def test_published_directions_in_the_file_equal_the_shared_json():
+    if PUBLISHED is None:
+        pytest.skip("../shared/searched_directions.json is not beside this checkout")
+    for name, dirs in lm.SEARCHED_DIRECTIONS.items():
+        assert dirs == PUBLISHED[name], name
+        assert all(d == sorted(d, key=lm.DIRECTIONS.index) for d in dirs), f"{name}: lists are in canonical order"
+
+
+@pytest.mark.parametrize("name", list(EXPECTED))
+def test_published_models_have_the_official_state_dict(name, published):
+    model = create_model(name)
+    want = EXPECTED[name](published)
+    got = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert sorted(set(got) - set(want)) == [] and sorted(set(want) - set(got)) == []
+    assert got == want
+    n_params = sum(p.numel() for p in model.parameters())
+    buffers = sum(math.prod(v) for k, v in want.items() if k.startswith("rope."))
+    assert n_params == sum(math.prod(v) for v in want.values()) - buffers
+    if name in OFFICIAL_PARAMS:
+        assert n_params == OFFICIAL_PARAMS[name]
+    if name in lm.PAPER:
+        assert round(n_params / 1e6) == lm.PAPER[name][1]
+
+
+def test_a_log_tensors_are_independent():
+    """OFFICIAL BUG fixed: the K A_log_k of a layer are separate tensors."""
+    m = create_model("local_vim_tiny", img_size=32, depth=2, directions=[["h", "v", "w2", "w7"]] * 2)
+    mixer = m.layers[0].mixer
+    ptrs = {getattr(mixer, f"A_log_{k}").data_ptr() for k in range(4)}
+    assert len(ptrs) == 4
+    with torch.no_grad():
+        mixer.A_log_0.add_(1.0)
+    assert not torch.equal(mixer.A_log_0, mixer.A_log_1)
+
+
+def test_init_as_the_official_code_executes_it():
+    torch.manual_seed(0)
+    m = create_model("local_vim_tiny", img_size=32, depth=4, directions=[["h", "v", "w2", "w7"]] * 4)
+    mix = m.layers[0].mixer
+    assert torch.equal(mix.A_log_2, torch.log(torch.arange(1, 17.0)).repeat(mix.d_inner, 1))
+    assert torch.equal(mix.D_1, torch.ones(mix.d_inner))
+    assert torch.equal(mix.dt_proj_0.bias, torch.zeros(mix.d_inner))          # the trunc-normal init overwrote Mamba's
+    assert mix.dt_proj_0.weight.std().item() < 0.03
+    bound = 1 / math.sqrt(mix.d_inner) / math.sqrt(4)                          # kaiming_uniform(a=√5) / √depth
+    assert mix.out_proj.weight.abs().max().item() <= bound + 1e-6
+    assert mix.out_proj.weight.abs().max().item() > 0.8 * bound
+    v = create_model("local_vmamba_tiny", img_size=64, num_classes=10).layers[0].blocks[0].op
+    dt = F.softplus(v.dt_projs_bias)
+    assert dt.min().item() >= 1e-4 - 1e-7 and dt.max().item() <= 0.1 + 1e-6
+    R = v.dt_rank
+    assert v.dt_projs_weight.abs().max().item() <= R ** -0.5
+
+
+SMALL = {  # every named model at a small image size
+    "local_vim_tiny": dict(img_size=32),
+    "local_vim_tiny_middle_cls_token": dict(img_size=32),
+    "local_vim_small": dict(img_size=32, depth=2, directions=[["h", "h_flip", "w2", "w2_flip"]] * 2),
+    "local_vim_tiny_search": dict(img_size=32, depth=3),
+    "local_vmamba_tiny": dict(img_size=64),
+    "local_vmamba_small": dict(img_size=64, depths=(1, 1, 2, 1), directions=lm.SEARCHED_DIRECTIONS["local_vmamba_small"][:5]),
+    "local_vmamba_tiny_search": dict(img_size=64),
+    "local_vmamba_small_search": dict(img_size=64, depths=(1, 1, 2, 1)),
+    "local_vim_nano": dict(in_chans=1),
+    "local_vim_nano_search": dict(in_chans=1),
+}
+
+
+@pytest.mark.parametrize("name", list(SMALL))
+def test_every_model_forward_backward(name):
+    torch.manual_seed(0)
+    m = create_model(name, num_classes=7, drop_path_rate=0.1, **SMALL[name])
+    assert name in lm.MODELS
+    x = torch.randn(2, m.cfg.in_chans, m.cfg.img_size, m.cfg.img_size)
+    y = m(x)
+    assert y.shape == (2, 7) and torch.isfinite(y).all()
+    y.square().mean().backward()
+    no_grad = [n for n, p in m.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert no_grad == []
+    assert len(m.directions) == (m.cfg.depth if isinstance(m, lm.LocalVim) else sum(m.cfg.depths))
+    feats = m.forward_features(x)
+    assert m.forward_head(feats, pre_logits=True).shape == (2, m.num_features)
+    m.eval()
+    with torch.no_grad():
+        assert torch.allclose(m(x), m.forward_head(m.forward_features(x)))
+
+
+def test_classifier_interface():
+    m = create_model("local_vim_nano", in_chans=1, num_classes=10)
+    assert m.get_classifier().out_features == 10
+    m.reset_classifier(3)
+    assert m(torch.randn(1, 1, 28, 28)).shape == (1, 3)
+    assert "pos_embed" in m.no_weight_decay()
+    v = create_model("local_vmamba_tiny", img_size=64, num_classes=5)
+    v.reset_classifier(2)
+    assert v(torch.randn(1, 3, 64, 64)).shape == (1, 2)
+
+
+def test_middle_cls_token_is_read_from_the_middle():
+    torch.manual_seed(0)
+    m = create_model("local_vim_tiny_middle_cls_token", img_size=32, num_classes=4).eval()
+    assert m.cls_pos == 2 and not hasattr(m, "rope")          # 2×2 grid: cls at index 4 // 2
+    feats = m.forward_features(torch.randn(1, 3, 32, 32))
+    assert feats.shape == (1, 5, 192)
+    assert torch.equal(m.forward_head(feats, pre_logits=True), feats[:, 2])
+
+
+def test_derive_directions_picks_the_largest_logits_in_canonical_order():
+    m = create_model("local_vim_nano_search", in_chans=1)
+    logits = [[0, 5, 1, 4, 2, 3, 9, 8], [9, 8, 7, 6, 5, 4, 3, 2], [1, 1, 1, 9, 9, 9, 9, 1], [3, 0, 0, 0, 2, 0, 5, 4]]
+    with torch.no_grad():
+        for ms, row in zip(m.multi_scans(), logits):
+            ms.weights.copy_(torch.tensor(row, dtype=torch.float).view(8, 1, 1, 1))
+    assert derive_directions(m, k=4) == [["h_flip", "v_flip", "w7", "w7_flip"], ["h", "h_flip", "v", "v_flip"],
+                                         ["v_flip", "w2", "w2_flip", "w7"], ["h", "w2", "w7", "w7_flip"]]
+    assert derive_directions(m, k=2)[0] == ["w7", "w7_flip"]
+    p = lm.search_probabilities(m)
+    assert p.shape == (4, 8) and torch.allclose(p.sum(1), torch.ones(4))
+    with pytest.raises(ValueError, match="not a search layer"):
+        derive_directions(create_model("local_vim_nano", in_chans=1))
+
+
+def test_search_logits_init():
+    torch.manual_seed(0)
+    m = create_model("local_vim_tiny_search", img_size=32, depth=2)
+    w = torch.cat([ms.weights.view(-1) for ms in m.multi_scans()])
+    assert w.shape == (16,) and 0 < w.abs().max().item() < 1e-2
+
+
+def test_state_dict_round_trip_and_load_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    m = create_model("local_vim_nano", in_chans=1, num_classes=10, directions=[["h", "v", "w2", "w7_flip"]] * 4)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.1 * torch.randn_like(p))     # every A_log_k different: the official bug would show here
+    m.eval()
+    x = torch.randn(3, 1, 28, 28)
+    want = m(x)
+    for i, layout in enumerate([lambda sd: {"model": sd}, lambda sd: {"state_dict": sd}, lambda sd: sd,
+                                lambda sd: {"model": {"module." + k: v for k, v in sd.items()}}]):
+        path = tmp_path / f"ck{i}.pt"
+        torch.save(layout(m.state_dict()), path)
+        fresh = create_model("local_vim_nano", in_chans=1, num_classes=10, directions=[["h", "v", "w2", "w7_flip"]] * 4).eval()
+        load_checkpoint(fresh, path)
+        assert torch.equal(fresh(x), want)
+    other = create_model("local_vim_nano", in_chans=1, num_classes=5)
+    with pytest.raises(ValueError, match=r"2 with other shapes: head.bias: checkpoint \(10,\) vs model \(5,\)"):
+        load_checkpoint(other, tmp_path / "ck0.pt")
+    sd = m.state_dict()
+    sd.pop("layers.0.mixer.A_log_1")
+    sd["extra.weight"] = torch.zeros(1)
+    torch.save({"model": sd}, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match=r"1 missing: layers.0.mixer.A_log_1; 1 unexpected: extra.weight"):
+        load_checkpoint(m, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="no file"):
+        load_checkpoint(m, tmp_path / "nope.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a readable PyTorch checkpoint"):
+        load_checkpoint(m, tmp_path / "junk.pt")
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(img_size=30), "not divisible by patch_size 16"),
+    (dict(directions=[["h", "v"]] * 3), "20 lists, got 3"),
+    (dict(directions=[["h", "diagonal"]] * 20), "unknown scan direction 'diagonal'"),
+    (dict(directions="h"), "got a string"),
+    (dict(depth_multiplier=2), "unknown option"),
+])
+def test_bad_model_options_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        create_model("local_vim_tiny", **kwargs)
+
+
+def test_bad_model_name_and_image_shape():
+    with pytest.raises(ValueError, match="unknown model 'local_vim_huge'"):
+        create_model("local_vim_huge")
+    with pytest.raises(ValueError, match="does not fit LocalVMamba"):
+        create_model("local_vmamba_tiny", img_size=30)
+    m = create_model("local_vim_nano", in_chans=1)
+    with pytest.raises(ValueError, match=r"expected images of shape \(B, 1, 28, 28\)"):
+        m(torch.randn(2, 3, 28, 28))
+
+
+def test_count_flops_convention():
+    """Independent count for LocalVim-nano at 28 px (14×14 grid, K=4, w2 needs no padding)."""
+    m = create_model("local_vim_nano", in_chans=1, num_classes=10)
+    D, E, N, R, L, K, depth = 32, 64, 16, 2, 196, 4, 4
+    per_dir = L * E * 4 + L * E * (R + 2 * N) + L * R * E + 9 * L * E * N + L * E + 2 * E * (E // 8)
+    want = L * D * 1 * 4 + depth * (L * D * 2 * E + L * E * D + K * per_dir) + D * 10
+    assert lm.count_flops(m) == want
+    assert lm.count_flops(create_model("local_vmamba_tiny")) / 1e9 == pytest.approx(5.7, rel=0.05)
+    assert lm.count_flops(create_model("local_vim_nano", in_chans=1), img_size=56) > 3.9 * lm.count_flops(m)

@@ -1,0 +1,997 @@
+"""
+localmamba.py: LocalMamba in one readable file.
+
+Reading guide
+-------------
+Paper:    Huang, Pei, You, Wang, Qian, Xu. "LocalMamba: Visual State Space Model with Windowed
+          Selective Scan", arXiv 2403.09338 (2024).
+Official: github.com/hunto/LocalMamba, classification/lib/models/{local_vim.py,
+          local_vmamba.py, mamba/multi_mamba.py, mamba/local_scan.py}. This file builds the same
+          models parameter for parameter (same state_dict keys and shapes, so the released
+          checkpoints load), with the official bugs fixed; each fix says "OFFICIAL BUG".
+
+The idea (paper §3): a vision Mamba flattens the H×W token grid into a 1-D sequence and runs a
+selective scan (S6) over it. Which order the tokens are visited in decides which tokens are
+"near" each other in the scan (the state decays with distance along the sequence). LocalMamba
+adds *windowed* orders that visit the grid window by window (§3.2, "local scan"), runs K = 4
+orders per layer with independent SSM parameters, gates each with a small spatial-channel
+attention (SCAttn, §3.3) and sums them; which 4 orders each layer uses was chosen by a
+differentiable search over 8 candidates (§3.4).
+
+Glossary (code name -> paper):
+    B            batch size
+    H, W         token grid (14×14 for 224 px with patch 16)
+    L            tokens in a sequence (H*W, plus a cls token in one variant)
+    D            model width (embed_dim / dims[i]);   E = d_inner = expand * D
+    N            SSM state size (d_state = 16)
+    R            rank of Δ's projection (dt_rank = ceil(D / 16))
+    K            number of scan directions in a layer (4 in the published models, 8 in a supernet)
+    window k     the side of a local-scan window: "w2" scans 2×2 windows, "w7" 7×7 (§3.2, Fig. 2)
+    Δ, A, B, C   the S6 parameters (Mamba eq. 2); see scan_kernel.py
+    directions   `h` row by row, `v` column by column, `wK` window by window, `*_flip` reversed
+    SCAttn       spatial and channel attention that gates each direction before the sum (§3.3)
+    α            the search logits, one softmax over the 8 candidate directions per layer (§3.4);
+                 stored as `multi_scan.weights` (the official name, for checkpoint compatibility)
+
+Order of the file: scan orders -> SCAttn -> MultiScan (K directions + the search relaxation)
+-> the LocalVim mixer and block -> LocalVim -> the LocalVMamba SS2D and block -> LocalVMamba
+-> configs, published directions and named constructors -> checkpoints, FLOPs, timm -> __main__.
+
+`python localmamba.py` prints the model table and draws the 8 scan orders.
+"""
+import functools
+import math
+import re
+from collections import OrderedDict
+from dataclasses import dataclass, field, replace
+from typing import List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from scan_kernel import selective_scan
+
+# -----------------------------------------------------------------------------
+# Scan orders (paper §3.2, Fig. 2). Tokens are row-major: token (i, j) of an H×W grid is i*W + j.
+# order[s] = the row-major index of the s-th token of the scanned sequence, -1 for padding.
+
+DIRECTIONS = ("h", "h_flip", "v", "v_flip", "w2", "w2_flip", "w7", "w7_flip")  # canonical order, index 0..7
+
+
+def parse_direction(name):
+    """'w7_flip' -> ('w', 7, True); 'v' -> ('v', 0, False). Any window size K >= 1 parses."""
+    base, flip = (name[:-5], True) if isinstance(name, str) and name.endswith("_flip") else (name, False)
+    if base in ("h", "v"):
+        return base, 0, flip
+    m = re.fullmatch(r"w([1-9][0-9]*)", base) if isinstance(base, str) else None
+    if m:
+        return "w", int(m.group(1)), flip
+    raise ValueError(f"unknown scan direction {name!r}: expected 'h', 'v' or 'wK' (window side K >= 1), "
+                     f"optionally with '_flip', e.g. {', '.join(DIRECTIONS)}")
+
+
+@functools.lru_cache(maxsize=None)
+def _scan_order(direction, H, W):
+    kind, k, flip = parse_direction(direction)
+    grid = torch.arange(H * W).view(H, W)
+    if kind == "h":                                   # row by row, left to right
+        order = grid.flatten()
+    elif kind == "v":                                 # column by column, top to bottom
+        order = grid.t().flatten()
+    else:                                             # k×k windows, row-major over windows and inside each
+        Hp, Wp = -(-H // k) * k, -(-W // k) * k       # zero-pad bottom/right to multiples of k
+        padded = torch.full((Hp, Wp), -1, dtype=torch.long)
+        padded[:H, :W] = grid
+        order = padded.view(Hp // k, k, Wp // k, k).permute(0, 2, 1, 3).flatten()  # (win_i, win_j, i, j)
+    return order.flip(0) if flip else order           # *_flip: the whole (padded) sequence reversed
+
+
+def scan_order(direction, H, W):
+    """The scanned sequence of an H×W grid as row-major token indices, -1 where a window scan
+    pads the grid (padding tokens are zeros and are scanned like real tokens, as the official
+    code does). Length H*W, or Hp*Wp for a window scan."""
+    if H < 1 or W < 1:
+        raise ValueError(f"scan_order: the grid must be at least 1×1, got {H}×{W}")
+    return _scan_order(direction, int(H), int(W)).clone()
+
+
+def inverse_order(order, L):
+    """inv[p] = the position s in the scanned sequence of row-major token p (padding dropped).
+    This is the true inverse for every H, W. OFFICIAL BUG: multi_mamba.py un-scans `v` and
+    `v_flip` with rearrange('b d (h w) -> b d (w h)'), the inverse only when H == W."""
+    valid = order >= 0
+    inv = torch.empty(L, dtype=torch.long)
+    inv[order[valid]] = torch.arange(order.numel())[valid]
+    return inv
+
+
+def scan_tokens(x, order):
+    """(B, C, L) row-major -> (B, C, len(order)) in scan order, zeros at padding."""
+    x = F.pad(x, (0, 1))                                                     # (B, C, L + 1), a zero slot
+    return x[..., torch.where(order >= 0, order, x.shape[-1] - 1).to(x.device)]
+
+
+def unscan_tokens(y, order, L):
+    """(B, C, len(order)) in scan order -> (B, C, L) row-major: the inverse of scan_tokens."""
+    return y[..., inverse_order(order, L).to(y.device)]
+
+
+# -----------------------------------------------------------------------------
+# SCAttn (paper §3.3, Fig. 3b; `BiAttn` in the official multi_mamba.py)
+
+class SCAttn(nn.Module):
+    """Spatial and channel attention that gates one direction's output before the directions
+    are summed. As the released code runs it, only the channel branch is on:
+
+        g = mean_L LayerNorm(x)                                   (B, 1, C)
+        a = sigmoid(channel_select(GELU(global_reduce(g))))       (B, 1, C)   C -> C/8 -> C
+        out = x * a
+
+    The paper also describes a spatial branch (a per-token gate from local and global
+    features); the official code has it commented out. `spatial=True` turns it on (adds the
+    parameters `local_reduce` and `spatial_select`, so released checkpoints no longer match).
+    """
+
+    def __init__(self, dim, ratio=0.125, spatial=False):
+        super().__init__()
+        reduced = int(dim * ratio)
+        self.norm = nn.LayerNorm(dim)
+        self.global_reduce = nn.Linear(dim, reduced)
+        self.channel_select = nn.Linear(reduced, dim)
+        self.spatial = spatial
+        if spatial:
+            self.local_reduce = nn.Linear(dim, reduced)
+            self.spatial_select = nn.Linear(2 * reduced, 1)
+
+    def forward(self, x):
+        # x: (B, L, C) -> (B, L, C)
+        u = self.norm(x)
+        g = F.gelu(self.global_reduce(u.mean(1, keepdim=True)))                 # (B, 1, C/8)
+        attn = torch.sigmoid(self.channel_select(g))                            # (B, 1, C)
+        if self.spatial:
+            local = F.gelu(self.local_reduce(u))                                 # (B, L, C/8)
+            s = self.spatial_select(torch.cat([local, g.expand_as(local)], -1))  # (B, L, 1)
+            attn = attn * torch.sigmoid(s)                                       # (B, L, C)
+        return x * attn
+
+
+# -----------------------------------------------------------------------------
+# MultiScan: the K directions of one layer, and the search relaxation (paper §3.2, §3.4)
+
+class MultiScan(nn.Module):
+    """Turns one token sequence into K scanned sequences (one gather), and merges K outputs
+    back: un-scan each, gate each with the layer's shared SCAttn, then
+
+        fixed model:  y = sum_k SCAttn(y_k)                                   (no 1/K)
+        supernet:     y = sum_k softmax(α)_k · LN_k(SCAttn(y_k))   LN_k parameter-free (§3.4)
+
+    The K sequences are zero-padded at the end to the longest (a window scan of a grid that
+    its window does not divide is longer) so that all K run through ONE grouped selective-scan
+    call; the scan and the depthwise conv are causal, so end padding changes nothing before it.
+
+    `cls_pos`: LocalVim's middle-cls-token variant keeps a cls token at sequence position
+    cls_pos; it sits outside the grid, and every scanned sequence has it at position cls_pos.
+    """
+
+    def __init__(self, directions: Sequence[str], search: bool = False, attn: Optional[SCAttn] = None):
+        super().__init__()
+        for d in directions:
+            parse_direction(d)
+        self.directions = tuple(directions)
+        if search:   # α: one logit per candidate, init 1e-3·randn; shape (K, 1, 1, 1) as in the official code
+            self.weights = nn.Parameter(1e-3 * torch.randn(len(self.directions), 1, 1, 1))
+        if attn is not None:  # LocalVMamba keeps its SCAttn here (official key: op.multi_scan.attn.*)
+            self.attn = attn
+
+    @property
+    def search(self):
+        return hasattr(self, "weights")
+
+    def _index(self, H, W, cls_pos):
+        """Gather indices: fwd (K, Lmax) into the token axis plus a zero slot; inv (K, L_in)."""
+        L = H * W
+        L_in = L + (cls_pos is not None)                  # tokens in the input sequence
+        zero = L_in                                       # index of the zero slot
+        seqs = []
+        for d in self.directions:
+            order = scan_order(d, H, W)
+            tok = torch.where(order >= 0, order, torch.full_like(order, zero))
+            if cls_pos is not None:                       # grid token p sits at p or p+1 around the cls
+                tok = torch.where((tok >= cls_pos) & (tok != zero), tok + 1, tok)
+                tok = torch.cat([tok[:cls_pos], torch.tensor([cls_pos]), tok[cls_pos:]])
+            seqs.append(tok)
+        lengths = [len(s) for s in seqs]
+        Lmax = max(lengths)
+        fwd = torch.stack([F.pad(s, (0, Lmax - len(s)), value=zero) for s in seqs])    # (K, Lmax)
+        inv = torch.empty(len(seqs), L_in, dtype=torch.long)
+        for k, s in enumerate(seqs):
+            real = s != zero
+            inv[k, s[real]] = torch.arange(len(s))[real] + k * Lmax                      # into (K*Lmax)
+        return fwd, inv, tuple(lengths)
+
+    def index(self, H, W, cls_pos=None, device=None):
+        """(fwd, inv, lengths) for this grid, built once per (H, W, cls_pos, device) and cached."""
+        key = (H, W, cls_pos, str(device))
+        cache = self.__dict__.setdefault("_index_cache", {})
+        if key not in cache:
+            fwd, inv, lengths = self._index(H, W, cls_pos)
+            cache[key] = (fwd.to(device), inv.to(device), lengths)
+        return cache[key]
+
+    def scan(self, x, H, W, cls_pos=None):
+        # x: (B, C, L_in) -> (B, K, C, Lmax)
+        fwd, _, _ = self.index(H, W, cls_pos, x.device)
+        xs = F.pad(x, (0, 1))[:, :, fwd]                                       # (B, C, K, Lmax)
+        return xs.permute(0, 2, 1, 3)
+
+    def merge(self, ys, H, W, attn, cls_pos=None):
+        # ys: (B, K, C, Lmax) -> (B, L_in, C)
+        B, K, C, Lmax = ys.shape
+        _, inv, _ = self.index(H, W, cls_pos, ys.device)
+        ys = ys.permute(0, 2, 1, 3).reshape(B, C, K * Lmax)[:, :, inv]       # (B, C, K, L_in) un-scanned
+        ys = ys.permute(0, 2, 3, 1)                                          # (B, K, L_in, C)
+        ys = attn(ys.reshape(B * K, -1, C)).view(B, K, -1, C)                # SCAttn per direction, shared weights
+        if not self.search:
+            return ys.sum(1)                                                 # (B, L_in, C)
+        w = self.weights.view(-1).softmax(0)                                 # (K,)
+        ys = F.layer_norm(ys, (C,))                                          # LN_k, no parameters
+        return torch.einsum("k,bklc->blc", w.to(ys.dtype), ys)
+
+    def probabilities(self):
+        """softmax(α) over the candidates, or None for a fixed layer."""
+        return self.weights.detach().view(-1).softmax(0) if self.search else None
+
+    def extra_repr(self):
+        return f"directions={list(self.directions)}, search={self.search}"
+
+
+def _dt_bias_init(d_inner, dt_min=1e-3, dt_max=0.1, floor=1e-4):
+    """Mamba's Δ bias: inverse softplus of dt ~ log-uniform[dt_min, dt_max] (floored)."""
+    dt = torch.exp(torch.rand(d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=floor)
+    return dt + torch.log(-torch.expm1(-dt))
+
+
+def _A_log_init(d_inner, d_state):
+    """S4D-real: A = -(1, 2, ..., N) for every channel, stored as log."""
+    return torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(d_inner, 1)   # (E, N)
+
+
+# -----------------------------------------------------------------------------
+# LocalVim: the plain (Vim-based) model. Official: local_vim.py + multi_mamba.py MultiMamba.
+
+class LocalVimMixer(nn.Module):
+    """The multi-direction Mamba mixer of LocalVim (official `MultiMamba`), paper Fig. 1/4.
+
+    Shared by all K directions: in_proj (D -> 2E: x and gate z), out_proj (E -> D), SCAttn.
+    Per direction k (parameter suffix _k = position in the layer's list): causal depthwise
+    conv1d_k, x_proj_k (E -> R + 2N: Δ's low-rank input, B, C), dt_proj_k (R -> E), A_log_k,
+    D_k. Each direction's x and z are scanned in its order, run through its own S6, un-scanned.
+    """
+
+    def __init__(self, d_model, directions, d_state=16, expand=2, d_conv=4, search=False, spatial_attn=False):
+        super().__init__()
+        self.d_model, self.d_state, self.d_conv = d_model, d_state, d_conv
+        self.d_inner = E = expand * d_model
+        self.dt_rank = R = math.ceil(d_model / 16)
+        self.in_proj = nn.Linear(d_model, 2 * E, bias=False)
+        self.multi_scan = MultiScan(directions, search=search)
+        for k in range(len(directions)):
+            setattr(self, f"conv1d_{k}", nn.Conv1d(E, E, d_conv, groups=E, padding=d_conv - 1, bias=True))
+            setattr(self, f"x_proj_{k}", nn.Linear(E, R + 2 * d_state, bias=False))
+            setattr(self, f"dt_proj_{k}", nn.Linear(R, E, bias=True))
+            # OFFICIAL BUG: multi_mamba.py wraps ONE tensor in K nn.Parameters, so the K A_log_k of
+            # a layer share storage, train as one, and a checkpoint loads as the last of them.
+            # Here each direction's A_log is its own tensor.
+            setattr(self, f"A_log_{k}", nn.Parameter(_A_log_init(E, d_state)))
+            setattr(self, f"D_{k}", nn.Parameter(torch.ones(E)))
+        self.out_proj = nn.Linear(E, d_model, bias=False)
+        self.attn = SCAttn(E, spatial=spatial_attn)
+
+    @property
+    def K(self):
+        return len(self.multi_scan.directions)
+
+    def forward(self, h, H, W, cls_pos=None):
+        # h: (B, L_in, D) -> (B, L_in, D)
+        B, K, E, N, R = h.shape[0], self.K, self.d_inner, self.d_state, self.dt_rank
+        xz = self.in_proj(h).transpose(1, 2)                                       # (B, 2E, L_in)
+        xz = self.multi_scan.scan(xz, H, W, cls_pos)                               # (B, K, 2E, Lmax)
+        Lmax = xz.shape[-1]
+        x, z = xz.chunk(2, dim=2)                                                  # (B, K, E, Lmax) each
+        conv_w = torch.cat([getattr(self, f"conv1d_{k}").weight for k in range(K)])   # (K*E, 1, d_conv)
+        conv_b = torch.cat([getattr(self, f"conv1d_{k}").bias for k in range(K)])     # (K*E,)
+        x = F.conv1d(x.reshape(B, K * E, Lmax), conv_w, conv_b, padding=self.d_conv - 1, groups=K * E)
+        x = F.silu(x[..., :Lmax]).view(B, K, E, Lmax)                              # causal conv + SiLU
+        x_proj_w = torch.stack([getattr(self, f"x_proj_{k}").weight for k in range(K)])  # (K, R+2N, E)
+        x_dbl = torch.einsum("bkel,kce->bkcl", x, x_proj_w)                        # (B, K, R+2N, Lmax)
+        dt, Bs, Cs = x_dbl.split([R, N, N], dim=2)
+        dt_w = torch.stack([getattr(self, f"dt_proj_{k}").weight for k in range(K)])  # (K, E, R)
+        dt = torch.einsum("bkrl,ker->bkel", dt, dt_w)                               # (B, K, E, Lmax)
+        dt_b = torch.cat([getattr(self, f"dt_proj_{k}").bias for k in range(K)])      # (K*E,)
+        A = -torch.exp(torch.cat([getattr(self, f"A_log_{k}") for k in range(K)]).float())  # (K*E, N)
+        Dk = torch.cat([getattr(self, f"D_{k}") for k in range(K)]).float()           # (K*E,)
+        y = selective_scan(x.reshape(B, K * E, Lmax), dt.reshape(B, K * E, Lmax), A,
+                           Bs.contiguous(), Cs.contiguous(), D=Dk, z=z.reshape(B, K * E, Lmax),
+                           delta_bias=dt_b.float(), delta_softplus=True)          # (B, K*E, Lmax), G = K groups
+        y = self.multi_scan.merge(y.view(B, K, E, Lmax), H, W, self.attn, cls_pos)  # (B, L_in, E)
+        return self.out_proj(y)                                                    # (B, L_in, D)
+
+    def flops(self, H, W, cls_pos=None):
+        """Multiply-adds of one image (convention in `count_flops`)."""
+        L_in = H * W + (cls_pos is not None)
+        E, N, R, D = self.d_inner, self.d_state, self.dt_rank, self.d_model
+        f = L_in * D * 2 * E + L_in * E * D                                        # in_proj, out_proj
+        for Lk in self.multi_scan.index(H, W, cls_pos)[2]:
+            f += Lk * E * self.d_conv + Lk * E * (R + 2 * N) + Lk * R * E         # conv1d_k, x_proj_k, dt_proj_k
+            f += 9 * Lk * E * N + Lk * E                                           # the scan
+            f += _scattn_flops(self.attn, L_in)
+        return f
+
+
+def _scattn_flops(attn, L):
+    r = attn.global_reduce.out_features
+    f = 2 * attn.global_reduce.in_features * r                                     # global_reduce + channel_select
+    if attn.spatial:
+        f += L * attn.global_reduce.in_features * r + L * 2 * r                    # local_reduce + spatial_select
+    return f
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample (Huang et al. 2016): drop the whole branch with prob p."""
+
+    def __init__(self, p=0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1 - self.p)
+        return x * keep / (1 - self.p)
+
+    def extra_repr(self):
+        return f"p={self.p}"
+
+
+class LocalVimBlock(nn.Module):
+    """Mamba's block (official `Block` with fused_add_norm, residual_in_fp32, RMSNorm):
+    Add -> RMSNorm -> mixer. It returns the mixer output and the fp32 residual stream; the
+    next block adds them. No MLP."""
+
+    def __init__(self, d_model, mixer, drop_path=0.0):
+        super().__init__()
+        self.mixer = mixer
+        self.norm = nn.RMSNorm(d_model, eps=1e-5)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, hidden, residual, H, W, cls_pos=None):
+        # hidden, residual: (B, L_in, D); residual None in the first block
+        residual = hidden if residual is None else residual + self.drop_path(hidden)
+        residual = residual.float()                                                 # kept in fp32
+        hidden = self.mixer(self.norm(residual.to(self.norm.weight.dtype)), H, W, cls_pos)
+        return hidden, residual
+
+
+class RoPE2D(nn.Module):
+    """EVA-02-style 2-D rotary embedding (official mamba/rope.py VisionRotaryEmbeddingFast),
+    applied before every layer to the hidden states and the residual stream. The first D/2
+    channels rotate with the token's row, the last D/2 with its column; frequencies
+    1/10000^(2m/(D/2)), each used for one pair of channels. Positions are rescaled to a
+    pt_seq_len grid (14) as in Vim. freqs_cos/freqs_sin are buffers in the official
+    state_dict, so they are persistent buffers here too."""
+
+    def __init__(self, dim, H, W, pt_seq_len=14, theta=10000.0):
+        super().__init__()
+        half = dim // 2
+        freqs = 1.0 / theta ** (torch.arange(0, half, 2)[: half // 2].float() / half)   # (D/4,)
+        rows = torch.arange(H) / H * pt_seq_len
+        cols = torch.arange(W) / W * pt_seq_len
+        fr = (rows[:, None] * freqs).repeat_interleave(2, -1)                         # (H, D/2)
+        fc = (cols[:, None] * freqs).repeat_interleave(2, -1)                         # (W, D/2)
+        ang = torch.cat([fr[:, None, :].expand(H, W, -1), fc[None, :, :].expand(H, W, -1)], -1)  # (H, W, D)
+        self.register_buffer("freqs_cos", ang.cos().reshape(H * W, -1))               # (L, D)
+        self.register_buffer("freqs_sin", ang.sin().reshape(H * W, -1))
+
+    def forward(self, t):
+        # t: (B, L, D); pairs (t0, t1) -> (t0 cos - t1 sin, t1 cos + t0 sin)
+        t1, t2 = t.unflatten(-1, (-1, 2)).unbind(-1)
+        rot = torch.stack([-t2, t1], -1).flatten(-2)
+        return t * self.freqs_cos + rot * self.freqs_sin
+
+
+class PatchEmbed(nn.Module):
+    """Conv2d(in_chans, D, p, stride p): (B, C, H, W) -> (B, H/p * W/p, D)."""
+
+    def __init__(self, in_chans, dim, patch_size):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, dim, patch_size, stride=patch_size)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class LocalVim(nn.Module):
+    """LocalVim (paper §4.1 "plain structure"; official local_vim.py VisionMamba).
+
+    Patch embed -> + learnable pos embed -> depth × [RoPE on hidden and residual -> block] ->
+    add -> RMSNorm -> mean pool (or the middle cls token) -> Linear head.
+    """
+
+    def __init__(self, cfg: "LocalVimConfig"):
+        super().__init__()
+        self.cfg = cfg
+        D, p = cfg.embed_dim, cfg.patch_size
+        H, W = cfg.grid
+        self.num_classes = cfg.num_classes
+        self.num_features = self.embed_dim = D
+        self.patch_embed = PatchEmbed(cfg.in_chans, D, p)
+        self.cls_pos = (H * W) // 2 if cfg.middle_cls_token else None              # 98 for 14×14
+        if cfg.middle_cls_token:
+            self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
+        self.pos_embed = nn.Parameter(torch.zeros(1, H * W + cfg.middle_cls_token, D))
+        if cfg.rope:
+            self.rope = RoPE2D(D, H, W, pt_seq_len=cfg.pt_hw_seq_len)
+        dirs = cfg.layer_directions()
+        dpr = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
+        inter_dpr = [0.0] + dpr      # official: layer i drops the PREVIOUS layer's output with rate [0]+dpr at i
+        self.layers = nn.ModuleList([
+            LocalVimBlock(D, LocalVimMixer(D, dirs[i], cfg.d_state, cfg.expand, cfg.d_conv,
+                                           search=cfg.directions is None, spatial_attn=cfg.spatial_attn),
+                          drop_path=inter_dpr[i])
+            for i in range(cfg.depth)])
+        self.drop_path = DropPath(cfg.drop_path_rate)                               # the final add: full rate
+        self.norm_f = nn.RMSNorm(D, eps=1e-5)
+        self.head = nn.Linear(D, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
+        self._init_weights()
+
+    def _init_weights(self):
+        """As the official code executes it: every Linear trunc-normal(0.02) with zero bias (this
+        overwrites Mamba's Δ init: dt_proj bias starts at 0), LayerNorms 1/0, pos embed
+        trunc-normal(0.02), then out_proj re-initialised kaiming-uniform(a=√5) / √depth."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        for layer in self.layers:
+            nn.init.kaiming_uniform_(layer.mixer.out_proj.weight, a=math.sqrt(5))
+            with torch.no_grad():
+                layer.mixer.out_proj.weight /= math.sqrt(self.cfg.depth)
+
+    @property
+    def directions(self):
+        return [list(layer.mixer.multi_scan.directions) for layer in self.layers]
+
+    def multi_scans(self):
+        return [layer.mixer.multi_scan for layer in self.layers]
+
+    def forward_features(self, x):
+        # x: (B, C, H, W) image -> (B, L_in, D) tokens after the final norm
+        _check_image(x, self.cfg)
+        H, W = self.cfg.grid
+        x = self.patch_embed(x)                                                   # (B, L, D)
+        if self.cls_pos is not None:
+            cls = self.cls_token.expand(x.shape[0], -1, -1)
+            x = torch.cat([x[:, :self.cls_pos], cls, x[:, self.cls_pos:]], 1)     # (B, L+1, D), cls in the middle
+        hidden, residual = x + self.pos_embed, None
+        for layer in self.layers:
+            if self.cfg.rope:
+                hidden = self.rope(hidden)
+                residual = None if residual is None else self.rope(residual)
+            hidden, residual = layer(hidden, residual, H, W, self.cls_pos)
+        residual = residual + self.drop_path(hidden)
+        return self.norm_f(residual.to(self.norm_f.weight.dtype))
+
+    def forward_head(self, x, pre_logits=False):
+        # x: (B, L_in, D) -> (B, num_classes)
+        x = x[:, self.cls_pos] if self.cls_pos is not None else x.mean(1)        # (B, D)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))
+
+    def flops(self):
+        H, W = self.cfg.grid
+        L_in = H * W + self.cfg.middle_cls_token
+        f = H * W * self.embed_dim * self.cfg.in_chans * self.cfg.patch_size ** 2   # patch embed
+        f += sum(layer.mixer.flops(H, W, self.cls_pos) for layer in self.layers)
+        return f + self.embed_dim * self.cfg.num_classes * (L_in > 0)
+
+    # timm's classifier interface
+    def no_weight_decay(self):
+        return {"pos_embed", "cls_token"}   # the official set; the trainer's grouping is in train_mini.py
+
+    def get_classifier(self):
+        return self.head
+
+    def reset_classifier(self, num_classes):
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+
+# -----------------------------------------------------------------------------
+# LocalVMamba: the hierarchical (VMamba-based) model. Official: local_vmamba.py VSSM.
+
+class SS2D(nn.Module):
+    """VMamba's 2-D selective scan block with LocalMamba's K directions (official `SS2D` +
+    `MultiScanVSSM`).
+
+    in_proj C -> 2E (x, z), z = SiLU(z); x -> depthwise 3×3 conv + SiLU, SHARED by the K
+    directions; scan x in K orders; per direction its own x_proj, dt_proj, A_log, D (stored
+    stacked: x_proj_weight (K, R+2N, E), dt_projs_weight (K, E, R), dt_projs_bias (K, E),
+    A_logs (K·E, N), Ds (K·E)); ONE grouped selective scan (no z inside, softplus Δ, D skip);
+    un-scan, SCAttn per direction (shared), sum; LayerNorm(E); · z; out_proj E -> C.
+    """
+
+    def __init__(self, d_model, directions, d_state=16, ssm_ratio=2.0, d_conv=3, search=False, spatial_attn=False):
+        super().__init__()
+        self.d_model, self.d_state = d_model, d_state
+        self.d_inner = E = int(ssm_ratio * d_model)
+        self.dt_rank = R = math.ceil(d_model / 16)
+        K = len(directions)
+        self.in_proj = nn.Linear(d_model, 2 * E, bias=False)
+        self.conv2d = nn.Conv2d(E, E, d_conv, padding=(d_conv - 1) // 2, groups=E, bias=True)
+        bound = 1 / math.sqrt(E)                                        # nn.Linear's default init, as official
+        self.x_proj_weight = nn.Parameter(torch.empty(K, R + 2 * d_state, E).uniform_(-bound, bound))
+        self.dt_projs_weight = nn.Parameter(torch.empty(K, E, R).uniform_(-R ** -0.5, R ** -0.5))
+        self.dt_projs_bias = nn.Parameter(torch.stack([_dt_bias_init(E) for _ in range(K)]))   # (K, E)
+        self.A_logs = nn.Parameter(_A_log_init(E, d_state).repeat(K, 1))                     # (K*E, N)
+        self.Ds = nn.Parameter(torch.ones(K * E))
+        self.out_norm = nn.LayerNorm(E)
+        self.out_proj = nn.Linear(E, d_model, bias=False)
+        self.multi_scan = MultiScan(directions, search=search, attn=SCAttn(E, spatial=spatial_attn))
+
+    def forward(self, x):
+        # x: (B, H, W, C) -> (B, H, W, C)
+        B, H, W, _ = x.shape
+        E, N, R = self.d_inner, self.d_state, self.dt_rank
+        K = len(self.multi_scan.directions)
+        x, z = self.in_proj(x).chunk(2, dim=-1)                                     # (B, H, W, E) each
+        z = F.silu(z)
+        x = F.silu(self.conv2d(x.permute(0, 3, 1, 2)))                              # (B, E, H, W)
+        xs = self.multi_scan.scan(x.flatten(2), H, W)                               # (B, K, E, Lmax)
+        Lmax = xs.shape[-1]
+        x_dbl = torch.einsum("bkel,kce->bkcl", xs, self.x_proj_weight)              # (B, K, R+2N, Lmax)
+        dt, Bs, Cs = x_dbl.split([R, N, N], dim=2)
+        dt = torch.einsum("bkrl,ker->bkel", dt, self.dt_projs_weight)                # (B, K, E, Lmax)
+        y = selective_scan(xs.reshape(B, K * E, Lmax), dt.reshape(B, K * E, Lmax),
+                           -torch.exp(self.A_logs.float()), Bs.contiguous(), Cs.contiguous(),
+                           D=self.Ds.float(), delta_bias=self.dt_projs_bias.view(-1).float(),
+                           delta_softplus=True)                                     # (B, K*E, Lmax)
+        y = self.multi_scan.merge(y.view(B, K, E, Lmax), H, W, self.multi_scan.attn)  # (B, H*W, E)
+        y = self.out_norm(y).view(B, H, W, E) * z
+        return self.out_proj(y)                                                    # (B, H, W, C)
+
+    def flops(self, H, W):
+        L, C, E, N, R = H * W, self.d_model, self.d_inner, self.d_state, self.dt_rank
+        f = L * C * 2 * E + L * E * 9 + L * E * C                                  # in_proj, 3×3 dw conv, out_proj
+        for Lk in self.multi_scan.index(H, W)[2]:
+            f += Lk * E * (R + 2 * N) + Lk * R * E + 9 * Lk * E * N + Lk * E     # x_proj, dt_proj, scan
+            f += _scattn_flops(self.multi_scan.attn, L)
+        return f
+
+
+class VSSBlock(nn.Module):
+    """x + DropPath(SS2D(LayerNorm(x))); no MLP (official VSSBlock as LocalVMamba configures it)."""
+
+    def __init__(self, dim, directions, drop_path=0.0, **ss2d):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.op = SS2D(dim, directions, **ss2d)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x):
+        return x + self.drop_path(self.op(self.norm(x)))
+
+
+class PatchMerging2D(nn.Module):
+    """Swin patch merging: pad odd sides, concat the 4 phases (0,0),(1,0),(0,1),(1,1),
+    LayerNorm(4C), Linear 4C -> 2C. (B, H, W, C) -> (B, ceil(H/2), ceil(W/2), 2C)."""
+
+    def __init__(self, dim, out_dim):
+        super().__init__()
+        self.norm = nn.LayerNorm(4 * dim)
+        self.reduction = nn.Linear(4 * dim, out_dim, bias=False)
+
+    def forward(self, x):
+        H, W = x.shape[1:3]
+        x = F.pad(x, (0, 0, 0, W % 2, 0, H % 2))
+        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], -1)
+        return self.reduction(self.norm(x))
+
+
+class Permute(nn.Module):
+    def __init__(self, *dims):
+        super().__init__()
+        self.dims = dims
+
+    def forward(self, x):
+        return x.permute(*self.dims)
+
+
+class LocalVMamba(nn.Module):
+    """LocalVMamba (paper §4.1 "hierarchical structure"; official local_vmamba.py VSSM).
+
+    Stem: Conv2d(3, C0, 4, stride 4) -> channels-last -> LayerNorm; 4 stages of VSS blocks at
+    H/4, H/8, H/16, H/32 with patch merging between them; LayerNorm -> avg pool -> Linear.
+    """
+
+    def __init__(self, cfg: "LocalVMambaConfig"):
+        super().__init__()
+        self.cfg = cfg
+        dims = list(cfg.dims)
+        self.num_classes = cfg.num_classes
+        self.num_features = dims[-1]
+        self.patch_embed = nn.Sequential(
+            nn.Conv2d(cfg.in_chans, dims[0], cfg.patch_size, stride=cfg.patch_size), Permute(0, 2, 3, 1),
+            nn.LayerNorm(dims[0]))
+        dirs = cfg.layer_directions()
+        dpr = torch.linspace(0, cfg.drop_path_rate, sum(cfg.depths)).tolist()
+        self.layers = nn.ModuleList()
+        i = 0
+        for s, (dim, depth) in enumerate(zip(dims, cfg.depths)):
+            blocks = [VSSBlock(dim, dirs[i + j], dpr[i + j], d_state=cfg.d_state, ssm_ratio=cfg.ssm_ratio,
+                               d_conv=cfg.d_conv, search=cfg.directions is None, spatial_attn=cfg.spatial_attn)
+                      for j in range(depth)]
+            i += depth
+            down = PatchMerging2D(dim, dims[s + 1]) if s < len(dims) - 1 else nn.Identity()
+            self.layers.append(nn.Sequential(OrderedDict(blocks=nn.Sequential(*blocks), downsample=down)))
+        self.classifier = nn.Sequential(OrderedDict(
+            norm=nn.LayerNorm(dims[-1]), permute=Permute(0, 3, 1, 2), avgpool=nn.AdaptiveAvgPool2d(1),
+            flatten=nn.Flatten(1), head=nn.Linear(dims[-1], cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()))
+        for m in self.modules():   # official VSSM._init_weights
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def blocks(self):
+        return [b for stage in self.layers for b in stage.blocks]
+
+    @property
+    def directions(self):
+        return [list(b.op.multi_scan.directions) for b in self.blocks()]
+
+    def multi_scans(self):
+        return [b.op.multi_scan for b in self.blocks()]
+
+    def forward_features(self, x):
+        # x: (B, C, H, W) image -> (B, H/32, W/32, C3) after the final norm
+        _check_image(x, self.cfg)
+        x = self.patch_embed(x)                                                   # (B, H/4, W/4, C0)
+        for stage in self.layers:
+            x = stage(x)
+        return self.classifier.norm(x)
+
+    def forward_head(self, x, pre_logits=False):
+        x = self.classifier.flatten(self.classifier.avgpool(self.classifier.permute(x)))  # (B, C3)
+        return x if pre_logits else self.classifier.head(x)
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))
+
+    def flops(self):
+        Hs, Ws = self.cfg.img_size // self.cfg.patch_size, self.cfg.img_size // self.cfg.patch_size
+        f = Hs * Ws * self.cfg.dims[0] * self.cfg.in_chans * self.cfg.patch_size ** 2
+        for s, stage in enumerate(self.layers):
+            H, W = Hs, Ws
+            f += sum(b.op.flops(H, W) for b in stage.blocks)
+            if isinstance(stage.downsample, PatchMerging2D):
+                Hs, Ws = -(-H // 2), -(-W // 2)
+                f += Hs * Ws * stage.downsample.reduction.in_features * stage.downsample.reduction.out_features
+        return f + self.num_features * self.cfg.num_classes
+
+    def no_weight_decay(self):
+        return set()   # the official VSSM's set
+
+    def get_classifier(self):
+        return self.classifier.head
+
+    def reset_classifier(self, num_classes):
+        self.num_classes = num_classes
+        self.classifier.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+
+def _check_image(x, cfg):
+    if x.dim() != 4 or x.shape[1] != cfg.in_chans or tuple(x.shape[2:]) != (cfg.img_size, cfg.img_size):
+        raise ValueError(f"expected images of shape (B, {cfg.in_chans}, {cfg.img_size}, {cfg.img_size}), got "
+                         f"{tuple(x.shape)}; build the model for your size with create_model(name, img_size=..., in_chans=...)")
+
+
+# -----------------------------------------------------------------------------
+# Published per-layer directions (official local_vim.py / local_vmamba.py at commit 75e5d1f;
+# the same lists as ../shared/searched_directions.json). Position k in a list is parameter suffix _k.
+
+SEARCHED_DIRECTIONS = {
+    "local_vim_tiny": [  # LocalVim-T, 20 layers
+        ["h", "v_flip", "w7", "w7_flip"], ["h_flip", "w2_flip", "w7", "w7_flip"], ["h", "h_flip", "v", "w7"],
+        ["h", "h_flip", "v", "v_flip"], ["h", "h_flip", "v", "v_flip"], ["h", "h_flip", "v", "v_flip"],
+        ["h_flip", "v", "v_flip", "w7"], ["h_flip", "v", "v_flip", "w2_flip"], ["h", "h_flip", "v", "v_flip"],
+        ["h", "h_flip", "v", "v_flip"], ["h", "v", "v_flip", "w2"], ["h", "v", "v_flip", "w2_flip"],
+        ["h", "h_flip", "v_flip", "w7"], ["h_flip", "v", "v_flip", "w2"], ["h", "h_flip", "v", "v_flip"],
+        ["h", "v", "w2", "w2_flip"], ["v", "v_flip", "w2", "w7"], ["h", "h_flip", "v", "w2"],
+        ["h", "h_flip", "w2_flip", "w7"], ["v", "v_flip", "w2", "w2_flip"],
+    ],
+    # LocalVim-S as the official code registers it: `local_vim_small` is defined twice in
+    # local_vim.py and the second definition, [h, h_flip, w2, w2_flip] in every layer, wins.
+    # (Its segmentation configs instead reuse the LocalVim-T list: pass directions= for that.)
+    "local_vim_small": [["h", "h_flip", "w2", "w2_flip"]] * 20,
+    "local_vmamba_tiny": [  # LocalVMamba-T, 15 blocks in forward order (stages 2, 2, 9, 2)
+        ["h", "h_flip", "w7", "w7_flip"], ["h_flip", "v_flip", "w2", "w2_flip"],
+        ["h_flip", "v_flip", "w2_flip", "w7"], ["h_flip", "v", "v_flip", "w2"],
+        ["h", "h_flip", "v_flip", "w2_flip"], ["h_flip", "v_flip", "w2", "w2_flip"], ["h", "w2_flip", "w7", "w7_flip"],
+        ["h", "h_flip", "v", "v_flip"], ["h", "v_flip", "w7", "w7_flip"], ["h_flip", "v", "w2", "w7_flip"],
+        ["v", "v_flip", "w2", "w7_flip"], ["h", "h_flip", "v_flip", "w2_flip"], ["v_flip", "w2_flip", "w7", "w7_flip"],
+        ["h_flip", "v_flip", "w2_flip", "w7_flip"], ["h_flip", "v", "w7", "w7_flip"],
+    ],
+    "local_vmamba_small": [  # LocalVMamba-S, 33 blocks in forward order (stages 2, 2, 27, 2)
+        ["h", "v", "v_flip", "w7_flip"], ["h", "h_flip", "v", "w7"],
+        ["h_flip", "v", "v_flip", "w7"], ["h_flip", "v", "w2_flip", "w7"],
+        ["h_flip", "v", "w2_flip", "w7"], ["h_flip", "v_flip", "w2", "w7_flip"], ["h_flip", "v", "v_flip", "w7"],
+        ["h", "v", "v_flip", "w7"], ["h", "v", "v_flip", "w7"], ["h", "v", "v_flip", "w7_flip"],
+        ["h", "h_flip", "v", "v_flip"], ["h", "v", "v_flip", "w2"], ["v", "v_flip", "w2_flip", "w7"],
+        ["h", "h_flip", "v", "w2"], ["h_flip", "v", "v_flip", "w7_flip"], ["h", "h_flip", "v", "v_flip"],
+        ["h", "v", "v_flip", "w7_flip"], ["h", "v", "v_flip", "w7_flip"], ["h", "h_flip", "v_flip", "w7"],
+        ["h_flip", "v_flip", "w2_flip", "w7"], ["h_flip", "v", "v_flip", "w7_flip"], ["v", "v_flip", "w7", "w7_flip"],
+        ["h", "v", "v_flip", "w7_flip"], ["h_flip", "v", "v_flip", "w2"], ["h", "v", "v_flip", "w2_flip"],
+        ["h", "h_flip", "v", "w7"], ["h", "h_flip", "w7", "w7_flip"], ["h", "v_flip", "w2", "w2_flip"],
+        ["h", "v_flip", "w2", "w7"], ["h", "v", "v_flip", "w7_flip"],
+        ["h_flip", "v", "w2_flip", "w7"], ["h_flip", "v_flip", "w7", "w7_flip"], ["h", "v", "w7", "w7_flip"],
+    ],
+}
+
+
+# -----------------------------------------------------------------------------
+# Configs and named constructors
+
+def _check_directions(directions, n_layers, name):
+    """A per-layer list of direction lists, one per layer; None means a search supernet."""
+    if directions is None:
+        return None
+    if isinstance(directions, (str, bytes)) or len(directions) != n_layers:
+        got = "a string" if isinstance(directions, (str, bytes)) else f"{len(directions)} lists"
+        raise ValueError(f"{name}: directions must be one list of direction names per layer, "
+                         f"{n_layers} lists, got {got}")
+    out = []
+    for i, layer in enumerate(directions):
+        if isinstance(layer, str) or len(layer) == 0:
+            raise ValueError(f"{name}: directions[{i}] must be a non-empty list of names like ['h', 'w2'], got {layer!r}")
+        for d in layer:
+            parse_direction(d)
+        out.append(list(layer))
+    return out
+
+
+@dataclass
+class LocalVimConfig:
+    img_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    num_classes: int = 1000
+    embed_dim: int = 192              # D
+    depth: int = 20
+    d_state: int = 16                 # N
+    expand: int = 2                   # E = d_inner = expand * D
+    d_conv: int = 4                   # causal depthwise conv1d kernel
+    directions: Optional[List[List[str]]] = None   # per layer; None = search supernet with all 8
+    middle_cls_token: bool = False    # LocalVim-T* of the official README: cls token at position L//2, no RoPE
+    rope: bool = True
+    pt_hw_seq_len: int = 14           # RoPE positions are rescaled to a 14×14 grid (as in Vim)
+    drop_path_rate: float = 0.1
+    spatial_attn: bool = False        # SCAttn's spatial branch (paper Fig. 3b; off in the released code)
+
+    def __post_init__(self):
+        if self.img_size % self.patch_size:
+            raise ValueError(f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}: "
+                             f"use an img_size that is a multiple of {self.patch_size}")
+        self.directions = _check_directions(self.directions, self.depth, "LocalVim")
+
+    @property
+    def grid(self):
+        return self.img_size // self.patch_size, self.img_size // self.patch_size
+
+    def layer_directions(self):
+        return self.directions if self.directions is not None else [list(DIRECTIONS)] * self.depth
+
+
+@dataclass
+class LocalVMambaConfig:
+    img_size: int = 224
+    patch_size: int = 4
+    in_chans: int = 3
+    num_classes: int = 1000
+    dims: Sequence[int] = (96, 192, 384, 768)       # C of each stage
+    depths: Sequence[int] = (2, 2, 9, 2)
+    d_state: int = 16                 # N
+    ssm_ratio: float = 2.0            # E = ssm_ratio * C
+    d_conv: int = 3                   # depthwise 3×3 conv before the scan
+    directions: Optional[List[List[str]]] = None   # per block in forward order; None = supernet
+    drop_path_rate: float = 0.2
+    spatial_attn: bool = False
+
+    def __post_init__(self):
+        stride = self.patch_size * 2 ** (len(self.dims) - 1)
+        if self.img_size % self.patch_size or self.img_size < stride:
+            raise ValueError(f"img_size {self.img_size} does not fit LocalVMamba: it must be a multiple of the "
+                             f"patch size {self.patch_size} and at least {stride} (4 stages, /{stride} in all)")
+        if len(self.dims) != len(self.depths):
+            raise ValueError(f"dims {tuple(self.dims)} and depths {tuple(self.depths)} must have the same length")
+        self.directions = _check_directions(self.directions, sum(self.depths), "LocalVMamba")
+
+    def layer_directions(self):
+        return self.directions if self.directions is not None else [list(DIRECTIONS)] * sum(self.depths)
+
+
+_LOCAL = [["h", "h_flip", "w2", "w2_flip"]]
+MODELS = {
+    # name: (config class, fields). Params / GFLOPs at 224 px (count_flops' convention), 1000 classes,
+    # from `python localmamba.py`; the paper's figures beside them.
+    "local_vim_tiny": (LocalVimConfig, dict(embed_dim=192, directions=SEARCHED_DIRECTIONS["local_vim_tiny"])),  # paper 8M 1.5G 76.2%
+    "local_vim_tiny_middle_cls_token": (LocalVimConfig, dict(
+        embed_dim=192, directions=SEARCHED_DIRECTIONS["local_vim_tiny"], middle_cls_token=True, rope=False)),  # 77.8%
+    "local_vim_small": (LocalVimConfig, dict(embed_dim=384, directions=SEARCHED_DIRECTIONS["local_vim_small"])),  # paper 28M 4.8G 81.2%
+    "local_vim_tiny_search": (LocalVimConfig, dict(embed_dim=128, directions=None)),
+    "local_vmamba_tiny": (LocalVMambaConfig, dict(depths=(2, 2, 9, 2), directions=SEARCHED_DIRECTIONS["local_vmamba_tiny"])),  # paper 26M 5.7G 82.7%
+    "local_vmamba_small": (LocalVMambaConfig, dict(depths=(2, 2, 27, 2), directions=SEARCHED_DIRECTIONS["local_vmamba_small"])),  # paper 50M 11.4G 83.7%
+    "local_vmamba_tiny_search": (LocalVMambaConfig, dict(dims=(32, 64, 128, 256), depths=(2, 2, 9, 2), directions=None, drop_path_rate=0.1)),
+    "local_vmamba_small_search": (LocalVMambaConfig, dict(dims=(32, 64, 128, 256), depths=(2, 2, 27, 2), directions=None, drop_path_rate=0.1)),
+    # CPU-sized presets for 28×28 to 64×64 images (Fashion-MNIST, CIFAR): patch 2 gives a 14×14 token
+    # grid at 28 px, the grid of ImageNet-224 with patch 16. Not published models.
+    "local_vim_nano": (LocalVimConfig, dict(img_size=28, patch_size=2, embed_dim=32, depth=4, directions=_LOCAL * 4, drop_path_rate=0.0)),
+    "local_vim_nano_search": (LocalVimConfig, dict(img_size=28, patch_size=2, embed_dim=32, depth=4, directions=None, drop_path_rate=0.0)),
+}
+
+PAPER = {  # published ImageNet-1K figures (paper Tables 1-2, official README): top-1 %, params M, GFLOPs
+    "local_vim_tiny": (76.2, 8, 1.5), "local_vim_tiny_middle_cls_token": (77.8, 8, 1.5),
+    "local_vim_small": (81.2, 28, 4.8), "local_vmamba_tiny": (82.7, 26, 5.7), "local_vmamba_small": (83.7, 50, 11.4),
+}
+
+
+def create_model(name, **kwargs):
+    """Build a model by name. kwargs override the preset's config fields, e.g. num_classes,
+    img_size, in_chans, drop_path_rate, directions (per-layer lists), spatial_attn."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}")
+    cls, fields = MODELS[name]
+    allowed = set(cls.__dataclass_fields__)
+    bad = sorted(set(kwargs) - allowed)
+    if bad:
+        raise ValueError(f"create_model({name!r}): unknown option(s) {', '.join(bad)}; options are {', '.join(sorted(allowed))}")
+    cfg = cls(**{**fields, **kwargs})
+    return LocalVim(cfg) if cls is LocalVimConfig else LocalVMamba(cfg)
+
+
+def derive_directions(model, k=4):
+    """Paper §3.4: after the search, keep in each layer the k candidates with the largest
+    softmax(α), listed in canonical order. Returns one list per layer, in forward order."""
+    out = []
+    for i, ms in enumerate(model.multi_scans()):
+        p = ms.probabilities()
+        if p is None:
+            raise ValueError(f"derive_directions: layer {i} is not a search layer; build a *_search model")
+        if not 1 <= k <= len(p):
+            raise ValueError(f"derive_directions: k must be between 1 and {len(p)}, got {k}")
+        top = sorted(p.topk(k).indices.tolist())
+        out.append([ms.directions[j] for j in top])
+    return out
+
+
+def search_probabilities(model):
+    """softmax(α) of every search layer: a (layers, candidates) tensor."""
+    return torch.stack([ms.probabilities() for ms in model.multi_scans()])
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints
+
+def load_checkpoint(model, path, map_location="cpu"):
+    """Load an official or our checkpoint strictly. Accepts a bare state_dict or one under
+    "model", "state_dict" or "state_dict_ema", and a DDP "module." prefix. Raises one
+    ValueError listing missing / unexpected / mis-shaped keys."""
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    except FileNotFoundError:
+        raise ValueError(f"load_checkpoint: no file at {path}") from None
+    except Exception as e:
+        raise ValueError(f"load_checkpoint: {path} is not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from None
+    sd = ckpt
+    if isinstance(ckpt, dict):
+        for key in ("model", "state_dict", "state_dict_ema", "model_ema"):
+            if isinstance(ckpt.get(key), dict):
+                sd = ckpt[key]
+                break
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f"load_checkpoint: {path} holds no state_dict (looked at the top level and under "
+                         f"'model', 'state_dict', 'state_dict_ema')")
+    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+    own = model.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    shapes = sorted(f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+                    for k in set(sd) & set(own) if sd[k].shape != own[k].shape)
+    if missing or unexpected or shapes:
+        show = lambda xs: ", ".join(xs[:8]) + (f" (+{len(xs) - 8} more)" if len(xs) > 8 else "")
+        parts = [f"{len(missing)} missing: {show(missing)}" if missing else "",
+                 f"{len(unexpected)} unexpected: {show(unexpected)}" if unexpected else "",
+                 f"{len(shapes)} with other shapes: {show(shapes)}" if shapes else ""]
+        raise ValueError(f"load_checkpoint: {path} does not fit this model ({'; '.join(p for p in parts if p)}). "
+                         f"Build the model the checkpoint was trained as (name, num_classes, img_size, directions).")
+    model.load_state_dict(sd, strict=True)
+    return ckpt
+
+
+# -----------------------------------------------------------------------------
+# FLOPs
+
+def count_flops(model, img_size=None):
+    """Multiply-adds of one image, our convention: every matmul / conv multiply-add counted
+    once, every per-direction projection (conv1d_k, x_proj_k, dt_proj_k) counted per direction,
+    SCAttn's two small Linears per direction, the selective scan as 9·L·E·N + L·E per
+    direction over that direction's own length (window padding included); norms, activations,
+    gates and softplus not counted.
+
+    The official code used two conventions (SPEC.md §8): LocalVMamba's fvcore count matches
+    ours but for counting the grouped scan at the longest direction's length; LocalVim's hand
+    count counts conv1d/x_proj/dt_proj once (not per direction) and the scan as
+    5·L·E·N + 2·L·E per direction, so its 1.5G is lower than what LocalVim-T computes.
+    """
+    if img_size is not None and img_size != model.cfg.img_size:
+        model = type(model)(replace(model.cfg, img_size=img_size))
+    return int(model.flops())
+
+
+# -----------------------------------------------------------------------------
+# timm: register the constructors when timm is installed (optional), so that
+# timm.create_model("local_vim_tiny") works.
+
+try:  # pragma: no cover - depends on the install
+    from timm.models import register_model as _timm_register
+
+    for _name in MODELS:
+        def _ctor(pretrained=False, _name=_name, **kwargs):
+            if pretrained:
+                raise ValueError("localmamba: no weights are downloaded; load them with load_checkpoint(model, path)")
+            kwargs.pop("pretrained_cfg", None), kwargs.pop("pretrained_cfg_overlay", None), kwargs.pop("cache_dir", None)
+            return create_model(_name, **kwargs)
+        _ctor.__name__ = _name
+        try:
+            _timm_register(_ctor)
+        except Exception:
+            pass
+except Exception:
+    pass
+
+
+# -----------------------------------------------------------------------------
+
+def draw_scan_orders(H=4, W=6):
+    """Text pictures of the 8 scan orders: each cell shows the step at which it is visited."""
+    lines = []
+    for d in DIRECTIONS:
+        order = scan_order(d, H, W)
+        pos = inverse_order(order, H * W).view(H, W)
+        lines.append(f"{d}  (sequence length {len(order)}{', padded' if len(order) > H * W else ''})")
+        lines += ["   " + " ".join(f"{int(v):3d}" for v in row) for row in pos]
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print("LocalMamba models at 224 px, 1000 classes (FLOPs: count_flops' convention, see its docstring)\n")
+    print(f"| {'model':34s} | params     | GFLOPs | paper top-1 | paper params | paper GFLOPs |")
+    print(f"|{'-' * 36}|------------|--------|-------------|--------------|--------------|")
+    for name in MODELS:
+        m = create_model(name)
+        n = sum(p.numel() for p in m.parameters())
+        top1, pp, pf = PAPER.get(name, ("", "", ""))
+        print(f"| {name:34s} | {n:10,d} | {count_flops(m) / 1e9:6.2f} | {top1!s:>11} | {pp!s:>12} | {pf!s:>12} |")
+    print("\nThe 8 candidate scan orders on a 4×6 grid (number = step at which a token is visited):\n")
+    print(draw_scan_orders())

@@ -174,7 +174,7 @@ class MultiScan(nn.Module):
     cls_pos; it sits outside the grid, and every scanned sequence has it at position cls_pos.
     """
 
-    def __init__(self, directions: Sequence[str], search: bool = False, attn: Optional[SCAttn] = None):
+    def __init__(self, directions: Sequence[str], search: bool = False, attn: Optional[nn.Module] = None):
         super().__init__()
         for d in directions:
             parse_direction(d)
@@ -269,7 +269,8 @@ class LocalVimMixer(nn.Module):
     D_k. Each direction's x and z are scanned in its order, run through its own S6, un-scanned.
     """
 
-    def __init__(self, d_model, directions, d_state=16, expand=2, d_conv=4, search=False, spatial_attn=False):
+    def __init__(self, d_model, directions, d_state=16, expand=2, d_conv=4, search=False, spatial_attn=False,
+                 scattn=True):
         super().__init__()
         self.d_model, self.d_state, self.d_conv = d_model, d_state, d_conv
         self.d_inner = E = expand * d_model
@@ -286,7 +287,7 @@ class LocalVimMixer(nn.Module):
             setattr(self, f"A_log_{k}", nn.Parameter(_A_log_init(E, d_state)))
             setattr(self, f"D_{k}", nn.Parameter(torch.ones(E)))
         self.out_proj = nn.Linear(E, d_model, bias=False)
-        self.attn = SCAttn(E, spatial=spatial_attn)
+        self.attn = SCAttn(E, spatial=spatial_attn) if scattn else nn.Identity()   # Identity: the ablation
 
     @property
     def K(self):
@@ -330,6 +331,8 @@ class LocalVimMixer(nn.Module):
 
 
 def _scattn_flops(attn, L):
+    if not isinstance(attn, SCAttn):
+        return 0
     r = attn.global_reduce.out_features
     f = 2 * attn.global_reduce.in_features * r                                     # global_reduce + channel_select
     if attn.spatial:
@@ -437,7 +440,8 @@ class LocalVim(nn.Module):
         inter_dpr = [0.0] + dpr      # official: layer i drops the PREVIOUS layer's output with rate [0]+dpr at i
         self.layers = nn.ModuleList([
             LocalVimBlock(D, LocalVimMixer(D, dirs[i], cfg.d_state, cfg.expand, cfg.d_conv,
-                                           search=cfg.directions is None, spatial_attn=cfg.spatial_attn),
+                                           search=cfg.directions is None, spatial_attn=cfg.spatial_attn,
+                                           scattn=cfg.scattn),
                           drop_path=inter_dpr[i])
             for i in range(cfg.depth)])
         self.drop_path = DropPath(cfg.drop_path_rate)                               # the final add: full rate
@@ -528,7 +532,8 @@ class SS2D(nn.Module):
     un-scan, SCAttn per direction (shared), sum; LayerNorm(E); · z; out_proj E -> C.
     """
 
-    def __init__(self, d_model, directions, d_state=16, ssm_ratio=2.0, d_conv=3, search=False, spatial_attn=False):
+    def __init__(self, d_model, directions, d_state=16, ssm_ratio=2.0, d_conv=3, search=False, spatial_attn=False,
+                 scattn=True):
         super().__init__()
         self.d_model, self.d_state = d_model, d_state
         self.d_inner = E = int(ssm_ratio * d_model)
@@ -544,7 +549,8 @@ class SS2D(nn.Module):
         self.Ds = nn.Parameter(torch.ones(K * E))
         self.out_norm = nn.LayerNorm(E)
         self.out_proj = nn.Linear(E, d_model, bias=False)
-        self.multi_scan = MultiScan(directions, search=search, attn=SCAttn(E, spatial=spatial_attn))
+        attn = SCAttn(E, spatial=spatial_attn) if scattn else nn.Identity()
+        self.multi_scan = MultiScan(directions, search=search, attn=attn)
 
     def forward(self, x):
         # x: (B, H, W, C) -> (B, H, W, C)
@@ -636,7 +642,8 @@ class LocalVMamba(nn.Module):
         i = 0
         for s, (dim, depth) in enumerate(zip(dims, cfg.depths)):
             blocks = [VSSBlock(dim, dirs[i + j], dpr[i + j], d_state=cfg.d_state, ssm_ratio=cfg.ssm_ratio,
-                               d_conv=cfg.d_conv, search=cfg.directions is None, spatial_attn=cfg.spatial_attn)
+                               d_conv=cfg.d_conv, search=cfg.directions is None, spatial_attn=cfg.spatial_attn,
+                               scattn=cfg.scattn)
                       for j in range(depth)]
             i += depth
             down = PatchMerging2D(dim, dims[s + 1]) if s < len(dims) - 1 else nn.Identity()
@@ -787,6 +794,7 @@ class LocalVimConfig:
     pt_hw_seq_len: int = 14           # RoPE positions are rescaled to a 14×14 grid (as in Vim)
     drop_path_rate: float = 0.1
     spatial_attn: bool = False        # SCAttn's spatial branch (paper Fig. 3b; off in the released code)
+    scattn: bool = True               # False: no SCAttn at all (an ablation, paper Table 5)
 
     def __post_init__(self):
         if self.img_size % self.patch_size:
@@ -815,7 +823,8 @@ class LocalVMambaConfig:
     d_conv: int = 3                   # depthwise 3×3 conv before the scan
     directions: Optional[List[List[str]]] = None   # per block in forward order; None = supernet
     drop_path_rate: float = 0.2
-    spatial_attn: bool = False
+    spatial_attn: bool = False        # SCAttn's spatial branch
+    scattn: bool = True               # False: no SCAttn (ablation)
 
     def __post_init__(self):
         stride = self.patch_size * 2 ** (len(self.dims) - 1)

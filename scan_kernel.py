@@ -149,81 +149,142 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None,
 
 # -----------------------------------------------------------------------------
 # "torch": the fallback for every non-CUDA tensor. The same algorithm as the Triton kernels,
-# in PyTorch ops: L is cut into chunks of T steps; in a chunk, everything that does not depend
-# on the previous state (exp(ΔA), ΔBu, the contractions with C, every gradient) is one op over
-# (T, batch, G, D/G, N), and only the multiply-add of the recurrence loops over the T steps.
-# The forward keeps the state at the start of each chunk; the backward walks the chunks in
-# reverse, recomputes each chunk's states from that checkpoint and runs the reverse scan, so
-# autograd saves O(batch·D·L) and each chunk's temporaries stay small enough for the cache.
+# in PyTorch ops. L is cut into chunks of T = 8 steps and the batch into blocks of a few
+# samples, so that every temporary (T, block, G, D/G, N) stays in the CPU cache; in a chunk,
+# everything that does not depend on the previous state (exp(ΔA), ΔBu, the contractions with
+# C, every gradient) is one op over the chunk, and only the multiply-add of the recurrence
+# loops over the T steps. The forward keeps the state at the start of each chunk; the
+# backward walks the chunks in reverse, recomputes each chunk's states from that checkpoint
+# and runs the reverse scan. So autograd saves O(batch·D·L), not O(batch·D·L·N).
+#
+# The two chunk functions have static shapes (the last chunk and the last block are padded
+# with Δ = 0, u = 0, which leaves the state unchanged), so `torch.compile` can fuse them into
+# one C++ loop each: `compile_torch_path()` or LOCALMAMBA_COMPILE=1 turns that on (about 5-8x
+# faster on CPU, after ~1 minute of compiling once per layer shape; needs a C++ compiler).
 
 LOG2E = 1.4426950408889634
+CHUNK = 8                  # steps per chunk (and per checkpoint)
+BLOCK_ELEMS = 1 << 19      # (CHUNK, block, D, N) temporaries of about 2 MB
 
 
-def _chunk_size(batch, dim, N):
-    """Steps per chunk: about 128K state elements per (T, batch, D, N) temporary (fits in L2)."""
-    return max(1, min(64, (1 << 17) // max(1, batch * dim * N)))
+def _block_size(batch, dim, N):
+    """Samples per block: a large batch runs in blocks whose chunk temporaries fit in cache."""
+    return max(1, min(batch, BLOCK_ELEMS // (CHUNK * dim * N)))
 
 
-def _torch_inputs(u, delta, A, B, C, delta_bias, delta_softplus):
-    """Cast to the compute dtype and lay everything out L-major, channels split into groups."""
+def _chunk_fwd(dt, u, A2, B, C, x0):
+    """One chunk forward. dt, u: (T, b, G, K); A2 = A·log2(e): (G, K, N); B, C: (T, b, G, N);
+    x0: (b, G, K, N), the state before the chunk. Returns y (T, b, G, K) and the last state."""
+    dA = torch.exp2(dt[..., None] * A2)                                       # (T, b, G, K, N) = exp(Δ A)
+    dBu = (dt * u)[..., None] * B[:, :, :, None, :]                          # (T, b, G, K, N) = Δ B u
+    x, xs = x0, []
+    for t in range(dt.shape[0]):
+        x = dA[t] * x + dBu[t]                                                # x_t = exp(Δ_t A) x_{t-1} + Δ_t B_t u_t
+        xs.append(x)
+    xs = torch.stack(xs)
+    y = (xs * C[:, :, :, None, :]).sum(-1)                                    # (T, b, G, K) = sum_n x C
+    return y, x
+
+
+def _chunk_bwd(dt, u, A, A2, B, C, x0, g, dh_next, dA_next):
+    """One chunk backward (SPEC.md §1). g = dL/dy (T, b, G, K); dh_next, dA_next: dh and
+    exp(Δ A) at the step after the chunk. Recomputes the chunk's states from x0."""
+    dA = torch.exp2(dt[..., None] * A2)
+    dBu = (dt * u)[..., None] * B[:, :, :, None, :]
+    x, xs = x0, []
+    for t in range(dt.shape[0]):
+        x = dA[t] * x + dBu[t]
+        xs.append(x)
+    xs = torch.stack(xs)                                                      # (T, b, G, K, N)
+    gC = g[..., None] * C[:, :, :, None, :]
+    dh, dhs = dh_next * dA_next, []
+    for t in reversed(range(dt.shape[0])):
+        dh = gC[t] + (dh if t == dt.shape[0] - 1 else dA[t + 1] * dh)        # dh_t = g_t C_t + exp(Δ_{t+1} A) dh_{t+1}
+        dhs.append(dh)
+    dhs = torch.stack(dhs[::-1])                                              # (T, b, G, K, N)
+    w = dhs * (xs - dBu)                                                      # dh · exp(Δ_t A) x_{t-1}
+    dhB = (dhs * B[:, :, :, None, :]).sum(-1)                                 # sum_n dh B
+    ddt = (w * A).sum(-1) + u * dhB                                           # dL/dΔ
+    dA_part = (w * dt[..., None]).sum((0, 1))                                 # (G, K, N)
+    du = dt * dhB
+    dB = (dhs * (dt * u)[..., None]).sum(-2)                                  # (T, b, G, N): over the group's channels
+    dC = (xs * g[..., None]).sum(-2)
+    y = (xs * C[:, :, :, None, :]).sum(-1)
+    return ddt, du, dA_part, dB, dC, y, dhs[0], dA[0]
+
+
+_CHUNK_FNS = {"fwd": _chunk_fwd, "bwd": _chunk_bwd}
+
+
+def compile_torch_path(enable=True):
+    """Compile the torch path's two chunk functions with torch.compile (CPU: C++ via Inductor).
+    Falls back to eager, with a warning, where compiling fails."""
+    if not enable:
+        _CHUNK_FNS.update(fwd=_chunk_fwd, bwd=_chunk_bwd)
+        return False
+    try:
+        _CHUNK_FNS.update(fwd=torch.compile(_chunk_fwd, dynamic=False), bwd=torch.compile(_chunk_bwd, dynamic=False))
+        return True
+    except Exception as e:  # pragma: no cover - depends on the machine
+        print(f"scan_kernel: torch.compile is not available ({e}); using the eager torch path", flush=True)
+        return compile_torch_path(False)
+
+
+def _run_chunk(kind, *args):
+    try:
+        return _CHUNK_FNS[kind](*args)
+    except Exception as e:
+        if _CHUNK_FNS[kind] is (_chunk_fwd if kind == "fwd" else _chunk_bwd):
+            raise
+        print(f"scan_kernel: the compiled torch path failed ({type(e).__name__}: {str(e)[:200]}); "
+              f"falling back to eager", flush=True)
+        compile_torch_path(False)
+        return _CHUNK_FNS[kind](*args)
+
+
+if os.environ.get("LOCALMAMBA_COMPILE", "0") == "1":
+    compile_torch_path(True)
+
+
+def _torch_layout(u, delta, A, B, C, delta_bias, delta_softplus):
+    """Cast to the compute dtype, pad L to whole chunks, lay out L-major with channels in groups."""
     f = _compute_dtype(u)
     batch, dim, L = u.shape
     Bg, Cg = _as_groups(B), _as_groups(C)
     G = Bg.shape[1]
+    pad = -L % CHUNK
     dt_raw = delta.to(f)
     if delta_bias is not None:
         dt_raw = dt_raw + delta_bias.to(f)[None, :, None]
     dt = F.softplus(dt_raw) if delta_softplus else dt_raw                     # (batch, D, L)
-    as_lbgk = lambda t: t.to(f).permute(2, 0, 1).reshape(L, batch, G, dim // G)  # (L, batch, G, D/G)
-    return dict(
-        dt_raw=dt_raw, u=as_lbgk(u), dt=as_lbgk(dt),
-        A=A.to(f).reshape(G, dim // G, -1),                                  # (G, D/G, N)
-        A_log2e=A.to(f).reshape(G, dim // G, -1) * LOG2E,  # exp(Δ A) = exp2(Δ A log2 e): exp2 is ~5x faster on CPU
-        B=Bg.to(f).permute(3, 0, 1, 2),                                      # (L, batch, G, N)
-        C=Cg.to(f).permute(3, 0, 1, 2),                                      # (L, batch, G, N)
-    )
-
-
-def _chunk_states(p, sl, x0):
-    """States of one chunk from the state x0 before it. Returns dA, dBu, xs: (T, batch, G, D/G, N)."""
-    dt = p["dt"][sl][..., None]                                               # (T, batch, G, D/G, 1)
-    dA = torch.exp2(dt * p["A_log2e"])                                        # (T, batch, G, D/G, N) = exp(Δ A)
-    dBu = (dt * p["u"][sl][..., None]) * p["B"][sl][:, :, :, None, :]         # (T, batch, G, D/G, N)
-    xs = torch.empty_like(dBu)
-    torch.addcmul(dBu[0], dA[0], x0, out=xs[0])
-    for t in range(1, xs.shape[0]):
-        torch.addcmul(dBu[t], dA[t], xs[t - 1], out=xs[t])                    # x_t = dA_t x_{t-1} + dBu_t
-    return dA, dBu, xs
-
-
-def _chunk_y(p, sl, xs):
-    """y_t = sum_n x_t C_t, (T, batch, G, D/G)."""
-    return (xs @ p["C"][sl][..., None]).squeeze(-1)
+    lbgk = lambda t: F.pad(t.to(f), (0, pad)).permute(2, 0, 1).reshape(L + pad, batch, G, dim // G).contiguous()
+    lbgn = lambda t: F.pad(t.to(f), (0, pad)).permute(3, 0, 1, 2).contiguous()  # (L', batch, G, N)
+    A_g = A.to(f).reshape(G, dim // G, -1)                                     # (G, D/G, N)
+    return dict(dt_raw=dt_raw, dt=lbgk(dt), u=lbgk(u), A=A_g, A2=A_g * LOG2E, B=lbgn(Bg), C=lbgn(Cg), L=L)
 
 
 class _SelectiveScanTorch(torch.autograd.Function):
+    """One block of the batch (see selective_scan_torch)."""
+
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
         f = _compute_dtype(u)
         batch, dim, L = u.shape
-        p = _torch_inputs(u, delta, A, B, C, delta_bias, delta_softplus)
+        p = _torch_layout(u, delta, A, B, C, delta_bias, delta_softplus)
         G, N = p["A"].shape[0], p["A"].shape[2]
-        T = _chunk_size(batch, dim, N)
         x = u.new_zeros(batch, G, dim // G, N, dtype=f)                       # (batch, G, D/G, N)
-        y = torch.empty(L, batch, G, dim // G, dtype=f, device=u.device)
-        ckpts = []
-        for c0 in range(0, L, T):
-            sl = slice(c0, c0 + T)
+        ys, ckpts = [], []
+        for c0 in range(0, L, CHUNK):
+            sl = slice(c0, c0 + CHUNK)
             ckpts.append(x)
-            _, _, xs = _chunk_states(p, sl, x)
-            y[sl] = _chunk_y(p, sl, xs)
-            x = xs[-1]
-        y = y.reshape(L, batch, dim).permute(1, 2, 0)                          # (batch, D, L)
+            y, x = _run_chunk("fwd", p["dt"][sl], p["u"][sl], p["A2"], p["B"][sl], p["C"][sl], x)
+            ys.append(y)
+        y = torch.cat(ys)[:L].reshape(L, batch, dim).permute(1, 2, 0)          # (batch, D, L)
         if D is not None:
             y = y + D.to(f)[None, :, None] * u.to(f)
         out = y if z is None else y * F.silu(z.to(f))
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, torch.stack(ckpts))
-        ctx.delta_softplus, ctx.T = delta_softplus, T
+        ctx.delta_softplus = delta_softplus
         last = x.reshape(batch, dim, N).clone()
         ctx.mark_non_differentiable(last)
         return out.to(u.dtype), last
@@ -233,50 +294,31 @@ class _SelectiveScanTorch(torch.autograd.Function):
         u, delta, A, B, C, D, z, delta_bias, ckpts = ctx.saved_tensors
         f = _compute_dtype(u)
         batch, dim, L = u.shape
-        T = ctx.T
-        p = _torch_inputs(u, delta, A, B, C, delta_bias, ctx.delta_softplus)
+        p = _torch_layout(u, delta, A, B, C, delta_bias, ctx.delta_softplus)
         G, N = p["A"].shape[0], p["A"].shape[2]
-        dout = dout.to(f)
-        uf = u.to(f)
-        dz = None
+        Lp = p["dt"].shape[0]
+        dout, uf = dout.to(f), u.to(f)
         if z is not None:                                                     # out = y silu(z)
             zf = z.to(f)
             sz = torch.sigmoid(zf)
             g = dout * zf * sz                                                # dL/dy, (batch, D, L)
         else:
             g = dout
-        gT = g.permute(2, 0, 1).reshape(L, batch, G, dim // G)                # (L, batch, G, D/G)
-        ddt = torch.empty(L, batch, G, dim // G, dtype=f, device=u.device)
-        du = torch.empty_like(ddt)
-        y = torch.empty_like(ddt) if z is not None else None
-        dB = torch.empty(L, batch, G, N, dtype=f, device=u.device)
-        dC = torch.empty_like(dB)
+        gT = F.pad(g, (0, Lp - L)).permute(2, 0, 1).reshape(Lp, batch, G, dim // G).contiguous()
+        ddt, du, y = (torch.empty(Lp, batch, G, dim // G, dtype=f, device=u.device) for _ in range(3))
+        dB, dC = (torch.empty(Lp, batch, G, N, dtype=f, device=u.device) for _ in range(2))
         dA_grad = torch.zeros_like(p["A"])                                    # (G, D/G, N)
-        dh_next = torch.zeros_like(ckpts[0])                                  # dh at the step after the chunk
-        dA_next = torch.zeros_like(ckpts[0])                                  # exp(Δ A) at that step
+        dh_next = torch.zeros_like(ckpts[0])                                  # dh after the last chunk: 0
+        dA_next = torch.zeros_like(ckpts[0])
         for i in reversed(range(len(ckpts))):
-            sl = slice(i * T, min(L, (i + 1) * T))
-            dA, dBu, xs = _chunk_states(p, sl, ckpts[i])
-            if y is not None:
-                y[sl] = _chunk_y(p, sl, xs)
-            gC = gT[sl][..., None] * p["C"][sl][:, :, :, None, :]             # (T, batch, G, D/G, N)
-            dh = torch.empty_like(gC)
-            n = dh.shape[0]
-            torch.addcmul(gC[n - 1], dA_next, dh_next, out=dh[n - 1])
-            for t in reversed(range(n - 1)):
-                torch.addcmul(gC[t], dA[t + 1], dh[t + 1], out=dh[t])        # dh_t = gC_t + dA_{t+1} dh_{t+1}
-            dh_next, dA_next = dh[0], dA[0]
-            dt = p["dt"][sl]                                                  # (T, batch, G, D/G)
-            w = dh * (xs - dBu)                                               # dh · exp(Δ_t A) x_{t-1}
-            dhB = (dh @ p["B"][sl][..., None]).squeeze(-1)                    # sum_n dh B, (T, batch, G, D/G)
-            ddt[sl] = (w * p["A"]).sum(-1) + p["u"][sl] * dhB
-            dA_grad += (w * dt[..., None]).sum((0, 1))
-            du[sl] = dt * dhB
-            dB[sl] = ((dt * p["u"][sl])[..., None, :] @ dh).squeeze(-2)       # sum over the group's channels
-            dC[sl] = (gT[sl][..., None, :] @ xs).squeeze(-2)
-        to_bdl = lambda t: t.reshape(L, batch, dim).permute(1, 2, 0)          # -> (batch, D, L)
+            sl = slice(i * CHUNK, (i + 1) * CHUNK)
+            ddt[sl], du[sl], dA_part, dB[sl], dC[sl], y[sl], dh_next, dA_next = _run_chunk(
+                "bwd", p["dt"][sl], p["u"][sl], p["A"], p["A2"], p["B"][sl], p["C"][sl], ckpts[i], gT[sl],
+                dh_next, dA_next)
+            dA_grad += dA_part
+        to_bdl = lambda t: t[:L].reshape(L, batch, dim).permute(1, 2, 0)     # -> (batch, D, L)
         du, ddt = to_bdl(du), to_bdl(ddt)
-        dD = None
+        dD = dz = None
         if D is not None:
             du = du + g * D.to(f)[None, :, None]
             dD = (g * uf).sum((0, 2)).to(D.dtype)
@@ -287,7 +329,7 @@ class _SelectiveScanTorch(torch.autograd.Function):
             dt_raw = p["dt_raw"]
             ddt = ddt * torch.where(dt_raw <= 20.0, torch.sigmoid(dt_raw), torch.ones_like(dt_raw))
         ddelta_bias = None if delta_bias is None else ddt.sum((0, 2)).to(delta_bias.dtype)
-        dB, dC = dB.permute(1, 2, 3, 0), dC.permute(1, 2, 3, 0)               # (batch, G, N, L)
+        dB, dC = dB[:L].permute(1, 2, 3, 0), dC[:L].permute(1, 2, 3, 0)       # (batch, G, N, L)
         if B.dim() == 3:
             dB = dB.squeeze(1)
         if C.dim() == 3:
@@ -298,9 +340,20 @@ class _SelectiveScanTorch(torch.autograd.Function):
 
 def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None,
                          delta_softplus=False, return_last_state=False):
-    """The fast pure-PyTorch path (any device, any float dtype): see `_SelectiveScanTorch`."""
+    """The pure-PyTorch path (any device, any float dtype): see `_SelectiveScanTorch`. The batch
+    runs in blocks of `_block_size` samples (the last block padded, so shapes stay static)."""
     _check_inputs(u, delta, A, B, C, D, z, delta_bias)
-    out, last = _SelectiveScanTorch.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    batch = u.shape[0]
+    blk = _block_size(batch, u.shape[1], A.shape[1])
+    pad = -batch % blk
+    if pad:   # zero samples: Δ = softplus(bias) but u = 0 and B = 0, their outputs are dropped
+        padb = lambda t: None if t is None else F.pad(t, (0, 0) * (t.dim() - 1) + (0, pad))
+        u, delta, B, C, z = padb(u), padb(delta), padb(B), padb(C), padb(z)
+    parts = [_SelectiveScanTorch.apply(u[i:i + blk], delta[i:i + blk], A, B[i:i + blk], C[i:i + blk], D,
+                                       None if z is None else z[i:i + blk], delta_bias, delta_softplus)
+             for i in range(0, u.shape[0], blk)]
+    out = torch.cat([p[0] for p in parts])[:batch]
+    last = torch.cat([p[1] for p in parts])[:batch]
     return (out, last.detach()) if return_last_state else out
 
 

@@ -734,3 +734,270 @@ def test_count_flops_convention():
     assert lm.count_flops(m) == want
     assert lm.count_flops(create_model("local_vmamba_tiny")) / 1e9 == pytest.approx(5.7, rel=0.05)
     assert lm.count_flops(create_model("local_vim_nano", in_chans=1), img_size=56) > 3.9 * lm.count_flops(m)
+
+
+# =============================================================================
+# 3. train_mini.py end to end (CPU, tiny data)
+
+import subprocess
+import sys
+
+import numpy as np
+
+import train_mini
+
+FASHION = Path(train_mini.FASHION_DIR)
+needs_fashion = pytest.mark.skipif(not (FASHION / "t10k-images-idx3-ubyte.gz").exists(),
+                                   reason="Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
+HERE = Path(__file__).resolve().parent
+
+
+def run_cli(*args, env=None, timeout=600):
+    """python train_mini.py ARGS in a subprocess: (returncode, stdout, stderr)."""
+    e = dict(os.environ, **(env or {}))
+    e.pop("TRITON_INTERPRET", None)
+    p = subprocess.run([sys.executable, str(HERE / "train_mini.py"), *map(str, args)], capture_output=True, text=True,
+                       timeout=timeout, env=e, cwd=HERE)
+    return p.returncode, p.stdout, p.stderr
+
+
+def read_log(out):
+    lines = [json.loads(l) for l in (Path(out) / "log.jsonl").read_text().splitlines()]
+    return lines[0], lines[1:]
+
+
+@pytest.fixture(scope="module")
+def jpeg_tree(tmp_path_factory):
+    """A tiny ImageNet-layout tree of real JPEGs of varied sizes: Fashion-MNIST images, 3 classes."""
+    if not (FASHION / "t10k-images-idx3-ubyte.gz").exists():
+        pytest.skip("Fashion-MNIST is not installed")
+    from PIL import Image
+    images = train_mini.read_idx(FASHION / "t10k-images-idx3-ubyte.gz")
+    labels = train_mini.read_idx(FASHION / "t10k-labels-idx1-ubyte.gz")
+    root = tmp_path_factory.mktemp("imagenet")
+    names = ["n01_tshirt", "n02_trouser", "n03_pullover"]
+    count = {}
+    sizes = [(28, 28), (40, 36), (64, 48), (33, 57)]
+    for i, (img, y) in enumerate(zip(images, labels)):
+        if y >= 3 or count.get(y, 0) >= 16:
+            continue
+        k = count[y] = count.get(y, 0) + 1
+        split = "train" if k <= 12 else "val"
+        d = root / split / names[y]
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).convert("RGB").resize(sizes[i % 4]).save(d / f"img_{i}.JPEG", quality=90)
+    return root
+
+
+NANO = ["--model", "local_vim_nano", "--img-size", "28", "--batch-size", "6", "--workers", "0", "--print-every", "0"]
+
+
+def test_imagenet_layout_train_checkpoint_resume_eval(jpeg_tree, tmp_path):
+    out = tmp_path / "run"
+    rc, so, se = run_cli("--data", "imagenet", "--data-dir", jpeg_tree, *NANO, "--epochs", "2", "--max-steps", "7",
+                         "--warmup-epochs", "1", "--out", out)
+    assert rc == 0, se
+    cfg, evals = read_log(out)
+    assert cfg["world_size"] == 1 and cfg["num_classes"] == 3 and cfg["train_images"] == 36 and cfg["val_images"] == 12
+    assert cfg["directions"] == [["h", "h_flip", "w2", "w2_flip"]] * 4
+    assert [e["step"] for e in evals] == [6, 7] and all(0 <= e["top1"] <= 100 for e in evals)
+    assert {"epoch", "step", "top1", "top5", "loss"} <= set(evals[-1])
+    assert not (out / "checkpoint.pt.tmp").exists()
+    # resume continues to the end of epoch 2 (12 steps), then --eval reproduces the logged accuracy
+    rc, so, se = run_cli("--data", "imagenet", "--data-dir", jpeg_tree, *NANO, "--epochs", "2", "--warmup-epochs", "1",
+                         "--out", out, "--resume", out / "checkpoint.pt")
+    assert rc == 0, se
+    assert "resumed from" in so
+    _, evals = read_log(out)
+    assert evals[-1]["step"] == 12 and evals[-1]["epoch"] == 2
+    rc, so, se = run_cli("--data", "imagenet", "--data-dir", jpeg_tree, *NANO, "--eval", "--resume", out / "checkpoint.pt")
+    assert rc == 0, se
+    res = json.loads(so.strip().splitlines()[-1])
+    assert res["top1"] == pytest.approx(evals[-1]["top1"]) and res["n"] == 12
+
+
+@needs_fashion
+def test_resume_continues_exactly(tmp_path):
+    common = ["--train-per-class", "3", "--val-per-class", "2", "--batch-size", "10", "--epochs", "2", "--print-every", "0"]
+    rc, _, se = run_cli(*common, "--out", tmp_path / "straight")
+    assert rc == 0, se
+    rc, _, se = run_cli(*common, "--max-steps", "4", "--out", tmp_path / "split")
+    assert rc == 0, se
+    rc, _, se = run_cli(*common, "--out", tmp_path / "split", "--resume", tmp_path / "split" / "checkpoint.pt")
+    assert rc == 0, se
+    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=False)
+    b = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=False)
+    assert a["step"] == b["step"] == 6
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+@needs_fashion
+def test_default_fashion_mnist_path_runs(tmp_path):
+    rc, so, se = run_cli("--max-steps", "3", "--train-per-class", "20", "--val-per-class", "10", "--out", tmp_path / "f")
+    assert rc == 0, se
+    cfg, evals = read_log(tmp_path / "f")
+    assert cfg["model"] == "local_vim_nano" and cfg["in_chans"] == 1 and cfg["val_images"] == 100
+    assert evals[-1]["step"] == 3
+
+
+@needs_fashion
+def test_torchrun_two_processes_on_cpu(tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+           str(HERE / "train_mini.py"), "--train-per-class", "4", "--val-per-class", "3", "--batch-size", "5",
+           "--max-steps", "3", "--print-every", "0", "--out", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("TRITON_INTERPRET", None)
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=HERE)
+    assert p.returncode == 0, p.stderr[-3000:]
+    cfg, evals = read_log(out)
+    assert cfg["world_size"] == 2 and cfg["global_batch"] == 10
+    assert evals[-1]["step"] == 3
+    assert p.stdout.count("optimizer: AdamW") == 1          # logs from rank 0 only
+
+
+@needs_fashion
+def test_search_writes_directions_that_train_accepts(tmp_path):
+    rc, so, se = run_cli("--search", "--max-steps", "2", "--train-per-class", "5", "--val-per-class", "2",
+                         "--batch-size", "10", "--out", tmp_path / "s")
+    assert rc == 0, se
+    found = json.loads((tmp_path / "s" / "directions.json").read_text())
+    assert len(found["directions"]) == 4 and all(len(d) == 4 for d in found["directions"])
+    for d in found["directions"]:
+        assert d == sorted(d, key=lm.DIRECTIONS.index) and set(d) <= set(lm.DIRECTIONS)
+    probs = torch.tensor(found["probabilities"])
+    assert probs.shape == (4, 8) and torch.allclose(probs.sum(1), torch.ones(4), atol=1e-4)
+    assert "layer" in so and "chosen directions" in so                      # the text heat map
+    _, evals = read_log(tmp_path / "s")
+    assert len(evals[-1]["search_probs"]) == 4
+    rc, so, se = run_cli("--directions", tmp_path / "s" / "directions.json", "--max-steps", "1", "--train-per-class", "5",
+                         "--val-per-class", "2", "--batch-size", "10", "--out", tmp_path / "t")
+    assert rc == 0, se
+    cfg, _ = read_log(tmp_path / "t")
+    assert cfg["directions"] == found["directions"]
+
+
+def _assert_clean_failure(rc, se, *needles):
+    assert rc == 2, se
+    assert "Traceback" not in se
+    assert se.startswith("error: ") or "\nerror: " in se, se
+    for n in needles:
+        assert n in se, se
+
+
+def test_bad_inputs_get_one_message(tmp_path, jpeg_tree):
+    rc, _, se = run_cli("--data", "imagenet", "--data-dir", tmp_path / "nowhere", "--out", tmp_path / "o1")
+    _assert_clean_failure(rc, se, "nowhere", "does not exist")
+    rc, _, se = run_cli("--data", "imagenet", "--out", tmp_path / "o0")
+    _assert_clean_failure(rc, se, "--data-dir")
+    (tmp_path / "empty").mkdir()
+    rc, _, se = run_cli("--data", "imagenet", "--data-dir", tmp_path / "empty", "--out", tmp_path / "o2")
+    _assert_clean_failure(rc, se, "has no train/ folder")
+    (tmp_path / "half" / "train" / "a").mkdir(parents=True)
+    (tmp_path / "half" / "val").mkdir(parents=True)
+    rc, _, se = run_cli("--data", "imagenet", "--data-dir", tmp_path / "half", "--out", tmp_path / "o3")
+    _assert_clean_failure(rc, se, "val is empty")
+    rc, _, se = run_cli("--data", "imagenet", "--data-dir", jpeg_tree, "--classes", "50", "--out", tmp_path / "o4")
+    _assert_clean_failure(rc, se, "--classes 50 is larger than the 3 classes")
+    rc, _, se = run_cli("--model", "local_vim_giant", "--out", tmp_path / "o5")
+    _assert_clean_failure(rc, se, "local_vim_giant", "local_vim_tiny")
+    (tmp_path / "d.json").write_text(json.dumps({"directions": [["h", "v"]] * 3}))
+    rc, _, se = run_cli("--directions", tmp_path / "d.json", "--out", tmp_path / "o6", "--data-dir", FASHION)
+    if FASHION.exists():
+        _assert_clean_failure(rc, se, "4 lists, got 3")
+    (tmp_path / "bad.json").write_text("{not json")
+    rc, _, se = run_cli("--directions", tmp_path / "bad.json", "--out", tmp_path / "o7")
+    if FASHION.exists():
+        _assert_clean_failure(rc, se, "not valid JSON")
+    rc, _, se = run_cli("--data-dir", tmp_path / "empty", "--out", tmp_path / "o8")
+    _assert_clean_failure(rc, se, "t10k") if False else _assert_clean_failure(rc, se, "is missing")
+    rc, _, se = run_cli("--classes", "11", "--data-dir", FASHION, "--out", tmp_path / "o9")
+    if FASHION.exists():
+        _assert_clean_failure(rc, se, "--classes 11 is larger than the 10 classes")
+    rc, _, se = run_cli("--search", "--model", "local_vim_nano", "--out", tmp_path / "o10")
+    _assert_clean_failure(rc, se, "*_search model")
+
+
+def test_corrupt_image_is_named_and_skipped_or_stops(jpeg_tree, tmp_path):
+    import shutil
+    root = tmp_path / "tree"
+    shutil.copytree(jpeg_tree, root)
+    victim = sorted((root / "train" / "n02_trouser").iterdir())[0]
+    victim.write_bytes(victim.read_bytes()[:200])                            # truncated JPEG
+    args = ["--data", "imagenet", "--data-dir", root, *NANO, "--max-steps", "6"]
+    rc, so, se = run_cli(*args, "--out", tmp_path / "skip")
+    assert rc == 0, se
+    assert f"warning: skipping unreadable image {victim}" in se
+    rc, so, se = run_cli(*args, "--bad-images", "stop", "--out", tmp_path / "stop")
+    _assert_clean_failure(rc, se, f"cannot read image {victim}")
+
+
+@needs_fashion
+def test_existing_run_is_not_overwritten_and_nan_keeps_the_checkpoint(tmp_path):
+    common = ["--train-per-class", "3", "--val-per-class", "2", "--batch-size", "10", "--epochs", "1", "--print-every", "0"]
+    out = tmp_path / "run"
+    rc, _, se = run_cli(*common, "--out", out)
+    assert rc == 0, se
+    before_log, before_ck = (out / "log.jsonl").read_bytes(), (out / "checkpoint.pt").read_bytes()
+    rc, _, se = run_cli(*common, "--out", out)
+    _assert_clean_failure(rc, se, "already holds a run")
+    assert (out / "log.jsonl").read_bytes() == before_log
+    rc, _, se = run_cli(*common, "--epochs", "3", "--lr", "1e12", "--out", out, "--resume", out / "checkpoint.pt")
+    assert rc == 3 and "Traceback" not in se and "the loss became" in se and "lower --lr" in se, se
+    assert (out / "checkpoint.pt").read_bytes() == before_ck
+
+
+def test_weight_decay_groups_follow_the_official_run():
+    m = create_model("local_vim_nano_search", in_chans=1)
+    names = lambda opt, g: {id(p) for p in opt.param_groups[g]["params"]}
+    ids = {n: id(p) for n, p in m.named_parameters()}
+    opt = train_mini.configure_optimizer(m, 1e-3, 0.04, exempt_ssm=False, log=lambda s: None)
+    dec = names(opt, 0)
+    assert ids["layers.0.mixer.A_log_0"] in dec and ids["layers.0.mixer.multi_scan.weights"] in dec
+    assert ids["pos_embed"] not in dec and ids["layers.0.mixer.D_0"] not in dec and ids["head.bias"] not in dec
+    opt = train_mini.configure_optimizer(m, 1e-3, 0.04, exempt_ssm=True, log=lambda s: None)
+    dec = names(opt, 0)
+    assert ids["layers.0.mixer.A_log_0"] not in dec and ids["layers.0.mixer.multi_scan.weights"] not in dec
+    assert ids["layers.0.mixer.in_proj.weight"] in dec
+
+
+def test_lr_schedule():
+    lr, warm, total = 1e-3, 10, 100
+    assert train_mini.get_lr(0, lr, warm, total) == pytest.approx(1e-7)
+    assert train_mini.get_lr(10, lr, warm, total) == pytest.approx(1e-3)
+    assert train_mini.get_lr(100, lr, warm, total) == pytest.approx(1e-6)
+    assert train_mini.get_lr(55, lr, warm, total) == pytest.approx(1e-6 + 0.5 * (1e-3 - 1e-6))
+
+
+@needs_fashion
+def test_study_runs_end_to_end_on_a_tiny_budget(tmp_path):
+    rc, so, se = run_cli("--study", "scans", "--study-seeds", "1", "--max-steps", "2", "--train-per-class", "4",
+                         "--val-per-class", "2", "--batch-size", "10", "--out", tmp_path / "study", timeout=900)
+    assert rc == 0, se
+    res = json.loads((tmp_path / "study" / "results.json").read_text())
+    assert set(res["arms"]) == set(train_mini.STUDY_ARMS)
+    for arm, r in res["arms"].items():
+        assert len(r["top1"]) == 1 and 0 <= r["mean"] <= 100
+    assert len(res["search"]["directions"]) == 4
+    assert len(res["compare_with_local_vim_tiny"]["per_layer"]) == 4
+    table = (tmp_path / "study" / "results.md").read_text()
+    assert table.count("\n") == 2 + len(train_mini.STUDY_ARMS)
+    assert (tmp_path / "study" / "search_heat_map.txt").exists()
+    cfg, _ = read_log(tmp_path / "study" / "d_local_no_scattn-seed0")
+    assert cfg["no_scattn"] is True
+
+
+def test_compiled_torch_path_matches_the_loop():
+    """The torch path's chunk functions under torch.compile (opt-in: LOCALMAMBA_COMPILE=1,
+    train_mini's default on CPU) compute the same as the eager ones."""
+    inp = scan_inputs(batch=3, dim=8, L=19, N=4, G=2, seed=11)
+    flags = (True, True, True, True)
+    dout = torch.randn(3, 8, 19, generator=torch.Generator().manual_seed(12))
+    want = run_scan(loop_float64, {k: v.double() for k, v in inp.items()}, flags, dout)
+    assert scan_kernel.compile_torch_path(True)
+    try:
+        got = run_scan(selective_scan, inp, flags, dout, return_last_state=True, backend="torch")
+    finally:
+        scan_kernel.compile_torch_path(False)
+    assert_scan_close(got, want, 1e-5, "compiled torch path")

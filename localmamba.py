@@ -340,6 +340,19 @@ def _scattn_flops(attn, L):
     return f
 
 
+def _init_linear_and_norms(model):
+    """The official models' first init pass: every Linear trunc-normal(0.02) with zero bias,
+    every LayerNorm weight 1, bias 0."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
 class DropPath(nn.Module):
     """Stochastic depth per sample (Huang et al. 2016): drop the whole branch with prob p."""
 
@@ -453,14 +466,7 @@ class LocalVim(nn.Module):
         """As the official code executes it: every Linear trunc-normal(0.02) with zero bias (this
         overwrites Mamba's Δ init: dt_proj bias starts at 0), LayerNorms 1/0, pos embed
         trunc-normal(0.02), then out_proj re-initialised kaiming-uniform(a=√5) / √depth."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        _init_linear_and_norms(self)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         for layer in self.layers:
             nn.init.kaiming_uniform_(layer.mixer.out_proj.weight, a=math.sqrt(5))
@@ -651,14 +657,7 @@ class LocalVMamba(nn.Module):
         self.classifier = nn.Sequential(OrderedDict(
             norm=nn.LayerNorm(dims[-1]), permute=Permute(0, 3, 1, 2), avgpool=nn.AdaptiveAvgPool2d(1),
             flatten=nn.Flatten(1), head=nn.Linear(dims[-1], cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()))
-        for m in self.modules():   # official VSSM._init_weights
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        _init_linear_and_norms(self)   # official VSSM._init_weights
 
     def blocks(self):
         return [b for stage in self.layers for b in stage.blocks]
@@ -854,8 +853,8 @@ MODELS = {
     "local_vmamba_small_search": (LocalVMambaConfig, dict(dims=(32, 64, 128, 256), depths=(2, 2, 27, 2), directions=None, drop_path_rate=0.1)),
     # CPU-sized presets for 28×28 to 64×64 images (Fashion-MNIST, CIFAR): patch 2 gives a 14×14 token
     # grid at 28 px, the grid of ImageNet-224 with patch 16. Not published models.
-    "local_vim_nano": (LocalVimConfig, dict(img_size=28, patch_size=2, embed_dim=32, depth=4, directions=_LOCAL * 4, drop_path_rate=0.0)),
-    "local_vim_nano_search": (LocalVimConfig, dict(img_size=28, patch_size=2, embed_dim=32, depth=4, directions=None, drop_path_rate=0.0)),
+    "local_vim_nano": (LocalVimConfig, dict(img_size=28, patch_size=2, embed_dim=32, depth=3, directions=_LOCAL * 3, drop_path_rate=0.0)),
+    "local_vim_nano_search": (LocalVimConfig, dict(img_size=28, patch_size=2, embed_dim=32, depth=3, directions=None, drop_path_rate=0.0)),
 }
 
 PAPER = {  # published ImageNet-1K figures (paper Tables 1-2, official README): top-1 %, params M, GFLOPs

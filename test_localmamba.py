@@ -650,7 +650,7 @@ def test_middle_cls_token_is_read_from_the_middle():
 
 
 def test_derive_directions_picks_the_largest_logits_in_canonical_order():
-    m = create_model("local_vim_nano_search", in_chans=1)
+    m = create_model("local_vim_nano_search", in_chans=1, depth=4)
     logits = [[0, 5, 1, 4, 2, 3, 9, 8], [9, 8, 7, 6, 5, 4, 3, 2], [1, 1, 1, 9, 9, 9, 9, 1], [3, 0, 0, 0, 2, 0, 5, 4]]
     with torch.no_grad():
         for ms, row in zip(m.multi_scans(), logits):
@@ -661,7 +661,7 @@ def test_derive_directions_picks_the_largest_logits_in_canonical_order():
     p = lm.search_probabilities(m)
     assert p.shape == (4, 8) and torch.allclose(p.sum(1), torch.ones(4))
     with pytest.raises(ValueError, match="not a search layer"):
-        derive_directions(create_model("local_vim_nano", in_chans=1))
+        derive_directions(create_model("local_vim_nano", in_chans=1, depth=2, directions=[["h"]] * 2))
 
 
 def test_search_logits_init():
@@ -673,7 +673,8 @@ def test_search_logits_init():
 
 def test_state_dict_round_trip_and_load_checkpoint(tmp_path):
     torch.manual_seed(0)
-    m = create_model("local_vim_nano", in_chans=1, num_classes=10, directions=[["h", "v", "w2", "w7_flip"]] * 4)
+    dirs = [["h", "v", "w2", "w7_flip"]] * NANO_DEPTH
+    m = create_model("local_vim_nano", in_chans=1, num_classes=10, directions=dirs)
     with torch.no_grad():
         for p in m.parameters():
             p.add_(0.1 * torch.randn_like(p))     # every A_log_k different: the official bug would show here
@@ -684,7 +685,7 @@ def test_state_dict_round_trip_and_load_checkpoint(tmp_path):
                                 lambda sd: {"model": {"module." + k: v for k, v in sd.items()}}]):
         path = tmp_path / f"ck{i}.pt"
         torch.save(layout(m.state_dict()), path)
-        fresh = create_model("local_vim_nano", in_chans=1, num_classes=10, directions=[["h", "v", "w2", "w7_flip"]] * 4).eval()
+        fresh = create_model("local_vim_nano", in_chans=1, num_classes=10, directions=dirs).eval()
         load_checkpoint(fresh, path)
         assert torch.equal(fresh(x), want)
     other = create_model("local_vim_nano", in_chans=1, num_classes=5)
@@ -727,13 +728,13 @@ def test_bad_model_name_and_image_shape():
 
 def test_count_flops_convention():
     """Independent count for LocalVim-nano at 28 px (14×14 grid, K=4, w2 needs no padding)."""
-    m = create_model("local_vim_nano", in_chans=1, num_classes=10)
+    m = create_model("local_vim_nano", in_chans=1, num_classes=10, depth=4, directions=[["h", "h_flip", "w2", "w2_flip"]] * 4)
     D, E, N, R, L, K, depth = 32, 64, 16, 2, 196, 4, 4
     per_dir = L * E * 4 + L * E * (R + 2 * N) + L * R * E + 9 * L * E * N + L * E + 2 * E * (E // 8)
     want = L * D * 1 * 4 + depth * (L * D * 2 * E + L * E * D + K * per_dir) + D * 10
     assert lm.count_flops(m) == want
     assert lm.count_flops(create_model("local_vmamba_tiny")) / 1e9 == pytest.approx(5.7, rel=0.05)
-    assert lm.count_flops(create_model("local_vim_nano", in_chans=1), img_size=56) > 3.9 * lm.count_flops(m)
+    assert lm.count_flops(m, img_size=56) > 3.9 * lm.count_flops(m)      # 4x the tokens
 
 
 # =============================================================================
@@ -789,6 +790,7 @@ def jpeg_tree(tmp_path_factory):
     return root
 
 
+NANO_DEPTH = lm.MODELS["local_vim_nano"][1]["depth"]
 NANO = ["--model", "local_vim_nano", "--img-size", "28", "--batch-size", "6", "--workers", "0", "--print-every", "0"]
 
 
@@ -799,7 +801,7 @@ def test_imagenet_layout_train_checkpoint_resume_eval(jpeg_tree, tmp_path):
     assert rc == 0, se
     cfg, evals = read_log(out)
     assert cfg["world_size"] == 1 and cfg["num_classes"] == 3 and cfg["train_images"] == 36 and cfg["val_images"] == 12
-    assert cfg["directions"] == [["h", "h_flip", "w2", "w2_flip"]] * 4
+    assert cfg["directions"] == [["h", "h_flip", "w2", "w2_flip"]] * NANO_DEPTH
     assert [e["step"] for e in evals] == [6, 7] and all(0 <= e["top1"] <= 100 for e in evals)
     assert {"epoch", "step", "top1", "top5", "loss"} <= set(evals[-1])
     assert not (out / "checkpoint.pt.tmp").exists()
@@ -863,14 +865,14 @@ def test_search_writes_directions_that_train_accepts(tmp_path):
                          "--batch-size", "10", "--out", tmp_path / "s")
     assert rc == 0, se
     found = json.loads((tmp_path / "s" / "directions.json").read_text())
-    assert len(found["directions"]) == 4 and all(len(d) == 4 for d in found["directions"])
+    assert len(found["directions"]) == NANO_DEPTH and all(len(d) == 4 for d in found["directions"])
     for d in found["directions"]:
         assert d == sorted(d, key=lm.DIRECTIONS.index) and set(d) <= set(lm.DIRECTIONS)
     probs = torch.tensor(found["probabilities"])
-    assert probs.shape == (4, 8) and torch.allclose(probs.sum(1), torch.ones(4), atol=1e-4)
+    assert probs.shape == (NANO_DEPTH, 8) and torch.allclose(probs.sum(1), torch.ones(NANO_DEPTH), atol=1e-4)
     assert "layer" in so and "chosen directions" in so                      # the text heat map
     _, evals = read_log(tmp_path / "s")
-    assert len(evals[-1]["search_probs"]) == 4
+    assert len(evals[-1]["search_probs"]) == NANO_DEPTH
     rc, so, se = run_cli("--directions", tmp_path / "s" / "directions.json", "--max-steps", "1", "--train-per-class", "5",
                          "--val-per-class", "2", "--batch-size", "10", "--out", tmp_path / "t")
     assert rc == 0, se
@@ -902,10 +904,10 @@ def test_bad_inputs_get_one_message(tmp_path, jpeg_tree):
     _assert_clean_failure(rc, se, "--classes 50 is larger than the 3 classes")
     rc, _, se = run_cli("--model", "local_vim_giant", "--out", tmp_path / "o5")
     _assert_clean_failure(rc, se, "local_vim_giant", "local_vim_tiny")
-    (tmp_path / "d.json").write_text(json.dumps({"directions": [["h", "v"]] * 3}))
+    (tmp_path / "d.json").write_text(json.dumps({"directions": [["h", "v"]] * (NANO_DEPTH + 2)}))
     rc, _, se = run_cli("--directions", tmp_path / "d.json", "--out", tmp_path / "o6", "--data-dir", FASHION)
     if FASHION.exists():
-        _assert_clean_failure(rc, se, "4 lists, got 3")
+        _assert_clean_failure(rc, se, f"{NANO_DEPTH} lists, got {NANO_DEPTH + 2}")
     (tmp_path / "bad.json").write_text("{not json")
     rc, _, se = run_cli("--directions", tmp_path / "bad.json", "--out", tmp_path / "o7")
     if FASHION.exists():
@@ -930,6 +932,8 @@ def test_corrupt_image_is_named_and_skipped_or_stops(jpeg_tree, tmp_path):
     assert rc == 0, se
     assert f"warning: skipping unreadable image {victim}" in se
     rc, so, se = run_cli(*args, "--bad-images", "stop", "--out", tmp_path / "stop")
+    _assert_clean_failure(rc, se, f"cannot read image {victim}")
+    rc, so, se = run_cli(*args, "--bad-images", "stop", "--workers", "1", "--out", tmp_path / "stop1")  # in a worker
     _assert_clean_failure(rc, se, f"cannot read image {victim}")
 
 
@@ -979,8 +983,8 @@ def test_study_runs_end_to_end_on_a_tiny_budget(tmp_path):
     assert set(res["arms"]) == set(train_mini.STUDY_ARMS)
     for arm, r in res["arms"].items():
         assert len(r["top1"]) == 1 and 0 <= r["mean"] <= 100
-    assert len(res["search"]["directions"]) == 4
-    assert len(res["compare_with_local_vim_tiny"]["per_layer"]) == 4
+    assert len(res["search"]["directions"]) == NANO_DEPTH
+    assert len(res["compare_with_local_vim_tiny"]["per_layer"]) == NANO_DEPTH
     table = (tmp_path / "study" / "results.md").read_text()
     assert table.count("\n") == 2 + len(train_mini.STUDY_ARMS)
     assert (tmp_path / "study" / "search_heat_map.txt").exists()
@@ -1001,3 +1005,10 @@ def test_compiled_torch_path_matches_the_loop():
     finally:
         scan_kernel.compile_torch_path(False)
     assert_scan_close(got, want, 1e-5, "compiled torch path")
+
+
+def test_timm_registration():
+    timm = pytest.importorskip("timm")
+    m = timm.create_model("local_vim_nano", in_chans=1, num_classes=4)
+    assert isinstance(m, lm.LocalVim) and m(torch.randn(1, 1, 28, 28)).shape == (1, 4)
+    assert "local_vmamba_tiny" in timm.list_models("local_*")

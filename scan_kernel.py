@@ -731,7 +731,7 @@ def bench(reps=5):
         big = batch * dim > 20000
         backends = []
         if not cuda or not big:
-            backends += [("ref", "cpu"), ("torch", "cpu")]
+            backends += [("ref", "cpu"), ("torch", "cpu"), ("torch+compile", "cpu")]
         if cuda:
             backends += [("torch", "cuda"), ("triton", "cuda")]
             try:
@@ -748,8 +748,10 @@ def bench(reps=5):
                     call = lambda: selective_scan_fn(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"],
                                                      x["delta_bias"], True)
                 else:
+                    compile_torch_path(be == "torch+compile")
                     call = lambda: selective_scan(x["u"], x["delta"], x["A"], x["B"], x["C"], D=x["D"], z=x["z"],
-                                                  delta_bias=x["delta_bias"], delta_softplus=True, backend=be)
+                                                  delta_bias=x["delta_bias"], delta_softplus=True,
+                                                  backend=be.replace("+compile", ""))
                 dout = torch.randn_like(x["u"])
                 fwd_bwd = lambda: call().backward(dout)
                 if dev == "cuda":
@@ -759,7 +761,7 @@ def bench(reps=5):
                     t_fb = do_bench(fwd_bwd, return_mode="median")
                 else:
                     n = 2 if (be == "ref" and big) else reps
-                    call(); fwd_bwd()  # warm-up
+                    call(); fwd_bwd()  # warm-up (and compile)
                     with torch.no_grad():
                         t_f = _time_cpu(call, n)
                     t_fb = _time_cpu(fwd_bwd, n)

@@ -45,7 +45,6 @@ Backends, switched by one readable condition in `selective_scan`:
 
 `python scan_kernel.py --bench` times the backends available here (see README.md).
 """
-import math
 import os
 
 import torch

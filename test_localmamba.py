@@ -752,7 +752,6 @@ def test_count_flops_convention():
 import subprocess
 import sys
 
-import numpy as np
 
 import train_mini
 

@@ -734,18 +734,17 @@ def bench(reps=5):
         if cuda:
             backends += [("torch", "cuda"), ("triton", "cuda")]
             try:
-                from mamba_ssm.ops.selective_scan_interface import selective_scan_fn  # noqa: F401
+                from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as mamba_scan
                 backends.append(("mamba_ssm", "cuda"))
             except ImportError:
-                pass
+                mamba_scan = None
         base = None
         for be, dev in backends:
             for dtype in ([torch.float32] if dev == "cpu" else [torch.float32, torch.bfloat16]):
                 x = _bench_inputs(batch, dim, N, L, G, dtype, dev)
                 if be == "mamba_ssm":
-                    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
-                    call = lambda: selective_scan_fn(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"],
-                                                     x["delta_bias"], True)
+                    call = lambda: mamba_scan(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"],
+                                              x["delta_bias"], True)
                 else:
                     compile_torch_path(be == "torch+compile")
                     call = lambda: selective_scan(x["u"], x["delta"], x["A"], x["B"], x["C"], D=x["D"], z=x["z"],

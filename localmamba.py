@@ -957,25 +957,28 @@ def count_flops(model, img_size=None):
 
 
 # -----------------------------------------------------------------------------
-# timm: register the constructors when timm is installed (optional), so that
-# timm.create_model("local_vim_tiny") works.
+# timm (an optional dependency): register every constructor, so that
+# timm.create_model("local_vim_tiny") works where timm is installed.
 
-try:  # pragma: no cover - depends on the install
-    from timm.models import register_model as _timm_register
-
-    for _name in MODELS:
-        def _ctor(pretrained=False, _name=_name, **kwargs):
+def _register_with_timm():
+    try:
+        from timm.models import register_model
+    except ImportError:
+        return False                      # timm is not installed: nothing to register
+    for name in MODELS:
+        def ctor(pretrained=False, _name=name, **kwargs):
             if pretrained:
                 raise ValueError("localmamba: no weights are downloaded; load them with load_checkpoint(model, path)")
-            kwargs.pop("pretrained_cfg", None), kwargs.pop("pretrained_cfg_overlay", None), kwargs.pop("cache_dir", None)
+            for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):   # timm's own kwargs
+                kwargs.pop(key, None)
             return create_model(_name, **kwargs)
-        _ctor.__name__ = _name
-        try:
-            _timm_register(_ctor)
-        except Exception:
-            pass
-except Exception:
-    pass
+        ctor.__name__ = name
+        ctor.__module__ = __name__
+        register_model(ctor)
+    return True
+
+
+HAS_TIMM = _register_with_timm()
 
 
 # -----------------------------------------------------------------------------

@@ -507,10 +507,9 @@ class LocalVim(nn.Module):
 
     def flops(self):
         H, W = self.cfg.grid
-        L_in = H * W + self.cfg.middle_cls_token
         f = H * W * self.embed_dim * self.cfg.in_chans * self.cfg.patch_size ** 2   # patch embed
         f += sum(layer.mixer.flops(H, W, self.cls_pos) for layer in self.layers)
-        return f + self.embed_dim * self.cfg.num_classes * (L_in > 0)
+        return f + self.embed_dim * self.cfg.num_classes                            # head
 
     # timm's classifier interface
     def no_weight_decay(self):

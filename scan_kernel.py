@@ -37,8 +37,8 @@ Math (state starts at 0, all arithmetic in fp32, or fp64 for fp64 inputs on ref/
 Backends, switched by one readable condition in `selective_scan`:
     "ref"     `selective_scan_ref`: the obvious loop over L, autograd does the backward.
               The oracle every other path is tested against.
-    "torch"   `selective_scan_torch`: the same loop with the exp/outer products hoisted out
-              of it and a hand-written backward; the path for CPU and MPS.
+    "torch"   `selective_scan_torch`: the Triton kernels' chunked algorithm in PyTorch ops, with
+              a hand-written backward (optionally torch.compile'd); the path for CPU and MPS.
     "triton"  `_SelectiveScanTriton`: chunked Triton kernels, forward and backward. On CUDA,
               or on the CPU under TRITON_INTERPRET=1 (how CI tests it).
     "auto"    "triton" for CUDA tensors when Triton imports, else "torch".

@@ -254,7 +254,7 @@ class EpochOrder(torch.utils.data.Sampler):
     """Deterministic order: permutation seeded by (seed, epoch), this rank's shard, minus the
     batches already done (so --resume continues exactly where a checkpoint was written)."""
 
-    def __init__(self, n, seed, rank, world, shuffle, drop_last_to=None):
+    def __init__(self, n, seed, rank, world, shuffle):
         self.n, self.seed, self.rank, self.world, self.shuffle = n, seed, rank, world, shuffle
         self.epoch, self.skip = 0, 0
         self.per_rank = n // world if shuffle else len(range(rank, n, world))
@@ -366,7 +366,7 @@ def heat_map(probs, directions=localmamba.DIRECTIONS):
     return "\n".join(lines)
 
 
-def load_directions(path, model_name):
+def load_directions(path):
     try:
         data = json.loads(Path(path).read_text())
     except FileNotFoundError:
@@ -394,8 +394,8 @@ def evaluate(model, loader, device, amp_dtype, world):
             logits = model(x)
         logits = logits.float()
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        stats += torch.tensor([len(y), (top[:, 0] == y).sum().item(), (top == y[:, None]).any(1).sum().item(),
-                               F.cross_entropy(logits, y, reduction="sum").item()], dtype=torch.float64, device=device)
+        stats += torch.stack([torch.tensor(float(len(y)), device=device), (top[:, 0] == y).sum(),  # no sync per batch
+                              (top == y[:, None]).any(1).sum(), F.cross_entropy(logits, y, reduction="sum")]).double()
     if world > 1:
         dist.all_reduce(stats)
     n = stats[0].item()
@@ -489,7 +489,7 @@ def train(args):
     random.seed(args.seed + rank)
 
     train_set, val_set, num_classes, in_chans = build_data(args)
-    directions = load_directions(args.directions, args.model) if args.directions else None
+    directions = load_directions(args.directions) if args.directions else None
     kw = dict(num_classes=num_classes, img_size=args.img_size, in_chans=in_chans, drop_path_rate=args.drop_path)
     if directions is not None:
         kw["directions"] = directions

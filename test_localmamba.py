@@ -998,6 +998,38 @@ def test_study_runs_end_to_end_on_a_tiny_budget(tmp_path):
     assert (tmp_path / "study" / "search_heat_map.txt").exists()
     cfg, _ = read_log(tmp_path / "study" / "d_local_no_scattn-seed0")
     assert cfg["no_scattn"] is True
+    if (tmp_path / "study" / "results.png").exists() or res["results_png"]:
+        assert res["results_png"] and (tmp_path / "study" / "results.png").stat().st_size > 0
+
+    # the same command again: every finished run is read back, nothing retrained or rewritten
+    study = tmp_path / "study"
+    logs = {p: p.read_bytes() for p in study.glob("*/log.jsonl")}
+    assert len(logs) == 1 + len(train_mini.STUDY_ARMS)     # the search + one seed per arm
+    # ...except two runs "killed" midway: one after its checkpoint (resumed from it), one before
+    # its first checkpoint (moved aside, never deleted, and trained again)
+    for name in ("b_global_hv-seed0", "c_local-seed0"):
+        (study / name / "log.jsonl").write_text((study / name / "log.jsonl").read_text().splitlines()[0] + "\n")
+    (study / "c_local-seed0" / "checkpoint.pt").unlink()
+    rc, so, se = run_cli("--study", "scans", "--study-seeds", "1", "--max-steps", "2", "--train-per-class", "4",
+                         "--val-per-class", "2", "--batch-size", "10", "--out", study, timeout=900)
+    assert rc == 0, se
+    again = json.loads((study / "results.json").read_text())
+    assert again["reused_runs"] == len(logs) - 2
+    assert "resumed from" in so
+    for p, before in logs.items():
+        if p.parent.name not in ("b_global_hv-seed0", "c_local-seed0"):
+            assert p.read_bytes() == before, p
+    aside = list(study.glob("c_local-seed0.incomplete-*"))
+    assert len(aside) == 1 and (aside[0] / "log.jsonl").exists()
+    for arm in ("b_global_hv", "c_local"):
+        _, recs = read_log(study / f"{arm}-seed0")
+        assert recs and recs[-1]["step"] == 2
+    assert again["arms"]["a_global_h"]["top1"] == res["arms"]["a_global_h"]["top1"]
+    # a study folder holds one setup: other settings are refused, nothing is touched
+    rc, so, se = run_cli("--study", "scans", "--study-seeds", "1", "--max-steps", "2", "--train-per-class", "5",
+                         "--val-per-class", "2", "--batch-size", "10", "--out", study, timeout=900)
+    assert rc == 2 and "train_per_class=4" in se and "another --out" in se, se
+    assert (study / "results.json").read_text() == json.dumps(again, indent=1)
 
 
 def test_compiled_torch_path_matches_the_loop():

@@ -337,6 +337,12 @@ def save_atomic(obj, path):
     os.replace(tmp, path)
 
 
+def save_json_atomic(obj, path):
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
 def rng_state():
     s = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available():
@@ -721,15 +727,88 @@ def save_heat_map_png(probs, path, title):
     return True
 
 
+def _finished_record(run_dir, args):
+    """The final evaluation of a finished run in run_dir, or None if it has not finished. A run made
+    with other settings than args is refused: a study never mixes runs of different setups."""
+    log_path = run_dir / "log.jsonl"
+    if not log_path.exists():
+        return None
+    lines = [json.loads(s) for s in log_path.read_text().splitlines() if s.strip()]
+    configs = [r for r in lines if "total_steps" in r]
+    records = [r for r in lines if "top1" in r]
+    if not configs:
+        return None
+    config = configs[-1]
+    wanted = {k: getattr(args, k) for k in ("train_per_class", "val_per_class", "classes", "batch_size", "lr",
+                                            "epochs", "max_steps", "seed", "search", "no_scattn")}
+    if args.directions:
+        wanted["directions"] = load_directions(args.directions)
+    for key, want in wanted.items():
+        if want is not None and config.get(key) != want:
+            raise UserError(f"{run_dir} was trained with {key}={config.get(key)!r}, but this study asks for "
+                            f"{want!r}; choose another --out for a study with other settings")
+    stop = min(config["total_steps"], config["max_steps"]) if config["max_steps"] else config["total_steps"]
+    done = [r for r in records if r["step"] >= stop]
+    if not done or (args.search and not (run_dir / "directions.json").exists()):
+        return None
+    return done[-1]
+
+
+def _study_run(run_dir, argv):
+    """One run of the study, resumable: a finished run is read back from its log, not retrained; an
+    unfinished one continues from its checkpoint; one that stopped before its first checkpoint is
+    moved aside (never deleted) and started again. Returns (final record, whether it was reused)."""
+    args = parse_args(argv + ["--out", str(run_dir)])
+    rec = _finished_record(run_dir, args)
+    if rec is not None:
+        print(f"study: {run_dir} has finished already (top-1 {rec['top1']:.2f}%), reusing it", flush=True)
+        return rec, True
+    if (run_dir / "checkpoint.pt").exists():
+        args.resume = str(run_dir / "checkpoint.pt")
+    elif (run_dir / "log.jsonl").exists():
+        aside = run_dir.with_name(f"{run_dir.name}.incomplete-{time.strftime('%Y%m%d-%H%M%S')}")
+        run_dir.rename(aside)
+        print(f"study: {run_dir} stopped before its first checkpoint; moved it to {aside} and starting again",
+              flush=True)
+    return train(args), False
+
+
+def save_study_png(results, path, title):
+    """Top-1 per arm as a PNG: each seed a dot, the mean a bar, ± std as an error bar (matplotlib,
+    an optional extra); False if matplotlib is not installed (results.md is the text form)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    arms = list(results)
+    fig, ax = plt.subplots(figsize=(8, 4))
+    means = [results[a]["mean"] for a in arms]
+    ax.bar(range(len(arms)), means, yerr=[results[a]["std"] for a in arms], color="#9ecae1", capsize=6)
+    for i, a in enumerate(arms):
+        ax.plot([i] * len(results[a]["top1"]), results[a]["top1"], "k.", markersize=8)
+    lo = min(min(r["top1"]) for r in results.values())
+    hi = max(max(r["top1"]) for r in results.values())
+    pad = max(hi - lo, 0.5)
+    ax.set_ylim(lo - pad, hi + pad)
+    ax.set_xticks(range(len(arms)), arms, rotation=15)
+    ax.set_ylabel("test top-1 %")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def run_study(args):
     """Every arm trained with the same data order, augmentation, width, depth and step budget,
-    for each seed; mean ± std of top-1 on the (full, by default) Fashion-MNIST test set."""
+    for each seed; mean ± std of top-1 on the (full, by default) Fashion-MNIST test set.
+    Run the same command again after a crash or Ctrl-C: finished runs are kept and read back."""
     import statistics
     if args.data != "fashion-mnist":
         raise UserError("--study scans runs on Fashion-MNIST (--data fashion-mnist)")
     out = Path(args.out or f"runs/study-{time.strftime('%Y%m%d-%H%M%S')}")
-    if (out / "results.json").exists():
-        raise UserError(f"{out} already holds a study (results.json); choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     seeds = list(range(args.study_seeds))
     if args.train_per_class is None:     # 16 runs must fit ~2 hours on 2 CPU cores: 25k images each
@@ -744,7 +823,8 @@ def run_study(args):
 
     # (e) needs the search first: the supernet on the same data and budget, seed 0
     search_dir = out / "search"
-    train(parse_args(base + ["--search", "--seed", "0", "--out", str(search_dir)]))
+    search_rec, reused = _study_run(search_dir, base + ["--search", "--seed", "0"])
+    run_seconds, n_reused = search_rec["time_s"], int(reused)
     found = json.loads((search_dir / "directions.json").read_text())
     probs = found["probabilities"]
     png = save_heat_map_png(probs, out / "search_heat_map.png", "LocalVim-nano search on Fashion-MNIST: softmax(α)")
@@ -761,12 +841,11 @@ def run_study(args):
             dirs_file = out / f"{arm}_directions.json"
             dirs_file.write_text(json.dumps({"directions": dirs * depth}))
         for seed in seeds:
-            run_dir = out / f"{arm}-seed{seed}"
-            t0 = time.time()
-            rec = train(parse_args(base + ["--seed", str(seed), "--out", str(run_dir), "--directions", str(dirs_file)]
-                                   + ([] if scattn else ["--no-scattn"])))
+            rec, reused = _study_run(out / f"{arm}-seed{seed}", base + ["--seed", str(seed), "--directions",
+                                                                         str(dirs_file)] + ([] if scattn else ["--no-scattn"]))
             results[arm]["top1"].append(rec["top1"])
-            results[arm]["time_s"].append(round(time.time() - t0, 1))
+            results[arm]["time_s"].append(rec["time_s"])
+            run_seconds, n_reused = run_seconds + rec["time_s"], n_reused + int(reused)
             print(f"study: {arm} seed {seed}: top-1 {rec['top1']:.2f}%", flush=True)
         v = results[arm]["top1"]
         results[arm]["mean"] = statistics.mean(v)
@@ -778,18 +857,21 @@ def run_study(args):
         lines.append(f"| {arm} | {r['what']} | {r['mean']:.2f} ± {r['std']:.2f} | "
                      f"{', '.join(f'{x:.2f}' for x in r['top1'])} |")
     table = "\n".join(lines)
+    bars = save_study_png(results, out / "results.png", f"LocalVim-nano on Fashion-MNIST, {len(seeds)} seeds per arm")
     summary = {"command": "python train_mini.py " + " ".join(sys.argv[1:]), "minutes": round(minutes, 1),
-               "seeds": seeds, "arms": results,
-               "search": {"directions": found["directions"], "probabilities": probs, "heat_map_png": bool(png)},
-               "compare_with_local_vim_tiny": comparison, "base_args": base}
-    (out / "results.json").write_text(json.dumps(summary, indent=1))
+               "run_minutes": round(run_seconds / 60, 1), "reused_runs": n_reused, "seeds": seeds, "arms": results,
+               "search": {"directions": found["directions"], "probabilities": probs, "heat_map_png": bool(png),
+                          "time_s": search_rec["time_s"]},
+               "results_png": bool(bars), "compare_with_local_vim_tiny": comparison, "base_args": base}
+    save_json_atomic(summary, out / "results.json")
     (out / "results.md").write_text(table + "\n")
     print("\n" + table)
     print("\nsearch (softmax(α) per layer):\n" + heat_map(torch.tensor(probs)))
     for row in comparison["per_layer"]:
         print(f"  layer {row['layer']}: ours {row['ours']}, mean overlap with LocalVim-T layers "
               f"{row['published_layers']}: {row['mean_overlap_of_4']} of 4")
-    print(f"\nstudy done in {minutes:.1f} min; {out / 'results.json'}")
+    print(f"\nstudy done in {minutes:.1f} min ({n_reused} finished runs reused; the runs' own training + "
+          f"evaluation time: {run_seconds / 60:.1f} min); {out / 'results.json'}")
     return summary
 
 

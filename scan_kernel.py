@@ -683,6 +683,50 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None,
 
 
 # -----------------------------------------------------------------------------
+# GPU machine code without a GPU: python scan_kernel.py --compile-check 80 90
+
+def compile_check(archs=(80, 90)):
+    """Compile both kernels to CUDA machine code for each compute capability in archs (80 = A100,
+    90 = H100) and read their resource use: Triton's compiler and the ptxas / cuobjdump that ship
+    with it run on the CPU, so this catches what the interpreter cannot (code the GPU compiler
+    rejects, register spills) on a machine with no GPU. Returns one row per compiled variant."""
+    import subprocess
+    import tempfile
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    if not HAS_TRITON or TRITON_INTERPRET:
+        raise RuntimeError("compile_check needs triton, imported without TRITON_INTERPRET=1")
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    io_dtype = ("u_ptr", "dt_ptr", "B_ptr", "C_ptr", "z_ptr", "out_ptr", "dout_ptr")   # u's dtype; the rest fp32
+    variants = [  # (dtype, HAS_D/HAS_Z/HAS_BIAS/SOFTPLUS, N, channels per group)
+        ("fp32", True, 16, 96), ("bf16", True, 16, 96), ("fp16", False, 16, 96), ("fp32", True, 256, 96)]
+    rows = []
+    for arch in archs:
+        for kernel in (_scan_fwd_kernel, _scan_bwd_kernel):
+            for dtype, flags, N, dg in variants:
+                blocks = dict(zip(("BLOCK_D", "BLOCK_N", "CHUNK"), _triton_config(N, dg)))
+                const = dict(HAS_D=flags, HAS_Z=flags, HAS_BIAS=flags, SOFTPLUS=flags, **blocks)
+                sig = {a: "constexpr" if a in const else ("*" + (dtype if a in io_dtype else "fp32"))
+                       if a.endswith("_ptr") else "i32" for a in kernel.arg_names}
+                compiled = triton.compile(ASTSource(kernel, sig, const), target=GPUTarget("cuda", arch, 32))
+                usage = {}
+                if os.path.exists(cuobjdump):
+                    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+                        f.write(compiled.asm["cubin"])
+                        f.flush()
+                        text = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True,
+                                              text=True, check=True).stdout
+                    for line in text.splitlines():
+                        if "REG:" in line:
+                            usage = {k: int(v) for k, v in (kv.split(":") for kv in line.split() if ":" in kv
+                                                            and kv.split(":")[1].isdigit())}
+                rows.append(dict(arch=arch, kernel=kernel.__name__, dtype=dtype, flags=flags, N=N, **blocks,
+                                 registers=usage.get("REG"), spill_bytes=usage.get("LOCAL"),
+                                 cubin_bytes=len(compiled.asm["cubin"])))
+    return rows
+
+
+# -----------------------------------------------------------------------------
 # benchmark: python scan_kernel.py --bench   (a measurement, never a test)
 
 def _bench_inputs(batch, dim, N, L, G, dtype, device):
@@ -783,11 +827,19 @@ def bench(reps=5):
 
 if __name__ == "__main__":
     import argparse
-    ap = argparse.ArgumentParser(description="selective scan: benchmark the backends available here")
+    ap = argparse.ArgumentParser(description="selective scan: benchmark the backends available here, or compile-check the GPU kernels")
     ap.add_argument("--bench", action="store_true", help="time ref/torch (CPU) and triton/mamba_ssm (CUDA)")
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--compile-check", type=int, nargs="*", metavar="ARCH",
+                    help="compile the Triton kernels for these compute capabilities (e.g. 80 90); no GPU needed")
     args = ap.parse_args()
-    if args.bench:
+    if args.compile_check is not None:
+        print("| sm | kernel | dtype | D/z/bias/softplus | N | BLOCK_D×BLOCK_N×CHUNK | registers | spill bytes |")
+        print("|---|---|---|---|---|---|---|---|")
+        for r in compile_check(tuple(args.compile_check) or (80, 90)):
+            print(f"| {r['arch']} | {r['kernel']} | {r['dtype']} | {r['flags']} | {r['N']} | "
+                  f"{r['BLOCK_D']}×{r['BLOCK_N']}×{r['CHUNK']} | {r['registers']} | {r['spill_bytes']} |", flush=True)
+    elif args.bench:
         bench(args.reps)
     else:
         ap.print_help()

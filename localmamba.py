@@ -899,10 +899,11 @@ def search_probabilities(model):
 # -----------------------------------------------------------------------------
 # Checkpoints
 
-def load_checkpoint(model, path, map_location="cpu"):
+def load_checkpoint(model, path, map_location="cpu", key=None):
     """Load an official or our checkpoint strictly. Accepts a bare state_dict or one under
-    "model", "state_dict" or "state_dict_ema", and a DDP "module." prefix. Raises one
-    ValueError listing missing / unexpected / mis-shaped keys."""
+    "model", "state_dict" or "state_dict_ema" (or under `key`, e.g. "ema" for train_mini's EMA
+    weights), and a DDP "module." prefix. Raises one ValueError listing missing / unexpected /
+    mis-shaped keys."""
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=False)
     except FileNotFoundError:
@@ -910,10 +911,14 @@ def load_checkpoint(model, path, map_location="cpu"):
     except Exception as e:
         raise ValueError(f"load_checkpoint: {path} is not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from None
     sd = ckpt
-    if isinstance(ckpt, dict):
-        for key in ("model", "state_dict", "state_dict_ema", "model_ema"):
-            if isinstance(ckpt.get(key), dict):
-                sd = ckpt[key]
+    if key is not None:
+        if not isinstance(ckpt, dict) or not isinstance(ckpt.get(key), dict):
+            raise ValueError(f"load_checkpoint: {path} holds no state_dict under {key!r}")
+        sd = ckpt[key]
+    elif isinstance(ckpt, dict):
+        for k in ("model", "state_dict", "state_dict_ema", "model_ema"):
+            if isinstance(ckpt.get(k), dict):
+                sd = ckpt[k]
                 break
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise ValueError(f"load_checkpoint: {path} holds no state_dict (looked at the top level and under "

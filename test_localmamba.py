@@ -907,11 +907,29 @@ def test_search_writes_directions_that_train_accepts(tmp_path):
     assert "layer" in so and "chosen directions" in so                      # the text heat map
     _, evals = read_log(tmp_path / "s")
     assert len(evals[-1]["search_probs"]) == NANO_DEPTH
-    rc, so, se = run_cli("--directions", tmp_path / "s" / "directions.json", "--max-steps", "1", "--train-per-class", "5",
-                         "--val-per-class", "2", "--batch-size", "10", "--out", tmp_path / "t")
+    small = ["--train-per-class", "5", "--val-per-class", "2", "--batch-size", "10"]
+    rc, so, se = run_cli("--directions", tmp_path / "s" / "directions.json", "--max-steps", "1", *small,
+                         "--ema-decay", "0.5", "--out", tmp_path / "t")
     assert rc == 0, se
-    cfg, _ = read_log(tmp_path / "t")
+    cfg, evals = read_log(tmp_path / "t")
     assert cfg["directions"] == found["directions"]
+    # --eval rebuilds the model the checkpoint was trained as (its directions, without --directions)
+    # and reproduces the logged figures exactly; --eval-ema evaluates the EMA weights
+    ckpt = tmp_path / "t" / "checkpoint.pt"
+    rc, so, se = run_cli("--eval", "--resume", ckpt, *small)
+    assert rc == 0, se
+    res = json.loads(so.strip().splitlines()[-1])
+    assert res["weights"] == "model" and res["loss"] == pytest.approx(evals[-1]["loss"], rel=1e-5)
+    rc, so, se = run_cli("--eval", "--eval-ema", "--resume", ckpt, *small)
+    assert rc == 0, se
+    assert json.loads(so.strip().splitlines()[-1])["top1"] == pytest.approx(evals[-1]["top1_ema"])
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"directions": [["h", "h_flip"]] * NANO_DEPTH}))
+    _assert_clean_failure(*run_cli("--eval", "--resume", ckpt, "--directions", other, *small)[::2],
+                          "differs from the directions")
+    _assert_clean_failure(*run_cli("--eval", "--resume", ckpt, "--img-size", "32", *small)[::2], "--img-size 28")
+    _assert_clean_failure(*run_cli("--eval", "--eval-ema", "--resume", tmp_path / "s" / "checkpoint.pt", *small)[::2],
+                          "holds no EMA weights")
 
 
 def _assert_clean_failure(rc, se, *needles):

@@ -229,17 +229,21 @@ def check_imagenet_root(root):
             raise UserError(f"{d} is empty; expected one folder per class with images in it")
 
 
-def build_data(args):
-    """(train_set, val_set, num_classes, in_chans)."""
+def build_data(args, with_train=True):
+    """(train_set, val_set, num_classes, in_chans); train_set is None without with_train (--eval)."""
     if args.data == "fashion-mnist":
-        tr = FashionMNIST(args.data_dir, "train", args.classes, args.train_per_class, train=True)
+        tr = FashionMNIST(args.data_dir, "train", args.classes, args.train_per_class, train=True) if with_train else None
         va = FashionMNIST(args.data_dir, "val", args.classes, args.val_per_class)
-        return tr, va, tr.classes, 1
+        return tr, va, va.classes, 1
     check_imagenet_root(args.data_dir)
-    tr = ImageFolderSubset(Path(args.data_dir) / "train", args.classes, args.train_per_class,
-                           imagenet_transforms(args.img_size, True), args.bad_images)
     va = ImageFolderSubset(Path(args.data_dir) / "val", args.classes, args.val_per_class,
                            imagenet_transforms(args.img_size, False), args.bad_images)
+    if not with_train:
+        if len(va) == 0:
+            raise UserError(f"{Path(args.data_dir) / 'val'} holds no images")
+        return None, va, len(va.classes), 3
+    tr = ImageFolderSubset(Path(args.data_dir) / "train", args.classes, args.train_per_class,
+                           imagenet_transforms(args.img_size, True), args.bad_images)
     if tr.classes != va.classes:
         raise UserError(f"{args.data_dir}: train/ and val/ have different classes "
                         f"({len(tr.classes)} vs {len(va.classes)}; first difference: "
@@ -447,10 +451,47 @@ def setup_distributed():
     return rank, world, local, device
 
 
+def read_checkpoint(path):
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except FileNotFoundError:
+        raise UserError(f"--resume {path} does not exist") from None
+    except Exception as e:
+        raise UserError(f"--resume {path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise UserError(f"--resume {path} holds no 'model' entry; for official checkpoints use "
+                        f"localmamba.load_checkpoint")
+    return ckpt
+
+
+def adopt_run_settings(args, saved):
+    """--resume / --eval build the model the checkpoint was trained as: its model name, image size,
+    SCAttn switch and per-layer directions come from the checkpoint's config unless given on the
+    command line, and a different value given there is refused (the same shapes with other scan
+    directions would load without error and silently compute something else). Returns the
+    checkpoint's directions (None for a supernet or an old checkpoint without them)."""
+    for key in ("model", "img_size"):
+        if saved.get(key) is not None:
+            if getattr(args, key) is None:
+                setattr(args, key, saved[key])
+            elif getattr(args, key) != saved[key]:
+                raise UserError(f"--resume {args.resume} was trained with --{key.replace('_', '-')} {saved[key]}, "
+                                f"not {getattr(args, key)}; drop the flag or pass the run's own value")
+    if saved.get("no_scattn"):
+        args.no_scattn = True
+    dirs = None if saved.get("search") or saved.get("directions") is None else [list(d) for d in saved["directions"]]
+    if dirs is not None and args.directions and load_directions(args.directions) != dirs:
+        raise UserError(f"--directions {args.directions} differs from the directions {args.resume} was trained "
+                        f"with; drop --directions (they are read from the checkpoint)")
+    return dirs
+
+
 def train(args):
     rank, world, _, device = setup_distributed()
     is_main = rank == 0
     d = DEFAULTS[args.data]
+    ckpt = read_checkpoint(args.resume) if args.resume else None
+    saved_directions = adopt_run_settings(args, ckpt.get("config") or {}) if ckpt is not None else None
     for key in ("img_size", "batch_size", "lr", "weight_decay", "warmup_epochs", "workers", "label_smoothing",
                 "mixup", "cutmix"):
         if getattr(args, key) is None:
@@ -494,8 +535,8 @@ def train(args):
     np.random.seed(args.seed + rank)
     random.seed(args.seed + rank)
 
-    train_set, val_set, num_classes, in_chans = build_data(args)
-    directions = load_directions(args.directions) if args.directions else None
+    train_set, val_set, num_classes, in_chans = build_data(args, with_train=not args.eval)
+    directions = load_directions(args.directions) if args.directions else saved_directions
     kw = dict(num_classes=num_classes, img_size=args.img_size, in_chans=in_chans, drop_path_rate=args.drop_path)
     if directions is not None:
         kw["directions"] = directions
@@ -508,19 +549,31 @@ def train(args):
     model.to(device)
     n_params = sum(p.numel() for p in model.parameters())
 
+    val_sampler = EpochOrder(len(val_set), args.seed, rank, world, shuffle=False)
+    loader_kw = dict(num_workers=args.workers, pin_memory=device.type == "cuda", persistent_workers=False)
+    val_loader = torch.utils.data.DataLoader(val_set, batch_size=args.batch_size, sampler=val_sampler,
+                                             generator=torch.Generator().manual_seed(args.seed), **loader_kw)
+    if args.eval:               # only the validation split is read: no scan of a 1.28M-image train/
+        weights = "ema" if args.eval_ema else "model"
+        if args.eval_ema and ckpt.get("ema") is None:
+            raise UserError(f"--eval-ema: {args.resume} holds no EMA weights (its run had --ema-decay 0)")
+        try:
+            localmamba.load_checkpoint(model, args.resume, key=weights)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        res = evaluate(model, val_loader, device, amp_dtype, world)
+        log(json.dumps({"eval": args.resume, "weights": weights, **res}))
+        return res
+
     global_batch = args.batch_size * world
     lr = args.lr * global_batch / 1024
     train_sampler = EpochOrder(len(train_set), args.seed, rank, world, shuffle=True)
-    val_sampler = EpochOrder(len(val_set), args.seed, rank, world, shuffle=False)
-    loader_kw = dict(num_workers=args.workers, pin_memory=device.type == "cuda", persistent_workers=False)
     # The loader draws its workers' seeds from its own generator, re-seeded every epoch, so that
     # starting an epoch does not consume the global RNG: --resume then continues exactly (with
     # --workers 0; with workers the order is exact and the augmentation draws differ).
     loader_gen = torch.Generator()
     train_loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, sampler=train_sampler,
                                                drop_last=True, generator=loader_gen, **loader_kw)
-    val_loader = torch.utils.data.DataLoader(val_set, batch_size=args.batch_size, sampler=val_sampler,
-                                             generator=torch.Generator().manual_seed(args.seed), **loader_kw)
     steps_per_epoch = len(train_sampler) // args.batch_size
     if steps_per_epoch == 0:
         raise UserError(f"the training set has {len(train_sampler)} images per process, fewer than --batch-size "
@@ -536,39 +589,24 @@ def train(args):
         ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     epoch, step, batch_in_epoch = 0, 0, 0
-    if args.resume:
-        try:
-            ckpt = torch.load(args.resume, map_location="cpu", weights_only=False)
-        except FileNotFoundError:
-            raise UserError(f"--resume {args.resume} does not exist") from None
-        except Exception as e:
-            raise UserError(f"--resume {args.resume} is not a readable checkpoint ({type(e).__name__}: {e})") from None
-        if not isinstance(ckpt, dict) or "model" not in ckpt:
-            raise UserError(f"--resume {args.resume} holds no 'model' entry; for official checkpoints use "
-                            f"localmamba.load_checkpoint")
+    if ckpt is not None:
         try:
             localmamba.load_checkpoint(model, args.resume)
         except ValueError as e:
             raise UserError(str(e)) from None
-        if not args.eval:
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scaler.load_state_dict(ckpt["scaler"])
-            if ema is not None and ckpt.get("ema") is not None:
-                ema.model.load_state_dict(ckpt["ema"])
-            epoch, step, batch_in_epoch = ckpt["epoch"], ckpt["step"], ckpt["batch_in_epoch"]
-            set_rng_state(ckpt["rng"])
-            log(f"resumed from {args.resume} at epoch {epoch}, step {step}")
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        if ema is not None and ckpt.get("ema") is not None:
+            ema.model.load_state_dict(ckpt["ema"])
+        epoch, step, batch_in_epoch = ckpt["epoch"], ckpt["step"], ckpt["batch_in_epoch"]
+        set_rng_state(ckpt["rng"])
+        log(f"resumed from {args.resume} at epoch {epoch}, step {step}")
 
     config = {k: v for k, v in vars(args).items()}
     config.update(world_size=world, global_batch=global_batch, lr_used=lr, amp=amp, num_classes=num_classes,
                   in_chans=in_chans, params=n_params, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
                   train_images=len(train_set), val_images=len(val_set), directions=model.directions,
                   device=str(device), torch=torch.__version__)
-
-    if args.eval:
-        res = evaluate(ema.model if ema is not None and args.eval_ema else model, val_loader, device, amp_dtype, world)
-        log(json.dumps({"eval": args.resume, **res}))
-        return res
 
     if world > 1:
         dist.barrier()          # every rank has checked --out before rank 0 writes to it

@@ -1026,6 +1026,19 @@ def test_lr_schedule():
     assert train_mini.get_lr(55, lr, warm, total) == pytest.approx(1e-6 + 0.5 * (1e-3 - 1e-6))
 
 
+def test_study_compares_found_lists_with_the_published_ones():
+    pub = lm.SEARCHED_DIRECTIONS["local_vim_tiny"]
+    same = train_mini.compare_with_published(pub)
+    assert same["layers_agreeing"] == 20 and all(r["mean_overlap_of_4"] == 4 for r in same["per_layer"])
+    assert same["dominant_ours"] == same["dominant_published"] and same["chance_overlap"] == 2.0
+    # 3 layers against 20: layer i stands for the published layers at the same relative depth
+    three = train_mini.compare_with_published([pub[0], ["h", "h_flip", "w2", "w2_flip"], pub[19]])
+    assert [r["published_layers"] for r in three["per_layer"]] == [list(range(0, 7)), list(range(7, 14)),
+                                                                     list(range(14, 20))]
+    assert [r["same_set_as"] > 0 for r in three["per_layer"]] == [True, False, True]
+    assert three["layers_agreeing"] == 2
+
+
 @needs_fashion
 def test_study_runs_end_to_end_on_a_tiny_budget(tmp_path):
     rc, so, se = run_cli("--study", "scans", "--study-seeds", "1", "--max-steps", "2", "--train-per-class", "4",

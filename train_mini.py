@@ -731,7 +731,8 @@ def compare_with_published(chosen, published=localmamba.SEARCHED_DIRECTIONS["loc
         theirs = [published[j] for j in range(m) if j * n // m == i]
         overlap = sum(len(set(ours) & set(t)) for t in theirs) / len(theirs)
         rows.append({"layer": i, "ours": ours, "published_layers": [j for j in range(m) if j * n // m == i],
-                     "mean_overlap_of_4": round(overlap, 2)})
+                     "mean_overlap_of_4": round(overlap, 2),
+                     "same_set_as": sum(set(ours) == set(t) for t in theirs)})   # published layers there, same 4
     def dominant(lists):
         thirds = {}
         for name, lo, hi in (("early", 0, 1 / 3), ("middle", 1 / 3, 2 / 3), ("late", 2 / 3, 1.01)):
@@ -739,7 +740,11 @@ def compare_with_published(chosen, published=localmamba.SEARCHED_DIRECTIONS["loc
             counts = {d: sel.count(d) for d in localmamba.DIRECTIONS if sel.count(d)}
             thirds[name] = dict(sorted(counts.items(), key=lambda kv: -kv[1]))
         return thirds
-    return {"per_layer": rows, "dominant_ours": dominant(chosen), "dominant_published": dominant(published)}
+    k = len(chosen[0]) if chosen else 0
+    return {"per_layer": rows, "layers_agreeing": sum(r["same_set_as"] > 0 for r in rows),
+            # two random k-of-8 choices share k·k/8 directions on average: the overlap of no agreement
+            "chance_overlap": round(k * k / len(localmamba.DIRECTIONS), 2),
+            "dominant_ours": dominant(chosen), "dominant_published": dominant(published)}
 
 
 def save_heat_map_png(probs, path, title):
@@ -907,7 +912,12 @@ def run_study(args):
     print("\nsearch (softmax(α) per layer):\n" + heat_map(torch.tensor(probs)))
     for row in comparison["per_layer"]:
         print(f"  layer {row['layer']}: ours {row['ours']}, mean overlap with LocalVim-T layers "
-              f"{row['published_layers']}: {row['mean_overlap_of_4']} of 4")
+              f"{row['published_layers']}: {row['mean_overlap_of_4']} of 4; the same 4 as {row['same_set_as']} of them")
+    print(f"  {comparison['layers_agreeing']} of {len(comparison['per_layer'])} layers choose the same 4 directions "
+          f"as a published layer at the same relative depth; random choices would overlap "
+          f"{comparison['chance_overlap']} of 4 on average")
+    for name in ("early", "middle", "late"):
+        print(f"  {name}: ours {comparison['dominant_ours'][name]}; LocalVim-T {comparison['dominant_published'][name]}")
     print(f"\nstudy done in {minutes:.1f} min ({n_reused} finished runs reused; the runs' own training + "
           f"evaluation time: {run_seconds / 60:.1f} min); {out / 'results.json'}")
     return summary

@@ -888,6 +888,8 @@ def run_study(args):
                                                                          str(dirs_file)] + ([] if scattn else ["--no-scattn"]))
             results[arm]["top1"].append(rec["top1"])
             results[arm]["time_s"].append(rec["time_s"])
+            first_line = (out / f"{arm}-seed{seed}" / "log.jsonl").read_text().split("\n", 1)[0]
+            results[arm]["params"] = json.loads(first_line)["params"]
             run_seconds, n_reused = run_seconds + rec["time_s"], n_reused + int(reused)
             print(f"study: {arm} seed {seed}: top-1 {rec['top1']:.2f}%", flush=True)
         v = results[arm]["top1"]
@@ -895,10 +897,11 @@ def run_study(args):
         results[arm]["std"] = statistics.stdev(v) if len(v) > 1 else 0.0
 
     minutes = (time.time() - t_start) / 60
-    lines = [f"| arm | directions | top-1 % (mean ± std over {len(seeds)} seeds) | runs |", "|---|---|---|---|"]
+    lines = [f"| arm | directions | params | top-1 % (mean ± std over {len(seeds)} seeds) | runs | min per run |",
+             "|---|---|---|---|---|---|"]
     for arm, r in results.items():
-        lines.append(f"| {arm} | {r['what']} | {r['mean']:.2f} ± {r['std']:.2f} | "
-                     f"{', '.join(f'{x:.2f}' for x in r['top1'])} |")
+        lines.append(f"| {arm} | {r['what']} | {r['params']:,} | {r['mean']:.2f} ± {r['std']:.2f} | "
+                     f"{', '.join(f'{x:.2f}' for x in r['top1'])} | {statistics.mean(r['time_s']) / 60:.1f} |")
     table = "\n".join(lines)
     bars = save_study_png(results, out / "results.png", f"LocalVim-nano on Fashion-MNIST, {len(seeds)} seeds per arm")
     summary = {"command": "python train_mini.py " + " ".join(sys.argv[1:]), "minutes": round(minutes, 1),

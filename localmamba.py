@@ -899,11 +899,10 @@ def search_probabilities(model):
 # -----------------------------------------------------------------------------
 # Checkpoints
 
-def load_checkpoint(model, path, map_location="cpu", key=None):
+def load_checkpoint(model, path, map_location="cpu"):
     """Load an official or our checkpoint strictly. Accepts a bare state_dict or one under
-    "model", "state_dict" or "state_dict_ema" (or under `key`, e.g. "ema" for train_mini's EMA
-    weights), and a DDP "module." prefix. Raises one ValueError listing missing / unexpected /
-    mis-shaped keys."""
+    "model", "state_dict" or "state_dict_ema", and a DDP "module." prefix. Raises one
+    ValueError listing missing / unexpected / mis-shaped keys. Returns the whole checkpoint."""
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=False)
     except FileNotFoundError:
@@ -911,17 +910,20 @@ def load_checkpoint(model, path, map_location="cpu", key=None):
     except Exception as e:
         raise ValueError(f"load_checkpoint: {path} is not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from None
     sd = ckpt
-    if key is not None:
-        if not isinstance(ckpt, dict) or not isinstance(ckpt.get(key), dict):
-            raise ValueError(f"load_checkpoint: {path} holds no state_dict under {key!r}")
-        sd = ckpt[key]
-    elif isinstance(ckpt, dict):
-        for k in ("model", "state_dict", "state_dict_ema", "model_ema"):
-            if isinstance(ckpt.get(k), dict):
-                sd = ckpt[k]
+    if isinstance(ckpt, dict):
+        for key in ("model", "state_dict", "state_dict_ema", "model_ema"):
+            if isinstance(ckpt.get(key), dict):
+                sd = ckpt[key]
                 break
+    load_state_dict_strict(model, sd, str(path))
+    return ckpt
+
+
+def load_state_dict_strict(model, sd, source="state_dict"):
+    """model.load_state_dict(sd, strict=True) with a DDP "module." prefix dropped, and one
+    ValueError naming `source` and listing missing / unexpected / mis-shaped keys."""
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ValueError(f"load_checkpoint: {path} holds no state_dict (looked at the top level and under "
+        raise ValueError(f"load_checkpoint: {source} holds no state_dict (looked at the top level and under "
                          f"'model', 'state_dict', 'state_dict_ema')")
     sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
     own = model.state_dict()
@@ -934,10 +936,9 @@ def load_checkpoint(model, path, map_location="cpu", key=None):
         parts = [f"{len(missing)} missing: {show(missing)}" if missing else "",
                  f"{len(unexpected)} unexpected: {show(unexpected)}" if unexpected else "",
                  f"{len(shapes)} with other shapes: {show(shapes)}" if shapes else ""]
-        raise ValueError(f"load_checkpoint: {path} does not fit this model ({'; '.join(p for p in parts if p)}). "
+        raise ValueError(f"load_checkpoint: {source} does not fit this model ({'; '.join(p for p in parts if p)}). "
                          f"Build the model the checkpoint was trained as (name, num_classes, img_size, directions).")
     model.load_state_dict(sd, strict=True)
-    return ckpt
 
 
 # -----------------------------------------------------------------------------

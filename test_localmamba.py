@@ -850,6 +850,13 @@ def test_imagenet_layout_train_checkpoint_resume_eval(jpeg_tree, tmp_path):
     assert rc == 0, se
     res = json.loads(so.strip().splitlines()[-1])
     assert res["top1"] == pytest.approx(evals[-1]["top1"]) and res["n"] == 12
+    # --eval reads only val/: a root without train/ evaluates the same
+    (tmp_path / "val_only").mkdir()
+    os.symlink(jpeg_tree / "val", tmp_path / "val_only" / "val")
+    rc, so, se = run_cli("--data", "imagenet", "--data-dir", tmp_path / "val_only", *NANO, "--eval",
+                         "--resume", out / "checkpoint.pt")
+    assert rc == 0, se
+    assert json.loads(so.strip().splitlines()[-1]) == res
 
 
 @needs_fashion

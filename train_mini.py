@@ -176,12 +176,8 @@ class ImageFolderSubset(torch.utils.data.Dataset):
             raise UserError(f"--classes {classes} is larger than the {len(full.classes)} classes in {root}")
         n_cls = classes or len(full.classes)
         self.classes = full.classes[:n_cls]
-        counts = {}
-        self.samples = []
-        for path, y in full.samples:           # sorted by class, then by file name
-            if y < n_cls and (per_class is None or counts.get(y, 0) < per_class):
-                counts[y] = counts.get(y, 0) + 1
-                self.samples.append((path, y))
+        # full.samples is sorted by class, then by file name
+        self.samples = [full.samples[i] for i in subset_indices(np.array(full.targets), n_cls, per_class)]
         self.loader, self.transform, self.bad_images = full.loader, transform, bad_images
         self.warned = set()
 
@@ -217,11 +213,11 @@ def imagenet_transforms(img_size, train):
                       [v2.RandomErasing(p=0.25, value="random")])
 
 
-def check_imagenet_root(root):
+def check_imagenet_root(root, splits=("train", "val")):
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"--data-dir {root} does not exist; give the ImageNet root that holds train/ and val/")
-    for split in ("train", "val"):
+    for split in splits:
         d = root / split
         if not d.is_dir():
             raise UserError(f"{root} has no {split}/ folder; expected {root}/train/<class>/*.JPEG and {root}/val/<class>/*.JPEG")
@@ -235,7 +231,7 @@ def build_data(args, with_train=True):
         tr = FashionMNIST(args.data_dir, "train", args.classes, args.train_per_class, train=True) if with_train else None
         va = FashionMNIST(args.data_dir, "val", args.classes, args.val_per_class)
         return tr, va, va.classes, 1
-    check_imagenet_root(args.data_dir)
+    check_imagenet_root(args.data_dir, ("train", "val") if with_train else ("val",))
     va = ImageFolderSubset(Path(args.data_dir) / "val", args.classes, args.val_per_class,
                            imagenet_transforms(args.img_size, False), args.bad_images)
     if not with_train:
@@ -334,16 +330,10 @@ class EMA:
 # -----------------------------------------------------------------------------
 # checkpoints and logs
 
-def save_atomic(obj, path):
-    """Write to path.tmp, then rename: the old checkpoint survives any crash before the rename."""
+def save_atomic(obj, path, write=torch.save):
+    """Write to path.tmp, then rename: the old file survives any crash before the rename."""
     tmp = Path(str(path) + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def save_json_atomic(obj, path):
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
+    write(obj, tmp)
     os.replace(tmp, path)
 
 
@@ -464,6 +454,14 @@ def read_checkpoint(path):
     return ckpt
 
 
+def load_weights(model, state_dict, path):
+    """The checkpoint's weights into model, strictly; a mismatch is one UserError."""
+    try:
+        localmamba.load_state_dict_strict(model, state_dict, str(path))
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
 def adopt_run_settings(args, saved):
     """--resume / --eval build the model the checkpoint was trained as: its model name, image size,
     SCAttn switch and per-layer directions come from the checkpoint's config unless given on the
@@ -557,10 +555,7 @@ def train(args):
         weights = "ema" if args.eval_ema else "model"
         if args.eval_ema and ckpt.get("ema") is None:
             raise UserError(f"--eval-ema: {args.resume} holds no EMA weights (its run had --ema-decay 0)")
-        try:
-            localmamba.load_checkpoint(model, args.resume, key=weights)
-        except ValueError as e:
-            raise UserError(str(e)) from None
+        load_weights(model, ckpt[weights], args.resume)
         res = evaluate(model, val_loader, device, amp_dtype, world)
         log(json.dumps({"eval": args.resume, "weights": weights, **res}))
         return res
@@ -590,14 +585,11 @@ def train(args):
 
     epoch, step, batch_in_epoch = 0, 0, 0
     if ckpt is not None:
-        try:
-            localmamba.load_checkpoint(model, args.resume)
-        except ValueError as e:
-            raise UserError(str(e)) from None
+        load_weights(model, ckpt["model"], args.resume)
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
-        if ema is not None and ckpt.get("ema") is not None:
-            ema.model.load_state_dict(ckpt["ema"])
+        if ema is not None:     # a run that had no EMA starts its average at the resumed weights
+            ema.model.load_state_dict(ckpt["ema"] if ckpt.get("ema") is not None else model.state_dict())
         epoch, step, batch_in_epoch = ckpt["epoch"], ckpt["step"], ckpt["batch_in_epoch"]
         set_rng_state(ckpt["rng"])
         log(f"resumed from {args.resume} at epoch {epoch}, step {step}")
@@ -747,13 +739,21 @@ def compare_with_published(chosen, published=localmamba.SEARCHED_DIRECTIONS["loc
             "dominant_ours": dominant(chosen), "dominant_published": dominant(published)}
 
 
-def save_heat_map_png(probs, path, title):
-    """The search probabilities as a PNG (matplotlib, an optional extra); False if not installed."""
+def _pyplot():
+    """matplotlib.pyplot without a display, or None: plots are an optional extra."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def save_heat_map_png(probs, path, title):
+    """The search probabilities as a PNG (matplotlib, an optional extra); False if not installed."""
+    plt = _pyplot()
+    if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(8, 0.5 * len(probs) + 1.5))
     im = ax.imshow(probs, cmap="viridis", aspect="auto")
@@ -819,11 +819,8 @@ def _study_run(run_dir, argv):
 def save_study_png(results, path, title):
     """Top-1 per arm as a PNG: each seed a dot, the mean a bar, ± std as an error bar (matplotlib,
     an optional extra); False if matplotlib is not installed (results.md is the text form)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = _pyplot()
+    if plt is None:
         return False
     arms = list(results)
     fig, ax = plt.subplots(figsize=(8, 4))
@@ -909,7 +906,7 @@ def run_study(args):
                "search": {"directions": found["directions"], "probabilities": probs, "heat_map_png": bool(png),
                           "time_s": search_rec["time_s"]},
                "results_png": bool(bars), "compare_with_local_vim_tiny": comparison, "base_args": base}
-    save_json_atomic(summary, out / "results.json")
+    save_atomic(summary, out / "results.json", write=lambda obj, p: p.write_text(json.dumps(obj, indent=1)))
     (out / "results.md").write_text(table + "\n")
     print("\n" + table)
     print("\nsearch (softmax(α) per layer):\n" + heat_map(torch.tensor(probs)))

@@ -21,7 +21,7 @@ differentiable search over 8 candidates (§3.4).
 Glossary (code name -> paper):
     B            batch size
     H, W         token grid (14×14 for 224 px with patch 16)
-    L            tokens in a sequence (H*W, plus a cls token in one variant)
+    L            tokens in a sequence (H*W, plus a cls token in one variant); Lmax: the longest scan
     D            model width (embed_dim / dims[i]);   E = d_inner = expand * D
     N            SSM state size (d_state = 16)
     R            rank of Δ's projection (dt_rank = ceil(D / 16))
@@ -34,16 +34,20 @@ Glossary (code name -> paper):
                  stored as `multi_scan.weights` (the official name, for checkpoint compatibility)
 
 Order of the file: scan orders -> SCAttn -> MultiScan (K directions + the search relaxation)
--> the LocalVim mixer and block -> LocalVim -> the LocalVMamba SS2D and block -> LocalVMamba
--> configs, published directions and named constructors -> checkpoints, FLOPs, timm -> __main__.
+-> shared parts (DropPath, PatchEmbed, the image check, init) -> LocalVimConfig -> the LocalVim
+mixer, block and RoPE -> LocalVim -> LocalVMambaConfig -> SS2D, VSSBlock, PatchMerging2D ->
+LocalVMamba -> presets (published directions, the model table, create_model, derive_directions)
+-> checkpoints, FLOPs, timm -> __main__.
 
 `python localmamba.py` prints the model table and draws the 8 scan orders.
 """
 import functools
+import json
 import math
 import re
 from collections import OrderedDict
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import List, Optional, Sequence
 
 import torch
@@ -97,24 +101,29 @@ def scan_order(direction, H, W):
 
 
 def inverse_order(order, L):
-    """inv[p] = the position s in the scanned sequence of row-major token p (padding dropped).
-    This is the true inverse for every H, W. OFFICIAL BUG: multi_mamba.py un-scans `v` and
-    `v_flip` with rearrange('b d (h w) -> b d (w h)'), the inverse only when H == W."""
-    valid = order >= 0
-    inv = torch.empty(L, dtype=torch.long)
-    inv[order[valid]] = torch.arange(order.numel())[valid]
-    return inv
+    """inv[..., p] = the position in the scanned sequence of token p (padding dropped), for one
+    order (Ls,) or a stack of K orders (K, Lmax). The true inverse for every H, W.
+    OFFICIAL BUG: multi_mamba.py un-scans `v` and `v_flip` with
+    rearrange('b d (h w) -> b d (w h)'), the inverse only when H == W."""
+    pos = torch.arange(order.shape[-1]).expand_as(order)
+    inv = torch.zeros(*order.shape[:-1], L + 1, dtype=torch.long)             # slot L collects the padding
+    inv.scatter_(-1, torch.where(order >= 0, order, L), pos)
+    return inv[..., :L]
 
 
 def scan_tokens(x, order):
-    """(B, C, L) row-major -> (B, C, len(order)) in scan order, zeros at padding."""
+    """(B, C, L) row-major -> (B, C, *order.shape) in scan order, zeros where order is -1.
+    order: one direction (Ls,), or K directions (K, Lmax) gathered at once."""
+    L = x.shape[-1]
     x = F.pad(x, (0, 1))                                                     # (B, C, L + 1), a zero slot
-    return x[..., torch.where(order >= 0, order, x.shape[-1] - 1).to(x.device)]
+    return x[..., torch.where(order >= 0, order, L).to(x.device)]
 
 
-def unscan_tokens(y, order, L):
-    """(B, C, len(order)) in scan order -> (B, C, L) row-major: the inverse of scan_tokens."""
-    return y[..., inverse_order(order, L).to(y.device)]
+def unscan_tokens(y, inv):
+    """The inverse of scan_tokens: (B, C, *S) in scan order -> (B, C, *inv.shape) row-major,
+    with inv = inverse_order(order, L)."""
+    inv = inv.to(y.device)
+    return y.gather(-1, inv.expand(*y.shape[:-inv.dim()], *inv.shape))
 
 
 # -----------------------------------------------------------------------------
@@ -131,6 +140,7 @@ class SCAttn(nn.Module):
     The paper also describes a spatial branch (a per-token gate from local and global
     features); the official code has it commented out. `spatial=True` turns it on (adds the
     parameters `local_reduce` and `spatial_select`, so released checkpoints no longer match).
+    Leading dimensions are free: (B, K, L, C) gates each of the K directions on its own.
     """
 
     def __init__(self, dim, ratio=0.125, spatial=False):
@@ -145,33 +155,41 @@ class SCAttn(nn.Module):
             self.spatial_select = nn.Linear(2 * reduced, 1)
 
     def forward(self, x):
-        # x: (B, L, C) -> (B, L, C)
+        # x: (..., L, C) -> (..., L, C)
         u = self.norm(x)
-        g = F.gelu(self.global_reduce(u.mean(1, keepdim=True)))                 # (B, 1, C/8)
-        attn = torch.sigmoid(self.channel_select(g))                            # (B, 1, C)
+        g = F.gelu(self.global_reduce(u.mean(-2, keepdim=True)))                # (..., 1, C/8)
+        attn = torch.sigmoid(self.channel_select(g))                            # (..., 1, C)
         if self.spatial:
-            local = F.gelu(self.local_reduce(u))                                 # (B, L, C/8)
-            s = self.spatial_select(torch.cat([local, g.expand_as(local)], -1))  # (B, L, 1)
-            attn = attn * torch.sigmoid(s)                                       # (B, L, C)
+            local = F.gelu(self.local_reduce(u))                                 # (..., L, C/8)
+            s = self.spatial_select(torch.cat([local, g.expand_as(local)], -1))  # (..., L, 1)
+            attn = attn * torch.sigmoid(s)                                       # (..., L, C)
         return x * attn
+
+    def flops(self, L):
+        """Multiply-adds of one direction of one image (convention in `count_flops`)."""
+        C, r = self.global_reduce.in_features, self.global_reduce.out_features
+        f = 2 * C * r                                                            # global_reduce + channel_select
+        return f + (L * C * r + L * 2 * r if self.spatial else 0)                # local_reduce + spatial_select
 
 
 # -----------------------------------------------------------------------------
 # MultiScan: the K directions of one layer, and the search relaxation (paper §3.2, §3.4)
 
 class MultiScan(nn.Module):
-    """Turns one token sequence into K scanned sequences (one gather), and merges K outputs
-    back: un-scan each, gate each with the layer's shared SCAttn, then
+    """Turns one token sequence into K scanned sequences (one gather, `scan_tokens` with all K
+    orders stacked), and back (`unscan_tokens`); then, after the owner's SCAttn,
 
         fixed model:  y = sum_k SCAttn(y_k)                                   (no 1/K)
         supernet:     y = sum_k softmax(α)_k · LN_k(SCAttn(y_k))   LN_k parameter-free (§3.4)
 
-    The K sequences are zero-padded at the end to the longest (a window scan of a grid that
-    its window does not divide is longer) so that all K run through ONE grouped selective-scan
+    The K sequences are padded at the end to the longest (a window scan of a grid that its
+    window does not divide is longer) so that all K run through ONE grouped selective-scan
     call; the scan and the depthwise conv are causal, so end padding changes nothing before it.
 
     `cls_pos`: LocalVim's middle-cls-token variant keeps a cls token at sequence position
     cls_pos; it sits outside the grid, and every scanned sequence has it at position cls_pos.
+    `attn`: LocalVMamba keeps its SCAttn here (official key op.multi_scan.attn.*); LocalVim keeps
+    it in the mixer (mixer.attn.*).
     """
 
     def __init__(self, directions: Sequence[str], search: bool = False, attn: Optional[nn.Module] = None):
@@ -181,61 +199,52 @@ class MultiScan(nn.Module):
         self.directions = tuple(directions)
         if search:   # α: one logit per candidate, init 1e-3·randn; shape (K, 1, 1, 1) as in the official code
             self.weights = nn.Parameter(1e-3 * torch.randn(len(self.directions), 1, 1, 1))
-        if attn is not None:  # LocalVMamba keeps its SCAttn here (official key: op.multi_scan.attn.*)
+        if attn is not None:
             self.attn = attn
 
     @property
     def search(self):
         return hasattr(self, "weights")
 
-    def _index(self, H, W, cls_pos):
-        """Gather indices: fwd (K, Lmax) into the token axis plus a zero slot; inv (K, L_in)."""
-        L = H * W
-        L_in = L + (cls_pos is not None)                  # tokens in the input sequence
-        zero = L_in                                       # index of the zero slot
+    def _orders(self, H, W, cls_pos):
+        """The K orders over the input sequence, stacked: (K, Lmax), -1 for padding."""
         seqs = []
         for d in self.directions:
             order = scan_order(d, H, W)
-            tok = torch.where(order >= 0, order, torch.full_like(order, zero))
-            if cls_pos is not None:                       # grid token p sits at p or p+1 around the cls
-                tok = torch.where((tok >= cls_pos) & (tok != zero), tok + 1, tok)
-                tok = torch.cat([tok[:cls_pos], torch.tensor([cls_pos]), tok[cls_pos:]])
-            seqs.append(tok)
-        lengths = [len(s) for s in seqs]
-        Lmax = max(lengths)
-        fwd = torch.stack([F.pad(s, (0, Lmax - len(s)), value=zero) for s in seqs])    # (K, Lmax)
-        inv = torch.empty(len(seqs), L_in, dtype=torch.long)
-        for k, s in enumerate(seqs):
-            real = s != zero
-            inv[k, s[real]] = torch.arange(len(s))[real] + k * Lmax                      # into (K*Lmax)
-        return fwd, inv, tuple(lengths)
+            if cls_pos is not None:                     # grid token p sits at p or p+1 around the cls
+                order = torch.where(order >= cls_pos, order + 1, order)
+                order = torch.cat([order[:cls_pos], torch.tensor([cls_pos]), order[cls_pos:]])
+            seqs.append(order)
+        Lmax = max(len(s) for s in seqs)
+        return torch.stack([F.pad(s, (0, Lmax - len(s)), value=-1) for s in seqs]), tuple(len(s) for s in seqs)
 
     def index(self, H, W, cls_pos=None, device=None):
-        """(fwd, inv, lengths) for this grid, built once per (H, W, cls_pos, device) and cached."""
+        """(orders (K, Lmax), their inverse (K, L_in), each direction's length) for this grid,
+        built once per (H, W, cls_pos, device) and cached."""
         key = (H, W, cls_pos, str(device))
         cache = self.__dict__.setdefault("_index_cache", {})
         if key not in cache:
-            fwd, inv, lengths = self._index(H, W, cls_pos)
-            cache[key] = (fwd.to(device), inv.to(device), lengths)
+            orders, lengths = self._orders(H, W, cls_pos)
+            inv = inverse_order(orders, H * W + (cls_pos is not None))
+            cache[key] = (orders.to(device), inv.to(device), lengths)
         return cache[key]
 
     def scan(self, x, H, W, cls_pos=None):
         # x: (B, C, L_in) -> (B, K, C, Lmax)
-        fwd, _, _ = self.index(H, W, cls_pos, x.device)
-        xs = F.pad(x, (0, 1))[:, :, fwd]                                       # (B, C, K, Lmax)
-        return xs.permute(0, 2, 1, 3)
+        orders, _, _ = self.index(H, W, cls_pos, x.device)
+        return scan_tokens(x, orders).transpose(1, 2)
 
-    def merge(self, ys, H, W, attn, cls_pos=None):
-        # ys: (B, K, C, Lmax) -> (B, L_in, C)
-        B, K, C, Lmax = ys.shape
+    def unscan(self, ys, H, W, cls_pos=None):
+        # ys: (B, K, C, Lmax) -> (B, K, L_in, C), each direction back in row-major order
         _, inv, _ = self.index(H, W, cls_pos, ys.device)
-        ys = ys.permute(0, 2, 1, 3).reshape(B, C, K * Lmax)[:, :, inv]       # (B, C, K, L_in) un-scanned
-        ys = ys.permute(0, 2, 3, 1)                                          # (B, K, L_in, C)
-        ys = attn(ys.reshape(B * K, -1, C)).view(B, K, -1, C)                # SCAttn per direction, shared weights
+        return unscan_tokens(ys.transpose(1, 2), inv).permute(0, 2, 3, 1)
+
+    def combine(self, ys):
+        # ys: (B, K, L_in, C) gated directions -> (B, L_in, C)
         if not self.search:
-            return ys.sum(1)                                                 # (B, L_in, C)
-        w = self.weights.view(-1).softmax(0)                                 # (K,)
-        ys = F.layer_norm(ys, (C,))                                          # LN_k, no parameters
+            return ys.sum(1)
+        w = self.weights.view(-1).softmax(0)                                     # (K,)
+        ys = F.layer_norm(ys, ys.shape[-1:])                                     # LN_k, no parameters
         return torch.einsum("k,bklc->blc", w.to(ys.dtype), ys)
 
     def probabilities(self):
@@ -246,9 +255,67 @@ class MultiScan(nn.Module):
         return f"directions={list(self.directions)}, search={self.search}"
 
 
+# -----------------------------------------------------------------------------
+# Shared parts: DropPath, PatchEmbed, the image check, init
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample (Huang et al. 2016): drop the whole branch with prob p."""
+
+    def __init__(self, p=0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1 - self.p)
+        return x * keep / (1 - self.p)
+
+    def extra_repr(self):
+        return f"p={self.p}"
+
+
+class PatchEmbed(nn.Module):
+    """Conv2d(in_chans, D, p, stride p): (B, C, H, W) -> (B, H/p * W/p, D)."""
+
+    def __init__(self, in_chans, dim, patch_size):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, dim, patch_size, stride=patch_size)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+def _check_image(x, cfg):
+    if x.dim() != 4 or x.shape[1] != cfg.in_chans or tuple(x.shape[2:]) != (cfg.img_size, cfg.img_size):
+        raise ValueError(f"expected images of shape (B, {cfg.in_chans}, {cfg.img_size}, {cfg.img_size}), got "
+                         f"{tuple(x.shape)}; build the model for your size with "
+                         f"create_model(name, img_size=..., in_chans=...)")
+
+
+def _check_directions(directions, n_layers, name):
+    """A per-layer list of direction lists, one per layer; None means a search supernet."""
+    if directions is None:
+        return None
+    if isinstance(directions, (str, bytes)) or len(directions) != n_layers:
+        got = "a string" if isinstance(directions, (str, bytes)) else f"{len(directions)} lists"
+        raise ValueError(f"{name}: directions must be one list of direction names per layer, "
+                         f"{n_layers} lists, got {got}")
+    out = []
+    for i, layer in enumerate(directions):
+        if isinstance(layer, str) or len(layer) == 0:
+            raise ValueError(f"{name}: directions[{i}] must be a non-empty list of names like ['h', 'w2'], "
+                             f"got {layer!r}")
+        for d in layer:
+            parse_direction(d)
+        out.append(list(layer))
+    return out
+
+
 def _dt_bias_init(d_inner, dt_min=1e-3, dt_max=0.1, floor=1e-4):
     """Mamba's Δ bias: inverse softplus of dt ~ log-uniform[dt_min, dt_max] (floored)."""
-    dt = torch.exp(torch.rand(d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=floor)
+    log_dt = torch.rand(d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
+    dt = torch.exp(log_dt).clamp(min=floor)
     return dt + torch.log(-torch.expm1(-dt))
 
 
@@ -257,11 +324,58 @@ def _A_log_init(d_inner, d_state):
     return torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(d_inner, 1)   # (E, N)
 
 
+def _init_linear_and_norms(model):
+    """The official models' first init pass: every Linear trunc-normal(0.02) with zero bias,
+    every LayerNorm weight 1, bias 0."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
 # -----------------------------------------------------------------------------
 # LocalVim: the plain (Vim-based) model. Official: local_vim.py + multi_mamba.py MultiMamba.
 
+@dataclass
+class LocalVimConfig:
+    img_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    num_classes: int = 1000
+    embed_dim: int = 192              # D
+    depth: int = 20
+    d_state: int = 16                 # N
+    expand: int = 2                   # E = d_inner = expand * D
+    d_conv: int = 4                   # causal depthwise conv1d kernel
+    directions: Optional[List[List[str]]] = None   # per layer; None = search supernet with all 8
+    middle_cls_token: bool = False    # LocalVim-T* of the official README: cls token at position L//2, no RoPE
+    rope: bool = True
+    pt_hw_seq_len: int = 14           # RoPE positions are rescaled to a 14×14 grid (as in Vim)
+    drop_path_rate: float = 0.1
+    spatial_attn: bool = False        # SCAttn's spatial branch (paper Fig. 3b; off in the released code)
+    scattn: bool = True               # False: no SCAttn at all (an ablation, paper Table 5)
+
+    def __post_init__(self):
+        if self.img_size % self.patch_size:
+            raise ValueError(f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}: "
+                             f"use an img_size that is a multiple of {self.patch_size}")
+        self.directions = _check_directions(self.directions, self.depth, "LocalVim")
+
+    @property
+    def grid(self):
+        return self.img_size // self.patch_size, self.img_size // self.patch_size
+
+    def layer_directions(self):
+        return self.directions if self.directions is not None else [list(DIRECTIONS)] * self.depth
+
+
 class LocalVimMixer(nn.Module):
-    """The multi-direction Mamba mixer of LocalVim (official `MultiMamba`), paper Fig. 1/4.
+    """The multi-direction Mamba mixer of LocalVim (official `MultiMamba`), paper Fig. 1/4,
+    built for one token grid (H, W) and, in the middle-cls variant, a cls token at cls_pos.
 
     Shared by all K directions: in_proj (D -> 2E: x and gate z), out_proj (E -> D), SCAttn.
     Per direction k (parameter suffix _k = position in the layer's list): causal depthwise
@@ -269,10 +383,11 @@ class LocalVimMixer(nn.Module):
     D_k. Each direction's x and z are scanned in its order, run through its own S6, un-scanned.
     """
 
-    def __init__(self, d_model, directions, d_state=16, expand=2, d_conv=4, search=False, spatial_attn=False,
-                 scattn=True):
+    def __init__(self, d_model, directions, grid, cls_pos=None, d_state=16, expand=2, d_conv=4, search=False,
+                 spatial_attn=False, scattn=True):
         super().__init__()
         self.d_model, self.d_state, self.d_conv = d_model, d_state, d_conv
+        self.grid, self.cls_pos = tuple(grid), cls_pos
         self.d_inner = E = expand * d_model
         self.dt_rank = R = math.ceil(d_model / 16)
         self.in_proj = nn.Linear(d_model, 2 * E, bias=False)
@@ -293,81 +408,47 @@ class LocalVimMixer(nn.Module):
     def K(self):
         return len(self.multi_scan.directions)
 
-    def forward(self, h, H, W, cls_pos=None):
+    def _stacked(self, name):
+        """The K per-direction parameters `name_k`, concatenated along their first axis."""
+        return torch.cat([getattr(self, f"{name}_{k}") for k in range(self.K)])
+
+    def forward(self, h):
         # h: (B, L_in, D) -> (B, L_in, D)
         B, K, E, N, R = h.shape[0], self.K, self.d_inner, self.d_state, self.dt_rank
+        (H, W), cls_pos = self.grid, self.cls_pos
         xz = self.in_proj(h).transpose(1, 2)                                       # (B, 2E, L_in)
         xz = self.multi_scan.scan(xz, H, W, cls_pos)                               # (B, K, 2E, Lmax)
         Lmax = xz.shape[-1]
         x, z = xz.chunk(2, dim=2)                                                  # (B, K, E, Lmax) each
-        conv_w = torch.cat([getattr(self, f"conv1d_{k}").weight for k in range(K)])   # (K*E, 1, d_conv)
-        conv_b = torch.cat([getattr(self, f"conv1d_{k}").bias for k in range(K)])     # (K*E,)
+        convs = [getattr(self, f"conv1d_{k}") for k in range(K)]
+        conv_w, conv_b = torch.cat([c.weight for c in convs]), torch.cat([c.bias for c in convs])  # (K*E, 1, d_conv)
         x = F.conv1d(x.reshape(B, K * E, Lmax), conv_w, conv_b, padding=self.d_conv - 1, groups=K * E)
         x = F.silu(x[..., :Lmax]).view(B, K, E, Lmax)                              # causal conv + SiLU
         x_proj_w = torch.stack([getattr(self, f"x_proj_{k}").weight for k in range(K)])  # (K, R+2N, E)
         x_dbl = torch.einsum("bkel,kce->bkcl", x, x_proj_w)                        # (B, K, R+2N, Lmax)
         dt, Bs, Cs = x_dbl.split([R, N, N], dim=2)
-        dt_w = torch.stack([getattr(self, f"dt_proj_{k}").weight for k in range(K)])  # (K, E, R)
-        dt = torch.einsum("bkrl,ker->bkel", dt, dt_w)                               # (B, K, E, Lmax)
-        dt_b = torch.cat([getattr(self, f"dt_proj_{k}").bias for k in range(K)])      # (K*E,)
-        A = -torch.exp(torch.cat([getattr(self, f"A_log_{k}") for k in range(K)]).float())  # (K*E, N)
-        Dk = torch.cat([getattr(self, f"D_{k}") for k in range(K)]).float()           # (K*E,)
-        y = selective_scan(x.reshape(B, K * E, Lmax), dt.reshape(B, K * E, Lmax), A,
-                           Bs.contiguous(), Cs.contiguous(), D=Dk, z=z.reshape(B, K * E, Lmax),
+        dt_projs = [getattr(self, f"dt_proj_{k}") for k in range(K)]
+        dt = torch.einsum("bkrl,ker->bkel", dt, torch.stack([p.weight for p in dt_projs]))  # (B, K, E, Lmax)
+        dt_b = torch.cat([p.bias for p in dt_projs])                               # (K*E,)
+        y = selective_scan(x.reshape(B, K * E, Lmax), dt.reshape(B, K * E, Lmax),
+                           -torch.exp(self._stacked("A_log").float()), Bs.contiguous(), Cs.contiguous(),
+                           D=self._stacked("D").float(), z=z.reshape(B, K * E, Lmax),
                            delta_bias=dt_b.float(), delta_softplus=True)          # (B, K*E, Lmax), G = K groups
-        y = self.multi_scan.merge(y.view(B, K, E, Lmax), H, W, self.attn, cls_pos)  # (B, L_in, E)
+        ys = self.multi_scan.unscan(y.view(B, K, E, Lmax), H, W, cls_pos)         # (B, K, L_in, E)
+        y = self.multi_scan.combine(self.attn(ys))                                 # SCAttn per direction, then sum
         return self.out_proj(y)                                                    # (B, L_in, D)
 
-    def flops(self, H, W, cls_pos=None):
+    def flops(self):
         """Multiply-adds of one image (convention in `count_flops`)."""
+        (H, W), cls_pos = self.grid, self.cls_pos
         L_in = H * W + (cls_pos is not None)
         E, N, R, D = self.d_inner, self.d_state, self.dt_rank, self.d_model
         f = L_in * D * 2 * E + L_in * E * D                                        # in_proj, out_proj
         for Lk in self.multi_scan.index(H, W, cls_pos)[2]:
             f += Lk * E * self.d_conv + Lk * E * (R + 2 * N) + Lk * R * E         # conv1d_k, x_proj_k, dt_proj_k
             f += 9 * Lk * E * N + Lk * E                                           # the scan
-            f += _scattn_flops(self.attn, L_in)
+            f += self.attn.flops(L_in) if isinstance(self.attn, SCAttn) else 0
         return f
-
-
-def _scattn_flops(attn, L):
-    if not isinstance(attn, SCAttn):
-        return 0
-    r = attn.global_reduce.out_features
-    f = 2 * attn.global_reduce.in_features * r                                     # global_reduce + channel_select
-    if attn.spatial:
-        f += L * attn.global_reduce.in_features * r + L * 2 * r                    # local_reduce + spatial_select
-    return f
-
-
-def _init_linear_and_norms(model):
-    """The official models' first init pass: every Linear trunc-normal(0.02) with zero bias,
-    every LayerNorm weight 1, bias 0."""
-    for m in model.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-
-
-class DropPath(nn.Module):
-    """Stochastic depth per sample (Huang et al. 2016): drop the whole branch with prob p."""
-
-    def __init__(self, p=0.0):
-        super().__init__()
-        self.p = p
-
-    def forward(self, x):
-        if self.p == 0.0 or not self.training:
-            return x
-        keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1 - self.p)
-        return x * keep / (1 - self.p)
-
-    def extra_repr(self):
-        return f"p={self.p}"
 
 
 class LocalVimBlock(nn.Module):
@@ -381,11 +462,11 @@ class LocalVimBlock(nn.Module):
         self.norm = nn.RMSNorm(d_model, eps=1e-5)
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, hidden, residual, H, W, cls_pos=None):
-        # hidden, residual: (B, L_in, D); residual None in the first block
+    def forward(self, hidden, residual):
+        # hidden, residual: (B, L_in, D) -> (B, L_in, D), (B, L_in, D) fp32; residual None in the first block
         residual = hidden if residual is None else residual + self.drop_path(hidden)
         residual = residual.float()                                                 # kept in fp32
-        hidden = self.mixer(self.norm(residual.to(self.norm.weight.dtype)), H, W, cls_pos)
+        hidden = self.mixer(self.norm(residual.to(self.norm.weight.dtype)))
         return hidden, residual
 
 
@@ -416,17 +497,6 @@ class RoPE2D(nn.Module):
         return t * self.freqs_cos + rot * self.freqs_sin
 
 
-class PatchEmbed(nn.Module):
-    """Conv2d(in_chans, D, p, stride p): (B, C, H, W) -> (B, H/p * W/p, D)."""
-
-    def __init__(self, in_chans, dim, patch_size):
-        super().__init__()
-        self.proj = nn.Conv2d(in_chans, dim, patch_size, stride=patch_size)
-
-    def forward(self, x):
-        return self.proj(x).flatten(2).transpose(1, 2)
-
-
 class LocalVim(nn.Module):
     """LocalVim (paper §4.1 "plain structure"; official local_vim.py VisionMamba).
 
@@ -434,7 +504,7 @@ class LocalVim(nn.Module):
     add -> RMSNorm -> mean pool (or the middle cls token) -> Linear head.
     """
 
-    def __init__(self, cfg: "LocalVimConfig"):
+    def __init__(self, cfg: LocalVimConfig):
         super().__init__()
         self.cfg = cfg
         D, p = cfg.embed_dim, cfg.patch_size
@@ -451,12 +521,10 @@ class LocalVim(nn.Module):
         dirs = cfg.layer_directions()
         dpr = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
         inter_dpr = [0.0] + dpr      # official: layer i drops the PREVIOUS layer's output with rate [0]+dpr at i
-        self.layers = nn.ModuleList([
-            LocalVimBlock(D, LocalVimMixer(D, dirs[i], cfg.d_state, cfg.expand, cfg.d_conv,
-                                           search=cfg.directions is None, spatial_attn=cfg.spatial_attn,
-                                           scattn=cfg.scattn),
-                          drop_path=inter_dpr[i])
-            for i in range(cfg.depth)])
+        mixer = lambda i: LocalVimMixer(D, dirs[i], (H, W), self.cls_pos, cfg.d_state, cfg.expand, cfg.d_conv,
+                                        search=cfg.directions is None, spatial_attn=cfg.spatial_attn,
+                                        scattn=cfg.scattn)
+        self.layers = nn.ModuleList([LocalVimBlock(D, mixer(i), drop_path=inter_dpr[i]) for i in range(cfg.depth)])
         self.drop_path = DropPath(cfg.drop_path_rate)                               # the final add: full rate
         self.norm_f = nn.RMSNorm(D, eps=1e-5)
         self.head = nn.Linear(D, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
@@ -483,7 +551,6 @@ class LocalVim(nn.Module):
     def forward_features(self, x):
         # x: (B, C, H, W) image -> (B, L_in, D) tokens after the final norm
         _check_image(x, self.cfg)
-        H, W = self.cfg.grid
         x = self.patch_embed(x)                                                   # (B, L, D)
         if self.cls_pos is not None:
             cls = self.cls_token.expand(x.shape[0], -1, -1)
@@ -493,22 +560,23 @@ class LocalVim(nn.Module):
             if self.cfg.rope:
                 hidden = self.rope(hidden)
                 residual = None if residual is None else self.rope(residual)
-            hidden, residual = layer(hidden, residual, H, W, self.cls_pos)
+            hidden, residual = layer(hidden, residual)
         residual = residual + self.drop_path(hidden)
         return self.norm_f(residual.to(self.norm_f.weight.dtype))
 
     def forward_head(self, x, pre_logits=False):
-        # x: (B, L_in, D) -> (B, num_classes)
+        # x: (B, L_in, D) -> (B, num_classes), or (B, D) with pre_logits
         x = x[:, self.cls_pos] if self.cls_pos is not None else x.mean(1)        # (B, D)
         return x if pre_logits else self.head(x)
 
     def forward(self, x):
+        # x: (B, C, H, W) -> (B, num_classes)
         return self.forward_head(self.forward_features(x))
 
     def flops(self):
         H, W = self.cfg.grid
         f = H * W * self.embed_dim * self.cfg.in_chans * self.cfg.patch_size ** 2   # patch embed
-        f += sum(layer.mixer.flops(H, W, self.cls_pos) for layer in self.layers)
+        f += sum(layer.mixer.flops() for layer in self.layers)
         return f + self.embed_dim * self.cfg.num_classes                            # head
 
     # timm's classifier interface
@@ -526,6 +594,35 @@ class LocalVim(nn.Module):
 # -----------------------------------------------------------------------------
 # LocalVMamba: the hierarchical (VMamba-based) model. Official: local_vmamba.py VSSM.
 
+@dataclass
+class LocalVMambaConfig:
+    img_size: int = 224
+    patch_size: int = 4
+    in_chans: int = 3
+    num_classes: int = 1000
+    dims: Sequence[int] = (96, 192, 384, 768)       # C of each stage
+    depths: Sequence[int] = (2, 2, 9, 2)
+    d_state: int = 16                 # N
+    ssm_ratio: float = 2.0            # E = ssm_ratio * C
+    d_conv: int = 3                   # depthwise 3×3 conv before the scan
+    directions: Optional[List[List[str]]] = None   # per block in forward order; None = supernet
+    drop_path_rate: float = 0.2
+    spatial_attn: bool = False        # SCAttn's spatial branch
+    scattn: bool = True               # False: no SCAttn (ablation)
+
+    def __post_init__(self):
+        stride = self.patch_size * 2 ** (len(self.dims) - 1)
+        if self.img_size % self.patch_size or self.img_size < stride:
+            raise ValueError(f"img_size {self.img_size} does not fit LocalVMamba: it must be a multiple of the "
+                             f"patch size {self.patch_size} and at least {stride} (4 stages, /{stride} in all)")
+        if len(self.dims) != len(self.depths):
+            raise ValueError(f"dims {tuple(self.dims)} and depths {tuple(self.depths)} must have the same length")
+        self.directions = _check_directions(self.directions, sum(self.depths), "LocalVMamba")
+
+    def layer_directions(self):
+        return self.directions if self.directions is not None else [list(DIRECTIONS)] * sum(self.depths)
+
+
 class SS2D(nn.Module):
     """VMamba's 2-D selective scan block with LocalMamba's K directions (official `SS2D` +
     `MultiScanVSSM`).
@@ -537,8 +634,8 @@ class SS2D(nn.Module):
     un-scan, SCAttn per direction (shared), sum; LayerNorm(E); · z; out_proj E -> C.
     """
 
-    def __init__(self, d_model, directions, d_state=16, ssm_ratio=2.0, d_conv=3, search=False, spatial_attn=False,
-                 scattn=True):
+    def __init__(self, d_model, directions, d_state=16, ssm_ratio=2.0, d_conv=3, search=False,
+                 spatial_attn=False, scattn=True):
         super().__init__()
         self.d_model, self.d_state = d_model, d_state
         self.d_inner = E = int(ssm_ratio * d_model)
@@ -554,8 +651,8 @@ class SS2D(nn.Module):
         self.Ds = nn.Parameter(torch.ones(K * E))
         self.out_norm = nn.LayerNorm(E)
         self.out_proj = nn.Linear(E, d_model, bias=False)
-        attn = SCAttn(E, spatial=spatial_attn) if scattn else nn.Identity()
-        self.multi_scan = MultiScan(directions, search=search, attn=attn)
+        self.multi_scan = MultiScan(directions, search=search,
+                                    attn=SCAttn(E, spatial=spatial_attn) if scattn else nn.Identity())
 
     def forward(self, x):
         # x: (B, H, W, C) -> (B, H, W, C)
@@ -574,16 +671,18 @@ class SS2D(nn.Module):
                            -torch.exp(self.A_logs.float()), Bs.contiguous(), Cs.contiguous(),
                            D=self.Ds.float(), delta_bias=self.dt_projs_bias.view(-1).float(),
                            delta_softplus=True)                                     # (B, K*E, Lmax)
-        y = self.multi_scan.merge(y.view(B, K, E, Lmax), H, W, self.multi_scan.attn)  # (B, H*W, E)
+        ys = self.multi_scan.unscan(y.view(B, K, E, Lmax), H, W)                    # (B, K, H*W, E)
+        y = self.multi_scan.combine(self.multi_scan.attn(ys))                       # SCAttn per direction, sum
         y = self.out_norm(y).view(B, H, W, E) * z
         return self.out_proj(y)                                                    # (B, H, W, C)
 
     def flops(self, H, W):
         L, C, E, N, R = H * W, self.d_model, self.d_inner, self.d_state, self.dt_rank
         f = L * C * 2 * E + L * E * 9 + L * E * C                                  # in_proj, 3×3 dw conv, out_proj
+        attn = self.multi_scan.attn
         for Lk in self.multi_scan.index(H, W)[2]:
             f += Lk * E * (R + 2 * N) + Lk * R * E + 9 * Lk * E * N + Lk * E     # x_proj, dt_proj, scan
-            f += _scattn_flops(self.multi_scan.attn, L)
+            f += attn.flops(L) if isinstance(attn, SCAttn) else 0
         return f
 
 
@@ -597,6 +696,7 @@ class VSSBlock(nn.Module):
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x):
+        # x: (B, H, W, C) -> (B, H, W, C)
         return x + self.drop_path(self.op(self.norm(x)))
 
 
@@ -632,7 +732,7 @@ class LocalVMamba(nn.Module):
     H/4, H/8, H/16, H/32 with patch merging between them; LayerNorm -> avg pool -> Linear.
     """
 
-    def __init__(self, cfg: "LocalVMambaConfig"):
+    def __init__(self, cfg: LocalVMambaConfig):
         super().__init__()
         self.cfg = cfg
         dims = list(cfg.dims)
@@ -643,19 +743,19 @@ class LocalVMamba(nn.Module):
             nn.LayerNorm(dims[0]))
         dirs = cfg.layer_directions()
         dpr = torch.linspace(0, cfg.drop_path_rate, sum(cfg.depths)).tolist()
+        ss2d = dict(d_state=cfg.d_state, ssm_ratio=cfg.ssm_ratio, d_conv=cfg.d_conv, search=cfg.directions is None,
+                    spatial_attn=cfg.spatial_attn, scattn=cfg.scattn)
         self.layers = nn.ModuleList()
         i = 0
         for s, (dim, depth) in enumerate(zip(dims, cfg.depths)):
-            blocks = [VSSBlock(dim, dirs[i + j], dpr[i + j], d_state=cfg.d_state, ssm_ratio=cfg.ssm_ratio,
-                               d_conv=cfg.d_conv, search=cfg.directions is None, spatial_attn=cfg.spatial_attn,
-                               scattn=cfg.scattn)
-                      for j in range(depth)]
+            blocks = [VSSBlock(dim, dirs[i + j], dpr[i + j], **ss2d) for j in range(depth)]
             i += depth
             down = PatchMerging2D(dim, dims[s + 1]) if s < len(dims) - 1 else nn.Identity()
             self.layers.append(nn.Sequential(OrderedDict(blocks=nn.Sequential(*blocks), downsample=down)))
+        head = nn.Linear(dims[-1], cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
         self.classifier = nn.Sequential(OrderedDict(
             norm=nn.LayerNorm(dims[-1]), permute=Permute(0, 3, 1, 2), avgpool=nn.AdaptiveAvgPool2d(1),
-            flatten=nn.Flatten(1), head=nn.Linear(dims[-1], cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()))
+            flatten=nn.Flatten(1), head=head))
         _init_linear_and_norms(self)   # official VSSM._init_weights
 
     def blocks(self):
@@ -677,16 +777,18 @@ class LocalVMamba(nn.Module):
         return self.classifier.norm(x)
 
     def forward_head(self, x, pre_logits=False):
+        # x: (B, H/32, W/32, C3) -> (B, num_classes), or (B, C3) with pre_logits
         x = self.classifier.flatten(self.classifier.avgpool(self.classifier.permute(x)))  # (B, C3)
         return x if pre_logits else self.classifier.head(x)
 
     def forward(self, x):
+        # x: (B, C, H, W) -> (B, num_classes)
         return self.forward_head(self.forward_features(x))
 
     def flops(self):
-        Hs, Ws = self.cfg.img_size // self.cfg.patch_size, self.cfg.img_size // self.cfg.patch_size
+        Hs = Ws = self.cfg.img_size // self.cfg.patch_size
         f = Hs * Ws * self.cfg.dims[0] * self.cfg.in_chans * self.cfg.patch_size ** 2
-        for s, stage in enumerate(self.layers):
+        for stage in self.layers:
             H, W = Hs, Ws
             f += sum(b.op.flops(H, W) for b in stage.blocks)
             if isinstance(stage.downsample, PatchMerging2D):
@@ -705,15 +807,9 @@ class LocalVMamba(nn.Module):
         self.classifier.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
 
-def _check_image(x, cfg):
-    if x.dim() != 4 or x.shape[1] != cfg.in_chans or tuple(x.shape[2:]) != (cfg.img_size, cfg.img_size):
-        raise ValueError(f"expected images of shape (B, {cfg.in_chans}, {cfg.img_size}, {cfg.img_size}), got "
-                         f"{tuple(x.shape)}; build the model for your size with create_model(name, img_size=..., in_chans=...)")
-
-
 # -----------------------------------------------------------------------------
-# Published per-layer directions (official local_vim.py / local_vmamba.py at commit 75e5d1f;
-# the same lists as ../shared/searched_directions.json). Position k in a list is parameter suffix _k.
+# Presets: the published per-layer directions (official local_vim.py / local_vmamba.py at commit
+# 75e5d1f, where each model's definition lists them). Position k in a list is parameter suffix _k.
 
 SEARCHED_DIRECTIONS = {
     "local_vim_tiny": [  # LocalVim-T, 20 layers
@@ -753,107 +849,31 @@ SEARCHED_DIRECTIONS = {
     ],
 }
 
-
-# -----------------------------------------------------------------------------
-# Configs and named constructors
-
-def _check_directions(directions, n_layers, name):
-    """A per-layer list of direction lists, one per layer; None means a search supernet."""
-    if directions is None:
-        return None
-    if isinstance(directions, (str, bytes)) or len(directions) != n_layers:
-        got = "a string" if isinstance(directions, (str, bytes)) else f"{len(directions)} lists"
-        raise ValueError(f"{name}: directions must be one list of direction names per layer, "
-                         f"{n_layers} lists, got {got}")
-    out = []
-    for i, layer in enumerate(directions):
-        if isinstance(layer, str) or len(layer) == 0:
-            raise ValueError(f"{name}: directions[{i}] must be a non-empty list of names like ['h', 'w2'], got {layer!r}")
-        for d in layer:
-            parse_direction(d)
-        out.append(list(layer))
-    return out
-
-
-@dataclass
-class LocalVimConfig:
-    img_size: int = 224
-    patch_size: int = 16
-    in_chans: int = 3
-    num_classes: int = 1000
-    embed_dim: int = 192              # D
-    depth: int = 20
-    d_state: int = 16                 # N
-    expand: int = 2                   # E = d_inner = expand * D
-    d_conv: int = 4                   # causal depthwise conv1d kernel
-    directions: Optional[List[List[str]]] = None   # per layer; None = search supernet with all 8
-    middle_cls_token: bool = False    # LocalVim-T* of the official README: cls token at position L//2, no RoPE
-    rope: bool = True
-    pt_hw_seq_len: int = 14           # RoPE positions are rescaled to a 14×14 grid (as in Vim)
-    drop_path_rate: float = 0.1
-    spatial_attn: bool = False        # SCAttn's spatial branch (paper Fig. 3b; off in the released code)
-    scattn: bool = True               # False: no SCAttn at all (an ablation, paper Table 5)
-
-    def __post_init__(self):
-        if self.img_size % self.patch_size:
-            raise ValueError(f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}: "
-                             f"use an img_size that is a multiple of {self.patch_size}")
-        self.directions = _check_directions(self.directions, self.depth, "LocalVim")
-
-    @property
-    def grid(self):
-        return self.img_size // self.patch_size, self.img_size // self.patch_size
-
-    def layer_directions(self):
-        return self.directions if self.directions is not None else [list(DIRECTIONS)] * self.depth
-
-
-@dataclass
-class LocalVMambaConfig:
-    img_size: int = 224
-    patch_size: int = 4
-    in_chans: int = 3
-    num_classes: int = 1000
-    dims: Sequence[int] = (96, 192, 384, 768)       # C of each stage
-    depths: Sequence[int] = (2, 2, 9, 2)
-    d_state: int = 16                 # N
-    ssm_ratio: float = 2.0            # E = ssm_ratio * C
-    d_conv: int = 3                   # depthwise 3×3 conv before the scan
-    directions: Optional[List[List[str]]] = None   # per block in forward order; None = supernet
-    drop_path_rate: float = 0.2
-    spatial_attn: bool = False        # SCAttn's spatial branch
-    scattn: bool = True               # False: no SCAttn (ablation)
-
-    def __post_init__(self):
-        stride = self.patch_size * 2 ** (len(self.dims) - 1)
-        if self.img_size % self.patch_size or self.img_size < stride:
-            raise ValueError(f"img_size {self.img_size} does not fit LocalVMamba: it must be a multiple of the "
-                             f"patch size {self.patch_size} and at least {stride} (4 stages, /{stride} in all)")
-        if len(self.dims) != len(self.depths):
-            raise ValueError(f"dims {tuple(self.dims)} and depths {tuple(self.depths)} must have the same length")
-        self.directions = _check_directions(self.directions, sum(self.depths), "LocalVMamba")
-
-    def layer_directions(self):
-        return self.directions if self.directions is not None else [list(DIRECTIONS)] * sum(self.depths)
-
-
 _LOCAL = [["h", "h_flip", "w2", "w2_flip"]]
 MODELS = {
     # name: (config class, fields). Params / GFLOPs at 224 px (count_flops' convention), 1000 classes,
     # from `python localmamba.py`; the paper's figures beside them.
-    "local_vim_tiny": (LocalVimConfig, dict(embed_dim=192, directions=SEARCHED_DIRECTIONS["local_vim_tiny"])),  # paper 8M 1.5G 76.2%
-    "local_vim_tiny_middle_cls_token": (LocalVimConfig, dict(
-        embed_dim=192, directions=SEARCHED_DIRECTIONS["local_vim_tiny"], middle_cls_token=True, rope=False)),  # 77.8%
-    "local_vim_small": (LocalVimConfig, dict(embed_dim=384, directions=SEARCHED_DIRECTIONS["local_vim_small"])),  # paper 28M 4.8G 81.2%
+    "local_vim_tiny": (LocalVimConfig, dict(  # paper 8M 1.5G 76.2%
+        embed_dim=192, directions=SEARCHED_DIRECTIONS["local_vim_tiny"])),
+    "local_vim_tiny_middle_cls_token": (LocalVimConfig, dict(  # paper 77.8%
+        embed_dim=192, directions=SEARCHED_DIRECTIONS["local_vim_tiny"], middle_cls_token=True, rope=False)),
+    "local_vim_small": (LocalVimConfig, dict(  # paper 28M 4.8G 81.2%
+        embed_dim=384, directions=SEARCHED_DIRECTIONS["local_vim_small"])),
     "local_vim_tiny_search": (LocalVimConfig, dict(embed_dim=128, directions=None)),
-    "local_vmamba_tiny": (LocalVMambaConfig, dict(depths=(2, 2, 9, 2), directions=SEARCHED_DIRECTIONS["local_vmamba_tiny"])),  # paper 26M 5.7G 82.7%
-    "local_vmamba_small": (LocalVMambaConfig, dict(depths=(2, 2, 27, 2), directions=SEARCHED_DIRECTIONS["local_vmamba_small"])),  # paper 50M 11.4G 83.7%
-    "local_vmamba_tiny_search": (LocalVMambaConfig, dict(dims=(32, 64, 128, 256), depths=(2, 2, 9, 2), directions=None, drop_path_rate=0.1)),
-    "local_vmamba_small_search": (LocalVMambaConfig, dict(dims=(32, 64, 128, 256), depths=(2, 2, 27, 2), directions=None, drop_path_rate=0.1)),
+    "local_vmamba_tiny": (LocalVMambaConfig, dict(  # paper 26M 5.7G 82.7%
+        depths=(2, 2, 9, 2), directions=SEARCHED_DIRECTIONS["local_vmamba_tiny"])),
+    "local_vmamba_small": (LocalVMambaConfig, dict(  # paper 50M 11.4G 83.7%
+        depths=(2, 2, 27, 2), directions=SEARCHED_DIRECTIONS["local_vmamba_small"])),
+    "local_vmamba_tiny_search": (LocalVMambaConfig, dict(
+        dims=(32, 64, 128, 256), depths=(2, 2, 9, 2), directions=None, drop_path_rate=0.1)),
+    "local_vmamba_small_search": (LocalVMambaConfig, dict(
+        dims=(32, 64, 128, 256), depths=(2, 2, 27, 2), directions=None, drop_path_rate=0.1)),
     # CPU-sized presets for 28×28 to 64×64 images (Fashion-MNIST, CIFAR): patch 2 gives a 14×14 token
     # grid at 28 px, the grid of ImageNet-224 with patch 16. Not published models.
-    "local_vim_nano": (LocalVimConfig, dict(img_size=28, patch_size=2, embed_dim=32, depth=3, directions=_LOCAL * 3, drop_path_rate=0.0)),
-    "local_vim_nano_search": (LocalVimConfig, dict(img_size=28, patch_size=2, embed_dim=32, depth=3, directions=None, drop_path_rate=0.0)),
+    "local_vim_nano": (LocalVimConfig, dict(
+        img_size=28, patch_size=2, embed_dim=32, depth=3, directions=_LOCAL * 3, drop_path_rate=0.0)),
+    "local_vim_nano_search": (LocalVimConfig, dict(
+        img_size=28, patch_size=2, embed_dim=32, depth=3, directions=None, drop_path_rate=0.0)),
 }
 
 PAPER = {  # published ImageNet-1K figures (paper Tables 1-2, official README): top-1 %, params M, GFLOPs
@@ -871,7 +891,8 @@ def create_model(name, **kwargs):
     allowed = set(cls.__dataclass_fields__)
     bad = sorted(set(kwargs) - allowed)
     if bad:
-        raise ValueError(f"create_model({name!r}): unknown option(s) {', '.join(bad)}; options are {', '.join(sorted(allowed))}")
+        raise ValueError(f"create_model({name!r}): unknown option(s) {', '.join(bad)}; "
+                         f"options are {', '.join(sorted(allowed))}")
     cfg = cls(**{**fields, **kwargs})
     return LocalVim(cfg) if cls is LocalVimConfig else LocalVMamba(cfg)
 
@@ -896,26 +917,85 @@ def search_probabilities(model):
     return torch.stack([ms.probabilities() for ms in model.multi_scans()])
 
 
-# -----------------------------------------------------------------------------
-# Checkpoints
+def draw_search_probabilities(probs, directions=DIRECTIONS):
+    """Per-layer softmax(α) as a text heat map: one row per layer, one column per candidate."""
+    shades = " .:-=+*#%@"
+    lo, hi = probs.min().item(), probs.max().item()
+    lines = ["layer  " + " ".join(f"{d:>7s}" for d in directions) + "   (darker = more probable)"]
+    for i, row in enumerate(probs.tolist()):
+        level = lambda p: shades[int((p - lo) / max(hi - lo, 1e-12) * (len(shades) - 1))] * 2
+        lines.append(f"{i:5d}  " + " ".join(f"{level(p)}{p:5.3f}" for p in row))
+    return "\n".join(lines)
 
-def load_checkpoint(model, path, map_location="cpu"):
-    """Load an official or our checkpoint strictly. Accepts a bare state_dict or one under
-    "model", "state_dict" or "state_dict_ema", and a DDP "module." prefix. Raises one
-    ValueError listing missing / unexpected / mis-shaped keys. Returns the whole checkpoint."""
+
+def save_directions(model, path, k=4):
+    """After a search: write the chosen per-layer directions (derive_directions) and softmax(α)
+    as JSON, the file `create_model(name, directions=load_directions(path))` reads back."""
+    probs = search_probabilities(model)
+    chosen = derive_directions(model, k)
+    Path(path).write_text(json.dumps({"directions": chosen, "candidates": list(DIRECTIONS), "probabilities": [
+        [round(p, 5) for p in row] for row in probs.tolist()]}, indent=1))
+    return chosen, probs
+
+
+def load_directions(path):
+    """Per-layer direction lists from a JSON file: a list of lists, or {"directions": [...]} as
+    save_directions writes it. Raises one ValueError naming the file."""
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+        data = json.loads(Path(path).read_text())
     except FileNotFoundError:
-        raise ValueError(f"load_checkpoint: no file at {path}") from None
+        raise ValueError(f"{path} does not exist") from None
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    dirs = data.get("directions") if isinstance(data, dict) else data
+    if not isinstance(dirs, list) or not all(isinstance(d, list) for d in dirs):
+        raise ValueError(f"{path} must hold a list of per-layer lists of direction names "
+                         f"(or {{\"directions\": [...]}} as save_directions writes it)")
+    return dirs
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints. A checkpoint is data, never code: read with torch.load(weights_only=True), which
+# unpickles only tensors and plain Python containers. `unsafe=True` is the explicit escape hatch
+# for a file you trust that holds other objects (it runs whatever the pickle holds).
+
+STATE_DICT_KEYS = ("model", "state_dict", "state_dict_ema", "model_ema")   # where checkpoints keep weights
+
+
+def read_checkpoint(path, unsafe=False):
+    """The object in a checkpoint file, loaded on the CPU. Raises one ValueError naming the file:
+    missing, unreadable, or holding more than tensors and plain containers (then the message
+    names the escape hatch)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not unsafe)
+    except FileNotFoundError:
+        raise ValueError(f"no file at {path}") from None
     except Exception as e:
-        raise ValueError(f"load_checkpoint: {path} is not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from None
-    sd = ckpt
+        if "GLOBAL" in str(e):        # the pickle names a Python object: weights_only refused to build it
+            raise ValueError(f"{path} holds Python objects other than tensors, and loading them could run code "
+                             f"from the file; if you trust it, load it with unsafe=True "
+                             f"(load_checkpoint(model, path, unsafe=True))") from None
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from None
+
+
+def state_dict_of(ckpt):
+    """A bare state_dict, or the one under "model", "state_dict", "state_dict_ema" or "model_ema"."""
     if isinstance(ckpt, dict):
-        for key in ("model", "state_dict", "state_dict_ema", "model_ema"):
+        for key in STATE_DICT_KEYS:
             if isinstance(ckpt.get(key), dict):
-                sd = ckpt[key]
-                break
-    load_state_dict_strict(model, sd, str(path))
+                return ckpt[key]
+    return ckpt
+
+
+def load_checkpoint(model, path, unsafe=False):
+    """Load an official or our checkpoint strictly. Accepts a bare state_dict or one under
+    "model", "state_dict", "state_dict_ema" or "model_ema", and a DDP "module." prefix. Raises
+    one ValueError listing missing / unexpected / mis-shaped keys. Returns the whole checkpoint."""
+    try:
+        ckpt = read_checkpoint(path, unsafe)
+    except ValueError as e:
+        raise ValueError(f"load_checkpoint: {e}") from None
+    load_state_dict_strict(model, state_dict_of(ckpt), str(path))
     return ckpt
 
 
@@ -924,7 +1004,7 @@ def load_state_dict_strict(model, sd, source="state_dict"):
     ValueError naming `source` and listing missing / unexpected / mis-shaped keys."""
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise ValueError(f"load_checkpoint: {source} holds no state_dict (looked at the top level and under "
-                         f"'model', 'state_dict', 'state_dict_ema')")
+                         f"{', '.join(map(repr, STATE_DICT_KEYS))})")
     sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
     own = model.state_dict()
     missing = sorted(set(own) - set(sd))
@@ -942,6 +1022,35 @@ def load_state_dict_strict(model, sd, source="state_dict"):
 
 
 # -----------------------------------------------------------------------------
+# Training: the weight-decay groups (paper §4.1's AdamW, as the official optimizer built them)
+
+def configure_optimizer(model, lr, weight_decay, exempt_ssm=False, log=print):
+    """AdamW with two groups. As the official run: every tensor with >= 2 dims is decayed
+    except the names in model.no_weight_decay() (pos_embed, cls_token); 1-D tensors (biases,
+    norms, D) are not. The official optimizer ignored the `_no_weight_decay` flags, so A_log
+    and the search logits α were decayed; exempt_ssm=True (train_mini.py --wd-exempt-ssm) exempts A_log, D
+    and α as Mamba intends. The nanoGPT habit: the grouping is visible, counted and checked."""
+    skip = model.no_weight_decay()
+    ssm = lambda n: n.split(".")[-1].startswith(("A_log", "D_", "Ds")) or n.endswith("multi_scan.weights")
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.dim() < 2 or n in skip or (exempt_ssm and ssm(n)):
+            no_decay.append((n, p))
+        else:
+            decay.append((n, p))
+    names = [n for n, _ in decay] + [n for n, _ in no_decay]
+    assert len(names) == len(set(names)) == sum(1 for p in model.parameters() if p.requires_grad), \
+        "a parameter in two groups"
+    log(f"optimizer: AdamW, {len(decay)} tensors ({sum(p.numel() for _, p in decay):,} params) with weight decay "
+        f"{weight_decay}, {len(no_decay)} tensors ({sum(p.numel() for _, p in no_decay):,} params) without")
+    return torch.optim.AdamW([{"params": [p for _, p in decay], "weight_decay": weight_decay},
+                              {"params": [p for _, p in no_decay], "weight_decay": 0.0}],
+                             lr=lr, betas=(0.9, 0.999), eps=1e-8)
+
+
+# -----------------------------------------------------------------------------
 # FLOPs
 
 def count_flops(model, img_size=None):
@@ -951,10 +1060,11 @@ def count_flops(model, img_size=None):
     direction over that direction's own length (window padding included); norms, activations,
     gates and softplus not counted.
 
-    The official code used two conventions (SPEC.md §8): LocalVMamba's fvcore count matches
-    ours but for counting the grouped scan at the longest direction's length; LocalVim's hand
-    count counts conv1d/x_proj/dt_proj once (not per direction) and the scan as
-    5·L·E·N + 2·L·E per direction, so its 1.5G is lower than what LocalVim-T computes.
+    The official code used two conventions: LocalVMamba's fvcore count (local_vmamba.py, with a
+    handle for the selective scan) matches ours but for counting the grouped scan at the longest
+    direction's length; LocalVim's hand count (local_vim.py) counts conv1d/x_proj/dt_proj once
+    (not per direction) and the scan as 5·L·E·N + 2·L·E per direction, so its 1.5G is lower
+    than what LocalVim-T computes.
     """
     if img_size is not None and img_size != model.cfg.img_size:
         model = type(model)(replace(model.cfg, img_size=img_size))

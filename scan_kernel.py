@@ -8,11 +8,18 @@ Paper: Gu & Dao, "Mamba: Linear-Time Sequence Modeling with Selective State Spac
 Euler discretisation of B. LocalMamba (arXiv 2403.09338) runs K of these per layer, one per
 scan direction, as ONE grouped call (G = K groups of B/C).
 
-Contract: the same as `mamba_ssm.selective_scan_fn` (state-spaces/mamba,
-mamba_ssm/ops/selective_scan_interface.py), so users can swap one for the other:
+Contract: the real-valued, input-dependent-B/C subset of `mamba_ssm.selective_scan_fn`
+(state-spaces/mamba, mamba_ssm/ops/selective_scan_interface.py), with the same argument names,
+layouts and results, so users can swap one for the other on what LocalMamba uses:
 
     selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None,
                    delta_softplus=False, return_last_state=False, backend="auto")
+
+Supported: real A (D, N); B and C both (batch, N, L) or both (batch, G, N, L); optional D,
+z, delta_bias; fp32/fp16/bf16 inputs (fp64 on "ref"/"torch"), each input may have its own
+dtype (the arithmetic is fp32 inside). Not supported (refused with a message): complex A,
+input-independent (D, N) B or C, B grouped but C not (or the reverse), zero-size dimensions.
+The hand-written backwards are once-differentiable: a double backward raises (use "ref").
 
 Glossary (code name -> paper symbol):
     batch     B in the paper's tensors; called `batch` here because `B` is the input matrix
@@ -45,10 +52,13 @@ Backends, switched by one readable condition in `selective_scan`:
 
 `python scan_kernel.py --bench` times the backends available here (see README.md).
 """
+import contextlib
+import functools
 import os
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 try:  # Triton is optional: it is missing on macOS/Windows wheels and not needed on CPU.
     import triton
@@ -65,43 +75,47 @@ __all__ = ["selective_scan", "selective_scan_ref", "selective_scan_torch", "HAS_
 # -----------------------------------------------------------------------------
 # input checks, shared by every backend
 
-def _check_inputs(u, delta, A, B, C, D, z, delta_bias):
-    """Raise one ValueError naming the argument, the shape it has and the shape it needs."""
+def _check_inputs(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    """Raise one ValueError naming the argument, the shape it has and the shape it needs. Runs
+    before any backend touches the data, so every backend refuses the same calls."""
     def need(cond, msg):
         if not cond:
-            raise ValueError(msg)
+            raise ValueError("selective_scan: " + msg)
 
     for name, t in (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C)):
-        need(isinstance(t, torch.Tensor), f"selective_scan: {name} must be a torch.Tensor, got {type(t).__name__}")
-    need(u.dim() == 3, f"selective_scan: u must be (batch, D, L), got shape {tuple(u.shape)}")
+        need(isinstance(t, torch.Tensor), f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    need(u.dim() == 3, f"u must be (batch, D, L), got shape {tuple(u.shape)}")
     batch, dim, L = u.shape
-    need(L >= 1, f"selective_scan: u must have L >= 1, got shape {tuple(u.shape)}")
-    need(delta.shape == u.shape, f"selective_scan: delta must be (batch, D, L) = {tuple(u.shape)} like u, got {tuple(delta.shape)}")
-    need(A.dim() == 2 and A.shape[0] == dim, f"selective_scan: A must be (D, N) with D = {dim}, got {tuple(A.shape)}")
+    need(delta.shape == u.shape, f"delta must be (batch, D, L) = {tuple(u.shape)} like u, got {tuple(delta.shape)}")
+    need(A.dim() == 2 and A.shape[0] == dim, f"A must be (D, N) with D = {dim}, got {tuple(A.shape)}")
     N = A.shape[1]
+    need(min(batch, dim, L, N) >= 1, f"every dimension must be at least 1, got u {tuple(u.shape)} and A "
+                                     f"{tuple(A.shape)} (batch, D, L, N = {batch}, {dim}, {L}, {N})")
     for name, t in (("B", B), ("C", C)):
-        if t.dim() == 3:
-            need(t.shape == (batch, N, L), f"selective_scan: {name} must be (batch, N, L) = {(batch, N, L)} or (batch, G, N, L), got {tuple(t.shape)}")
-        else:
-            need(t.dim() == 4 and t.shape[0] == batch and t.shape[2:] == (N, L),
-                 f"selective_scan: {name} must be (batch, N, L) = {(batch, N, L)} or (batch, G, N, L) = {(batch, 'G', N, L)}, got {tuple(t.shape)}")
+        ok = t.shape == (batch, N, L) if t.dim() == 3 else (t.dim() == 4 and t.shape[0] == batch
+                                                             and t.shape[2:] == (N, L))
+        need(ok, f"{name} must be (batch, N, L) = {(batch, N, L)} or (batch, G, N, L) = {(batch, 'G', N, L)}, "
+                 f"got {tuple(t.shape)}")
+        if t.dim() == 4:
             G = t.shape[1]
-            need(G >= 1 and dim % G == 0, f"selective_scan: {name} has G = {G} groups, which must divide D = {dim} (channel d uses group d // (D/G))")
-    if B.dim() == 4 and C.dim() == 4:
-        need(B.shape[1] == C.shape[1], f"selective_scan: B and C must have the same number of groups, got {B.shape[1]} and {C.shape[1]}")
+            need(G >= 1 and dim % G == 0, f"{name} has G = {G} groups, which must divide D = {dim} "
+                                          f"(channel d uses group d // (D/G))")
+    groups = lambda t: "(batch, N, L)" if t.dim() == 3 else f"(batch, G, N, L) with G = {t.shape[1]}"
+    need(B.dim() == C.dim() and (B.dim() == 3 or B.shape[1] == C.shape[1]),
+         f"B and C must have the same layout and groups, got B {groups(B)} and C {groups(C)}")
     for name, t, shape in (("D", D, (dim,)), ("delta_bias", delta_bias, (dim,)), ("z", z, tuple(u.shape))):
         if t is not None:
-            need(isinstance(t, torch.Tensor) and tuple(t.shape) == shape, f"selective_scan: {name} must be {shape}, got {tuple(getattr(t, 'shape', ())) if isinstance(t, torch.Tensor) else type(t).__name__}")
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            need(isinstance(t, torch.Tensor) and tuple(t.shape) == shape, f"{name} must be {shape}, got {got}")
+    need(isinstance(delta_softplus, bool), f"delta_softplus must be True or False, got {delta_softplus!r}")
     floats = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-    need(u.dtype in floats, f"selective_scan: u must be float16, bfloat16, float32 or float64, got {u.dtype}")
-    need(delta.dtype == u.dtype, f"selective_scan: delta must have u's dtype {u.dtype}, got {delta.dtype}")
-    if z is not None:
-        need(z.dtype == u.dtype, f"selective_scan: z must have u's dtype {u.dtype}, got {z.dtype}")
-    for name, t in (("A", A), ("B", B), ("C", C), ("D", D), ("delta_bias", delta_bias)):
+    for name, t in (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C), ("D", D), ("z", z),
+                    ("delta_bias", delta_bias)):
         if t is not None:
-            need(t.dtype in floats, f"selective_scan: {name} must be a float tensor, got {t.dtype}")
+            need(t.dtype in floats, f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
     devices = {t.device for t in (u, delta, A, B, C, D, z, delta_bias) if t is not None}
-    need(len(devices) == 1, f"selective_scan: all tensors must be on one device, got {sorted(str(d) for d in devices)}; move them with .to(u.device)")
+    need(len(devices) == 1, f"all tensors must be on one device, got {sorted(str(d) for d in devices)}; "
+                            f"move them with .to(u.device)")
 
 
 def _as_groups(t):
@@ -110,6 +124,8 @@ def _as_groups(t):
 
 
 def _compute_dtype(u):
+    """The arithmetic's dtype: fp32 for fp32/fp16/bf16 inputs (each input is cast to it inside, as
+    the official LocalVMamba casts its scan inputs under AMP), fp64 when u is fp64."""
     return torch.float64 if u.dtype == torch.float64 else torch.float32
 
 
@@ -119,7 +135,7 @@ def _compute_dtype(u):
 def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None,
                        delta_softplus=False, return_last_state=False):
     """The oracle: a plain loop over L. Slow, obvious, differentiable, any float dtype."""
-    _check_inputs(u, delta, A, B, C, D, z, delta_bias)
+    _check_inputs(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     out_dtype, f = u.dtype, _compute_dtype(u)
     batch, dim, L = u.shape
     u, delta, A = u.to(f), delta.to(f), A.to(f)
@@ -148,64 +164,80 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None,
 
 # -----------------------------------------------------------------------------
 # "torch": the fallback for every non-CUDA tensor. The same algorithm as the Triton kernels,
-# in PyTorch ops. L is cut into chunks of T = 8 steps and the batch into blocks of a few
-# samples, so that every temporary (T, block, G, D/G, N) stays in the CPU cache; in a chunk,
-# everything that does not depend on the previous state (exp(ΔA), ΔBu, the contractions with
-# C, every gradient) is one op over the chunk, and only the multiply-add of the recurrence
-# loops over the T steps. The forward keeps the state at the start of each chunk; the
-# backward walks the chunks in reverse, recomputes each chunk's states from that checkpoint
-# and runs the reverse scan. So autograd saves O(batch·D·L), not O(batch·D·L·N).
+# in PyTorch ops. L is cut into chunks of TORCH_CHUNK = 8 steps and the batch into blocks of a
+# few samples, so that every temporary (T, block, G, Dg, N) stays in the CPU cache (T = steps in
+# a chunk, Dg = D / G channels per group); in a chunk, everything that does not depend on the
+# previous state (exp(ΔA), ΔBu, the contractions with C, every gradient) is one op over the
+# chunk, and only the multiply-add of the recurrence loops over the T steps. The forward keeps
+# the state at the start of each chunk; the backward walks the chunks in reverse, recomputes
+# each chunk's states from that checkpoint and runs the reverse scan. So autograd saves
+# O(batch·D·L), not O(batch·D·L·N).
 #
 # The two chunk functions have static shapes (the last chunk is padded with Δ = 0 and the
 # last block with u = 0, B = 0, which leave the state unchanged), so `torch.compile` can fuse
-# each into C++ loops: `compile_torch_path()` or LOCALMAMBA_COMPILE=1 turns that on (measured
-# ~1.6x faster at the training shape on a 2-core CPU, after compiling once per layer shape,
-# seconds to a minute; needs a C++ compiler; falls back to eager if compiling fails).
+# each into C++ loops (measured ~1.6x faster at the training shape on a 2-core CPU, after
+# compiling once per layer shape, seconds to a minute; needs a C++ compiler). Whether backend
+# "torch" uses them compiled is decided once, at start-up: LOCALMAMBA_COMPILE=1 in the
+# environment, or `use_compiled_torch_path(True)` before the first scan (train_mini.py does
+# this on CPU unless --no-compile). `selective_scan_torch(..., compile=...)` chooses per call.
 
 LOG2E = 1.4426950408889634
-CHUNK = 8                  # steps per chunk (and per checkpoint)
-BLOCK_ELEMS = 1 << 19      # (CHUNK, block, D, N) temporaries of about 2 MB
+TORCH_CHUNK = 8            # steps per chunk (and per checkpoint) of the torch path
+BLOCK_ELEMS = 1 << 19      # (TORCH_CHUNK, block, D, N) temporaries of about 2 MB
+COMPILE_TORCH_PATH = os.environ.get("LOCALMAMBA_COMPILE", "0") == "1"
+
+
+def use_compiled_torch_path(enable=True):
+    """Decide, once at start-up, whether backend "torch" runs its chunk functions through
+    torch.compile. A compile that fails later raises TorchCompileError saying how to turn it off."""
+    global COMPILE_TORCH_PATH
+    COMPILE_TORCH_PATH = bool(enable)
+
+
+class TorchCompileError(RuntimeError):
+    """torch.compile could not build the CPU scan (no C++ compiler, an unsupported platform)."""
 
 
 def _block_size(batch, dim, N):
     """Samples per block: a large batch runs in blocks whose chunk temporaries fit in cache."""
-    return max(1, min(batch, BLOCK_ELEMS // (CHUNK * dim * N)))
+    return max(1, min(batch, BLOCK_ELEMS // (TORCH_CHUNK * dim * N)))
 
 
-def _chunk_fwd(dt, u, A2, B, C, x0):
-    """One chunk forward. dt, u: (T, b, G, K); A2 = A·log2(e): (G, K, N); B, C: (T, b, G, N);
-    x0: (b, G, K, N), the state before the chunk. Returns y (T, b, G, K) and the last state."""
-    dA = torch.exp2(dt[..., None] * A2)                                       # (T, b, G, K, N) = exp(Δ A)
-    dBu = (dt * u)[..., None] * B[:, :, :, None, :]                          # (T, b, G, K, N) = Δ B u
+def _chunk_states(dt, u, A2, B, x0):
+    """A chunk's states from the state x0 before it. dt, u: (T, b, G, Dg); A2 = A·log2(e):
+    (G, Dg, N); B: (T, b, G, N); x0: (b, G, Dg, N). Returns exp(ΔA), ΔBu and the states x_t,
+    each (T, b, G, Dg, N)."""
+    dA = torch.exp2(dt[..., None] * A2)                                       # exp(Δ A)
+    dBu = (dt * u)[..., None] * B[:, :, :, None, :]                          # Δ B u
     x, xs = x0, []
     for t in range(dt.shape[0]):
         x = dA[t] * x + dBu[t]                                                # x_t = exp(Δ_t A) x_{t-1} + Δ_t B_t u_t
         xs.append(x)
-    xs = torch.stack(xs)
-    y = (xs * C[:, :, :, None, :]).sum(-1)                                    # (T, b, G, K) = sum_n x C
-    return y, x
+    return dA, dBu, torch.stack(xs)
+
+
+def _chunk_fwd(dt, u, A2, B, C, x0):
+    """One chunk forward (shapes in _chunk_states; C like B). Returns y (T, b, G, Dg) and the
+    chunk's last state."""
+    _, _, xs = _chunk_states(dt, u, A2, B, x0)
+    y = (xs * C[:, :, :, None, :]).sum(-1)                                    # (T, b, G, Dg) = sum_n x C
+    return y, xs[-1]
 
 
 def _chunk_bwd(dt, u, A, A2, B, C, x0, g, dh_next, dA_next):
-    """One chunk backward (SPEC.md §1). g = dL/dy (T, b, G, K); dh_next, dA_next: dh and
-    exp(Δ A) at the step after the chunk. Recomputes the chunk's states from x0."""
-    dA = torch.exp2(dt[..., None] * A2)
-    dBu = (dt * u)[..., None] * B[:, :, :, None, :]
-    x, xs = x0, []
-    for t in range(dt.shape[0]):
-        x = dA[t] * x + dBu[t]
-        xs.append(x)
-    xs = torch.stack(xs)                                                      # (T, b, G, K, N)
+    """One chunk backward (the reverse scan of the module docstring's math). g = dL/dy
+    (T, b, G, Dg); dh_next, dA_next: dh and exp(Δ A) at the step after the chunk."""
+    dA, dBu, xs = _chunk_states(dt, u, A2, B, x0)                             # recomputed from x0
     gC = g[..., None] * C[:, :, :, None, :]
     dh, dhs = dh_next * dA_next, []
     for t in reversed(range(dt.shape[0])):
         dh = gC[t] + (dh if t == dt.shape[0] - 1 else dA[t + 1] * dh)        # dh_t = g_t C_t + exp(Δ_{t+1} A) dh_{t+1}
         dhs.append(dh)
-    dhs = torch.stack(dhs[::-1])                                              # (T, b, G, K, N)
+    dhs = torch.stack(dhs[::-1])                                              # (T, b, G, Dg, N)
     w = dhs * (xs - dBu)                                                      # dh · exp(Δ_t A) x_{t-1}
     dhB = (dhs * B[:, :, :, None, :]).sum(-1)                                 # sum_n dh B
     ddt = (w * A).sum(-1) + u * dhB                                           # dL/dΔ
-    dA_part = (w * dt[..., None]).sum((0, 1))                                 # (G, K, N)
+    dA_part = (w * dt[..., None]).sum((0, 1))                                 # (G, Dg, N)
     du = dt * dhB
     dB = (dhs * (dt * u)[..., None]).sum(-2)                                  # (T, b, G, N): over the group's channels
     dC = (xs * g[..., None]).sum(-2)
@@ -213,37 +245,27 @@ def _chunk_bwd(dt, u, A, A2, B, C, x0, g, dh_next, dA_next):
     return ddt, du, dA_part, dB, dC, y, dhs[0], dA[0]
 
 
-_CHUNK_FNS = {"fwd": _chunk_fwd, "bwd": _chunk_bwd}
+def _compiled(fn):
+    """fn through torch.compile; a failure (at the first call, when compiling happens) becomes
+    one TorchCompileError that says how to run without it."""
+    compiled = torch.compile(fn, dynamic=False)
+
+    def run(*args):
+        try:
+            return compiled(*args)
+        except Exception as e:
+            raise TorchCompileError(
+                f"torch.compile could not build the CPU scan ({type(e).__name__}: {str(e)[:300]}); run without "
+                f"it: `python train_mini.py --no-compile`, or LOCALMAMBA_COMPILE=0, or "
+                f"selective_scan_torch(compile=False)"
+            ) from e
+    return run
 
 
-def compile_torch_path(enable=True):
-    """Compile the torch path's two chunk functions with torch.compile (CPU: C++ via Inductor).
-    Falls back to eager, with a warning, where compiling fails."""
-    if not enable:
-        _CHUNK_FNS.update(fwd=_chunk_fwd, bwd=_chunk_bwd)
-        return False
-    try:
-        _CHUNK_FNS.update(fwd=torch.compile(_chunk_fwd, dynamic=False), bwd=torch.compile(_chunk_bwd, dynamic=False))
-        return True
-    except Exception as e:  # pragma: no cover - depends on the machine
-        print(f"scan_kernel: torch.compile is not available ({e}); using the eager torch path", flush=True)
-        return compile_torch_path(False)
-
-
-def _run_chunk(kind, *args):
-    try:
-        return _CHUNK_FNS[kind](*args)
-    except Exception as e:
-        if _CHUNK_FNS[kind] is (_chunk_fwd if kind == "fwd" else _chunk_bwd):
-            raise
-        print(f"scan_kernel: the compiled torch path failed ({type(e).__name__}: {str(e)[:200]}); "
-              f"falling back to eager", flush=True)
-        compile_torch_path(False)
-        return _CHUNK_FNS[kind](*args)
-
-
-if os.environ.get("LOCALMAMBA_COMPILE", "0") == "1":
-    compile_torch_path(True)
+@functools.lru_cache(maxsize=None)
+def _chunk_fns(compile):
+    """(forward, backward) chunk functions, eager or compiled (compiled once per process)."""
+    return (_compiled(_chunk_fwd), _compiled(_chunk_bwd)) if compile else (_chunk_fwd, _chunk_bwd)
 
 
 def _torch_layout(u, delta, A, B, C, delta_bias, delta_softplus):
@@ -252,44 +274,46 @@ def _torch_layout(u, delta, A, B, C, delta_bias, delta_softplus):
     batch, dim, L = u.shape
     Bg, Cg = _as_groups(B), _as_groups(C)
     G = Bg.shape[1]
-    pad = -L % CHUNK
+    pad = -L % TORCH_CHUNK
     dt_raw = delta.to(f)
     if delta_bias is not None:
         dt_raw = dt_raw + delta_bias.to(f)[None, :, None]
     dt = F.softplus(dt_raw) if delta_softplus else dt_raw                     # (batch, D, L)
     lbgk = lambda t: F.pad(t.to(f), (0, pad)).permute(2, 0, 1).reshape(L + pad, batch, G, dim // G).contiguous()
     lbgn = lambda t: F.pad(t.to(f), (0, pad)).permute(3, 0, 1, 2).contiguous()  # (L', batch, G, N)
-    A_g = A.to(f).reshape(G, dim // G, -1)                                     # (G, D/G, N)
+    A_g = A.to(f).reshape(G, dim // G, -1)                                     # (G, Dg, N)
     return dict(dt_raw=dt_raw, dt=lbgk(dt), u=lbgk(u), A=A_g, A2=A_g * LOG2E, B=lbgn(Bg), C=lbgn(Cg), L=L)
 
 
 class _SelectiveScanTorch(torch.autograd.Function):
-    """One block of the batch (see selective_scan_torch)."""
+    """One block of the batch (see selective_scan_torch). `fns`: the (forward, backward) chunk
+    functions, eager or compiled."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, fns):
         f = _compute_dtype(u)
         batch, dim, L = u.shape
         p = _torch_layout(u, delta, A, B, C, delta_bias, delta_softplus)
         G, N = p["A"].shape[0], p["A"].shape[2]
-        x = u.new_zeros(batch, G, dim // G, N, dtype=f)                       # (batch, G, D/G, N)
+        x = u.new_zeros(batch, G, dim // G, N, dtype=f)                       # (batch, G, Dg, N)
         ys, ckpts = [], []
-        for c0 in range(0, L, CHUNK):
-            sl = slice(c0, c0 + CHUNK)
+        for c0 in range(0, L, TORCH_CHUNK):
+            sl = slice(c0, c0 + TORCH_CHUNK)
             ckpts.append(x)
-            y, x = _run_chunk("fwd", p["dt"][sl], p["u"][sl], p["A2"], p["B"][sl], p["C"][sl], x)
+            y, x = fns[0](p["dt"][sl], p["u"][sl], p["A2"], p["B"][sl], p["C"][sl], x)
             ys.append(y)
         y = torch.cat(ys)[:L].reshape(L, batch, dim).permute(1, 2, 0)          # (batch, D, L)
         if D is not None:
             y = y + D.to(f)[None, :, None] * u.to(f)
         out = y if z is None else y * F.silu(z.to(f))
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, torch.stack(ckpts))
-        ctx.delta_softplus = delta_softplus
+        ctx.delta_softplus, ctx.fns = delta_softplus, fns
         last = x.reshape(batch, dim, N).clone()
         ctx.mark_non_differentiable(last)
         return out.to(u.dtype), last
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dout, _dlast):
         u, delta, A, B, C, D, z, delta_bias, ckpts = ctx.saved_tensors
         f = _compute_dtype(u)
@@ -307,13 +331,13 @@ class _SelectiveScanTorch(torch.autograd.Function):
         gT = F.pad(g, (0, Lp - L)).permute(2, 0, 1).reshape(Lp, batch, G, dim // G).contiguous()
         ddt, du, y = (torch.empty(Lp, batch, G, dim // G, dtype=f, device=u.device) for _ in range(3))
         dB, dC = (torch.empty(Lp, batch, G, N, dtype=f, device=u.device) for _ in range(2))
-        dA_grad = torch.zeros_like(p["A"])                                    # (G, D/G, N)
+        dA_grad = torch.zeros_like(p["A"])                                    # (G, Dg, N)
         dh_next = torch.zeros_like(ckpts[0])                                  # dh after the last chunk: 0
         dA_next = torch.zeros_like(ckpts[0])
         for i in reversed(range(len(ckpts))):
-            sl = slice(i * CHUNK, (i + 1) * CHUNK)
-            ddt[sl], du[sl], dA_part, dB[sl], dC[sl], y[sl], dh_next, dA_next = _run_chunk(
-                "bwd", p["dt"][sl], p["u"][sl], p["A"], p["A2"], p["B"][sl], p["C"][sl], ckpts[i], gT[sl],
+            sl = slice(i * TORCH_CHUNK, (i + 1) * TORCH_CHUNK)
+            ddt[sl], du[sl], dA_part, dB[sl], dC[sl], y[sl], dh_next, dA_next = ctx.fns[1](
+                p["dt"][sl], p["u"][sl], p["A"], p["A2"], p["B"][sl], p["C"][sl], ckpts[i], gT[sl],
                 dh_next, dA_next)
             dA_grad += dA_part
         to_bdl = lambda t: t[:L].reshape(L, batch, dim).permute(1, 2, 0)     # -> (batch, D, L)
@@ -335,14 +359,17 @@ class _SelectiveScanTorch(torch.autograd.Function):
         if C.dim() == 3:
             dC = dC.squeeze(1)
         return (du.to(u.dtype), ddt.to(delta.dtype), dA_grad.reshape(dim, N).to(A.dtype), dB.to(B.dtype),
-                dC.to(C.dtype), dD, dz, ddelta_bias, None)
+                dC.to(C.dtype), dD, dz, ddelta_bias, None, None)
 
 
 def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None,
-                         delta_softplus=False, return_last_state=False):
+                         delta_softplus=False, return_last_state=False, compile=None):
     """The pure-PyTorch path (any device, any float dtype): see `_SelectiveScanTorch`. The batch
-    runs in blocks of `_block_size` samples (the last block padded, so shapes stay static)."""
-    _check_inputs(u, delta, A, B, C, D, z, delta_bias)
+    runs in blocks of `_block_size` samples (the last block padded, so shapes stay static).
+    compile: run the chunk functions through torch.compile; None = the start-up choice
+    (COMPILE_TORCH_PATH)."""
+    _check_inputs(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    fns = _chunk_fns(COMPILE_TORCH_PATH if compile is None else bool(compile))
     batch = u.shape[0]
     blk = _block_size(batch, u.shape[1], A.shape[1])
     pad = -batch % blk
@@ -350,7 +377,7 @@ def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None,
         padb = lambda t: None if t is None else F.pad(t, (0, 0) * (t.dim() - 1) + (0, pad))
         u, delta, B, C, z = padb(u), padb(delta), padb(B), padb(C), padb(z)
     parts = [_SelectiveScanTorch.apply(u[i:i + blk], delta[i:i + blk], A, B[i:i + blk], C[i:i + blk], D,
-                                       None if z is None else z[i:i + blk], delta_bias, delta_softplus)
+                                       None if z is None else z[i:i + blk], delta_bias, delta_softplus, fns)
              for i in range(0, u.shape[0], blk)]
     out = torch.cat([p[0] for p in parts])[:batch]
     last = torch.cat([p[1] for p in parts])[:batch]
@@ -360,18 +387,20 @@ def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None,
 # -----------------------------------------------------------------------------
 # "triton": chunked forward and backward kernels.
 #
-# Program-id -> data: program (pid_d, pid_bg) owns batch b = pid_bg // G, group g = pid_bg % G
-# and BLOCK_D consecutive channels of that group, all N states of each. A tile never crosses
-# a group, so each B/C chunk is loaded once per tile and dB/dC are reduced over the tile's
-# channels in registers before one atomic add per (n, l).
+# Program-id -> data (`_tile`, shared by both kernels): program (pid_d, pid_bg) owns batch
+# b = pid_bg // G, group g = pid_bg % G and BLOCK_D consecutive channels of that group, all N
+# states of each. A tile never crosses a group, so each B/C chunk is loaded once per tile and
+# dB/dC are reduced over the tile's channels in registers before one atomic add per (n, l).
 #
-# Along L the program walks CHUNK-long chunks in order (backward: in reverse order). Inside a
-# chunk the recurrence x_l = a_l x_{l-1} + b_l is a `tl.associative_scan` over the chunk axis
-# with the combine (a1, b1) ∘ (a2, b2) = (a1 a2, a2 b1 + b2): CHUNK steps in parallel, and the
-# (BLOCK_D, N) state carried between chunks in registers. The forward writes the state at the
-# start of every chunk (a checkpoint, (batch, D, n_chunks, N) fp32); the backward reloads it,
-# recomputes the chunk's states and runs the reverse scan for dh in the same registers. Nothing
-# of size (batch, D, L, N) ever touches memory.
+# Along L the program walks chunks of CHUNK steps (a launch constant from `_triton_config`: 16,
+# or 4 for N > 64) in order (backward: in reverse order). Inside a chunk the recurrence
+# x_l = a_l x_{l-1} + b_l is a `tl.associative_scan` over the chunk axis with the combine
+# (a1, b1) ∘ (a2, b2) = (a1 a2, a2 b1 + b2): CHUNK steps in parallel, and the (BLOCK_D, N)
+# state carried between chunks in registers. The forward writes the state at the start of
+# every chunk (a checkpoint, (batch, D, n_chunks, N) fp32); the backward reloads it,
+# recomputes the chunk's states (`_load_and_scan_chunk`, the same code as the forward) and runs the
+# reverse scan for dh in the same registers. Nothing of size (batch, D, L, N) ever touches
+# memory. Offsets are int32: the wrapper refuses shapes whose largest offset reaches 2^31.
 
 if HAS_TRITON:
     @triton.jit
@@ -385,15 +414,10 @@ if HAS_TRITON:
         return tl.where(x <= 20.0, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))), x)
 
     @triton.jit
-    def _scan_fwd_kernel(
-        u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,   # inputs, (batch, D, L) / (D, N) / (batch, G, N, L) / (D,)
-        out_ptr,            # (batch, D, L), u's dtype
-        ckpt_ptr,           # (batch, D, n_chunks, N) fp32: the state before each chunk
-        last_ptr,           # (batch, D, N) fp32: x_{L-1}
-        dim, L, N, G, n_chunks,
-        HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-        BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
-    ):
+    def _tile(A_ptr, D_ptr, bias_ptr, dim, L, N, G,
+              HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+        # program (pid_d, pid_bg) -> batch b, group g, channels offs_d of that group; the tile's
+        # A (BD, BN), D skip and Δ bias (BD,); row / bc_row: where each channel's / B-C row starts
         pid_d = tl.program_id(0)
         pid_bg = tl.program_id(1)
         b = pid_bg // G
@@ -404,41 +428,65 @@ if HAS_TRITON:
         offs_d = g * dg + offs_c                                    # channel within D
         offs_n = tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
-        offs_t = tl.arange(0, CHUNK)
-
-        A = tl.load(A_ptr + offs_d[:, None] * N + offs_n[None, :],
-                    mask=mask_d[:, None] & mask_n[None, :], other=0.0).to(tl.float32)   # (BD, BN)
+        mask_dn = mask_d[:, None] & mask_n[None, :]
+        A = tl.load(A_ptr + offs_d[:, None] * N + offs_n[None, :], mask=mask_dn, other=0.0).to(tl.float32)
+        Dskip = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
         if HAS_D:
             Dskip = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
         if HAS_BIAS:
             bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-
         row = (b * dim + offs_d) * L                                # start of each channel's row
         bc_row = ((b * G + g) * N + offs_n) * L                     # start of each B/C row
+        return b, offs_d, mask_d, offs_n, mask_n, mask_dn, A, Dskip, bias, row, bc_row
+
+    @triton.jit
+    def _load_and_scan_chunk(u_ptr, dt_ptr, B_ptr, C_ptr, row, bc_row, offs_l, mask_d, mask_n, L, A, bias, x0,
+                      HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+        # one chunk: load u, Δ (+ bias, softplus), B, C; scan x_l = exp(Δ_l A) x_{l-1} + Δ_l B_l u_l
+        # from x0. Returns the loads, their mask/pointers, and exp(ΔA), ΔBu, x_l, each (BD, BN, T)
+        mask_l = offs_l < L
+        m2 = mask_d[:, None] & mask_l[None, :]
+        ptrs = row[:, None] + offs_l[None, :]
+        u = tl.load(u_ptr + ptrs, mask=m2, other=0.0).to(tl.float32)               # (BD, T)
+        dt_raw = tl.load(dt_ptr + ptrs, mask=m2, other=0.0).to(tl.float32)         # (BD, T)
+        if HAS_BIAS:
+            dt_raw += bias[:, None]
+        if SOFTPLUS:
+            dt = _softplus(dt_raw)
+        else:
+            dt = dt_raw
+        dt = tl.where(m2, dt, 0.0)            # padding steps must leave the state unchanged
+        mbc = mask_n[:, None] & mask_l[None, :]
+        Bc = tl.load(B_ptr + bc_row[:, None] + offs_l[None, :], mask=mbc, other=0.0).to(tl.float32)  # (BN, T)
+        Cc = tl.load(C_ptr + bc_row[:, None] + offs_l[None, :], mask=mbc, other=0.0).to(tl.float32)  # (BN, T)
+        dA = tl.exp(dt[:, None, :] * A[:, :, None])                                # (BD, BN, T)
+        dBu = (dt * u)[:, None, :] * Bc[None, :, :]                                # (BD, BN, T)
+        P, h = tl.associative_scan((dA, dBu), 2, _recurrence_combine)              # (BD, BN, T) x2
+        xs = h + P * x0[:, :, None]                                                # states of the chunk
+        return u, dt_raw, dt, Bc, Cc, m2, mbc, ptrs, dA, dBu, xs
+
+    @triton.jit
+    def _scan_fwd_kernel(
+        u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr,  # inputs: (batch, D, L) x2, (D, N), (batch, G, N, L) x2
+        D_ptr, z_ptr, bias_ptr,             # optional: (D,), (batch, D, L), (D,)
+        out_ptr,            # (batch, D, L), u's dtype
+        ckpt_ptr,           # (batch, D, n_chunks, N) fp32: the state before each chunk
+        last_ptr,           # (batch, D, N) fp32: x_{L-1}
+        dim, L, N, G, n_chunks,
+        HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+        BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
+    ):
+        b, offs_d, mask_d, offs_n, mask_n, mask_dn, A, Dskip, bias, row, bc_row = _tile(
+            A_ptr, D_ptr, bias_ptr, dim, L, N, G, HAS_D, HAS_BIAS, BLOCK_D, BLOCK_N)
+        offs_t = tl.arange(0, CHUNK)
         x = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
         for c in range(0, n_chunks):
-            offs_l = c * CHUNK + offs_t
-            mask_l = offs_l < L
-            m2 = mask_d[:, None] & mask_l[None, :]
-            ptrs = row[:, None] + offs_l[None, :]
-            u = tl.load(u_ptr + ptrs, mask=m2, other=0.0).to(tl.float32)               # (BD, T)
-            dt = tl.load(dt_ptr + ptrs, mask=m2, other=0.0).to(tl.float32)             # (BD, T)
-            if HAS_BIAS:
-                dt += bias[:, None]
-            if SOFTPLUS:
-                dt = _softplus(dt)
-            dt = tl.where(m2, dt, 0.0)        # padding steps must leave the state unchanged
-            mbc = mask_n[:, None] & mask_l[None, :]
-            Bc = tl.load(B_ptr + bc_row[:, None] + offs_l[None, :], mask=mbc, other=0.0).to(tl.float32)  # (BN, T)
-            Cc = tl.load(C_ptr + bc_row[:, None] + offs_l[None, :], mask=mbc, other=0.0).to(tl.float32)  # (BN, T)
-
             tl.store(ckpt_ptr + (((b * dim + offs_d[:, None]) * n_chunks + c) * N + offs_n[None, :]), x,
-                     mask=mask_d[:, None] & mask_n[None, :])
-
-            dA = tl.exp(dt[:, None, :] * A[:, :, None])                                # (BD, BN, T)
-            dBu = (dt * u)[:, None, :] * Bc[None, :, :]                                # (BD, BN, T)
-            P, h = tl.associative_scan((dA, dBu), 2, _recurrence_combine)              # (BD, BN, T) x2
-            xs = h + P * x[:, :, None]                                                 # states of the chunk
+                     mask=mask_dn)
+            u, dt_raw, dt, Bc, Cc, m2, mbc, ptrs, dA, dBu, xs = _load_and_scan_chunk(
+                u_ptr, dt_ptr, B_ptr, C_ptr, row, bc_row, c * CHUNK + offs_t, mask_d, mask_n, L, A, bias, x,
+                HAS_BIAS, SOFTPLUS)
             y = tl.sum(xs * Cc[None, :, :], axis=1)                                    # (BD, T)
             if HAS_D:
                 y += Dskip[:, None] * u
@@ -448,42 +496,23 @@ if HAS_TRITON:
             tl.store(out_ptr + ptrs, y.to(out_ptr.dtype.element_ty), mask=m2)
             x = tl.sum(tl.where(offs_t[None, None, :] == CHUNK - 1, xs, 0.0), axis=2)  # carry (BD, BN)
 
-        tl.store(last_ptr + (b * dim + offs_d[:, None]) * N + offs_n[None, :], x,
-                 mask=mask_d[:, None] & mask_n[None, :])
+        tl.store(last_ptr + (b * dim + offs_d[:, None]) * N + offs_n[None, :], x, mask=mask_dn)
 
     @triton.jit
     def _scan_bwd_kernel(
         u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, ckpt_ptr,  # as in the forward
+        dim, L, N, G, n_chunks,
         dout_ptr,           # (batch, D, L)
         du_ptr, ddt_ptr, dz_ptr,    # (batch, D, L) fp32
         dA_ptr,             # (batch, D, N) fp32 partial sums, summed over batch by the wrapper
         dB_ptr, dC_ptr,     # (batch, G, N, L) fp32, zeroed; atomically accumulated over channel tiles
         dD_ptr, dbias_ptr,  # (batch, D) fp32 partial sums
-        dim, L, N, G, n_chunks,
         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
     ):
-        pid_d = tl.program_id(0)
-        pid_bg = tl.program_id(1)
-        b = pid_bg // G
-        g = pid_bg % G
-        dg = dim // G
-        offs_c = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-        mask_d = offs_c < dg
-        offs_d = g * dg + offs_c
-        offs_n = tl.arange(0, BLOCK_N)
-        mask_n = offs_n < N
-        mask_dn = mask_d[:, None] & mask_n[None, :]
+        b, offs_d, mask_d, offs_n, mask_n, mask_dn, A, Dskip, bias, row, bc_row = _tile(
+            A_ptr, D_ptr, bias_ptr, dim, L, N, G, HAS_D, HAS_BIAS, BLOCK_D, BLOCK_N)
         offs_t = tl.arange(0, CHUNK)
-
-        A = tl.load(A_ptr + offs_d[:, None] * N + offs_n[None, :], mask=mask_dn, other=0.0).to(tl.float32)
-        if HAS_D:
-            Dskip = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-
-        row = (b * dim + offs_d) * L
-        bc_row = ((b * G + g) * N + offs_n) * L
         dh_carry = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)    # dh at the first step of the next chunk
         dA_acc = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
         dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
@@ -491,37 +520,22 @@ if HAS_TRITON:
         for i in range(0, n_chunks):
             c = n_chunks - 1 - i
             offs_l = c * CHUNK + offs_t
-            mask_l = offs_l < L
-            m2 = mask_d[:, None] & mask_l[None, :]
-            ptrs = row[:, None] + offs_l[None, :]
-            u = tl.load(u_ptr + ptrs, mask=m2, other=0.0).to(tl.float32)               # (BD, T)
-            dt_raw = tl.load(dt_ptr + ptrs, mask=m2, other=0.0).to(tl.float32)
+            # 1. recompute this chunk's states from its checkpoint
+            x0 = tl.load(ckpt_ptr + (((b * dim + offs_d[:, None]) * n_chunks + c) * N + offs_n[None, :]),
+                         mask=mask_dn, other=0.0)
+            u, dt_raw, dt, Bc, Cc, m2, mbc, ptrs, dA, dBu, xs = _load_and_scan_chunk(
+                u_ptr, dt_ptr, B_ptr, C_ptr, row, bc_row, offs_l, mask_d, mask_n, L, A, bias, x0,
+                HAS_BIAS, SOFTPLUS)
+            a = xs - dBu                                                               # exp(Δ_l A) x_{l-1}
             # Δ at l+1, for the factor exp(Δ_{l+1} A) of the reverse scan
             m2n = mask_d[:, None] & (offs_l[None, :] + 1 < L)
             dtn = tl.load(dt_ptr + ptrs + 1, mask=m2n, other=0.0).to(tl.float32)
             if HAS_BIAS:
-                dt_raw += bias[:, None]
                 dtn += bias[:, None]
             if SOFTPLUS:
-                dt = _softplus(dt_raw)
                 dtn = _softplus(dtn)
-            else:
-                dt = dt_raw
-            dt = tl.where(m2, dt, 0.0)
             dtn = tl.where(m2n, dtn, 0.0)
-            mbc = mask_n[:, None] & mask_l[None, :]
-            Bc = tl.load(B_ptr + bc_row[:, None] + offs_l[None, :], mask=mbc, other=0.0).to(tl.float32)  # (BN, T)
-            Cc = tl.load(C_ptr + bc_row[:, None] + offs_l[None, :], mask=mbc, other=0.0).to(tl.float32)
             dout = tl.load(dout_ptr + ptrs, mask=m2, other=0.0).to(tl.float32)
-
-            # 1. recompute this chunk's states from its checkpoint
-            x0 = tl.load(ckpt_ptr + (((b * dim + offs_d[:, None]) * n_chunks + c) * N + offs_n[None, :]),
-                         mask=mask_dn, other=0.0)
-            dA = tl.exp(dt[:, None, :] * A[:, :, None])                                # (BD, BN, T)
-            dBu = (dt * u)[:, None, :] * Bc[None, :, :]
-            P, h = tl.associative_scan((dA, dBu), 2, _recurrence_combine)
-            xs = h + P * x0[:, :, None]                                                # x_l
-            a = xs - dBu                                                               # exp(Δ_l A) x_{l-1}
 
             # 2. the gate and the output gradient
             y = tl.sum(xs * Cc[None, :, :], axis=1)                                    # (BD, T)
@@ -580,43 +594,68 @@ def _triton_config(N, dg):
     return BLOCK_D, BLOCK_N, CHUNK
 
 
+INT32_LIMIT = 2 ** 31
+
+
+def triton_largest_offset(batch, dim, L, N, G):
+    """The largest element offset the kernels compute for this shape: over the (batch, D, L)
+    rows, the (batch, G, N, L) B/C rows and the (batch, D, n_chunks, N) checkpoints."""
+    n_chunks = -(-L // _triton_config(N, dim // G)[2])
+    return max(batch * dim * L, batch * G * N * L, batch * dim * n_chunks * N, batch * dim * N)
+
+
+def _launch_meta(D, z, delta_bias, delta_softplus, dim, L, N, G, batch):
+    """The grid and the compile-time flags of one launch (forward or backward), after checking
+    that every offset fits the kernels' int32 arithmetic."""
+    largest = triton_largest_offset(batch, dim, L, N, G)
+    if largest >= INT32_LIMIT:
+        raise ValueError(f"selective_scan: backend='triton' computes offsets in int32, and this shape (batch "
+                         f"{batch}, D {dim}, L {L}, N {N}, G {G}) needs offsets up to {largest:,} >= 2^31; "
+                         f"split the batch, or use backend='torch'")
+    BLOCK_D, BLOCK_N, CHUNK = _triton_config(N, dim // G)
+    grid = (triton.cdiv(dim // G, BLOCK_D), batch * G)
+    flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+                 SOFTPLUS=bool(delta_softplus), BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, CHUNK=CHUNK)
+    return grid, triton.cdiv(L, CHUNK), flags
+
+
+def _or_dummy(t, dummy):
+    """A kernel pointer argument for an optional tensor: its flag (HAS_D, ...) is off when t is
+    None, and the kernel never reads the dummy it gets instead."""
+    return dummy if t is None else t
+
+
 class _SelectiveScanTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
         batch, dim, L = u.shape
         N = A.shape[1]
-        Bg, Cg = _as_groups(B).contiguous(), _as_groups(C).contiguous()
+        # the kernels index every tensor as dense row-major: make each one so (a no-op when it is)
+        u, delta, A, Bg, Cg = (t.contiguous() for t in (u, delta, A, _as_groups(B), _as_groups(C)))
+        D, z, delta_bias = (None if t is None else t.contiguous() for t in (D, z, delta_bias))
         G = Bg.shape[1]
-        u, delta = u.contiguous(), delta.contiguous()
-        z = None if z is None else z.contiguous()
-        A = A.contiguous()
-        BLOCK_D, BLOCK_N, CHUNK = _triton_config(N, dim // G)
-        n_chunks = triton.cdiv(L, CHUNK)
+        grid, n_chunks, flags = _launch_meta(D, z, delta_bias, delta_softplus, dim, L, N, G, batch)
         out = torch.empty_like(u)
         ckpt = torch.empty(batch, dim, n_chunks, N, device=u.device, dtype=torch.float32)
         last = torch.empty(batch, dim, N, device=u.device, dtype=torch.float32)
-        grid = (triton.cdiv(dim // G, BLOCK_D), batch * G)
-        _scan_fwd_kernel[grid](
-            u, delta, A, Bg, Cg, D if D is not None else u, z if z is not None else u,
-            delta_bias if delta_bias is not None else u, out, ckpt, last,
-            dim, L, N, G, n_chunks,
-            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-            SOFTPLUS=bool(delta_softplus), BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, CHUNK=CHUNK,
-        )
+        with torch.cuda.device(u.device) if u.is_cuda else contextlib.nullcontext():   # launch on u's GPU
+            _scan_fwd_kernel[grid](
+                u, delta, A, Bg, Cg, _or_dummy(D, u), _or_dummy(z, u), _or_dummy(delta_bias, u), out, ckpt, last,
+                dim, L, N, G, n_chunks, **flags)
         ctx.save_for_backward(u, delta, A, Bg, Cg, D, z, delta_bias, ckpt)
         ctx.meta = (delta_softplus, B.dim() == 3, C.dim() == 3, B.dtype, C.dtype)
         ctx.mark_non_differentiable(last)
         return out, last
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dout, _dlast):
         u, delta, A, Bg, Cg, D, z, delta_bias, ckpt = ctx.saved_tensors
         delta_softplus, squeeze_B, squeeze_C, B_dtype, C_dtype = ctx.meta
         batch, dim, L = u.shape
         N = A.shape[1]
         G = Bg.shape[1]
-        BLOCK_D, BLOCK_N, CHUNK = _triton_config(N, dim // G)
-        n_chunks = ckpt.shape[2]
+        grid, n_chunks, flags = _launch_meta(D, z, delta_bias, delta_softplus, dim, L, N, G, batch)
         dout = dout.contiguous()
         f32 = dict(device=u.device, dtype=torch.float32)
         du, ddt = torch.empty(batch, dim, L, **f32), torch.empty(batch, dim, L, **f32)
@@ -625,16 +664,11 @@ class _SelectiveScanTriton(torch.autograd.Function):
         dB, dC = torch.zeros(batch, G, N, L, **f32), torch.zeros(batch, G, N, L, **f32)
         dD = torch.empty(batch, dim, **f32) if D is not None else None
         dbias = torch.empty(batch, dim, **f32) if delta_bias is not None else None
-        grid = (triton.cdiv(dim // G, BLOCK_D), batch * G)
-        _scan_bwd_kernel[grid](
-            u, delta, A, Bg, Cg, D if D is not None else u, z if z is not None else u,
-            delta_bias if delta_bias is not None else u, ckpt, dout,
-            du, ddt, dz if dz is not None else du, dA, dB, dC,
-            dD if dD is not None else du, dbias if dbias is not None else du,
-            dim, L, N, G, n_chunks,
-            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-            SOFTPLUS=bool(delta_softplus), BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, CHUNK=CHUNK,
-        )
+        with torch.cuda.device(u.device) if u.is_cuda else contextlib.nullcontext():
+            _scan_bwd_kernel[grid](
+                u, delta, A, Bg, Cg, _or_dummy(D, u), _or_dummy(z, u), _or_dummy(delta_bias, u), ckpt,
+                dim, L, N, G, n_chunks,
+                dout, du, ddt, _or_dummy(dz, du), dA, dB, dC, _or_dummy(dD, du), _or_dummy(dbias, du), **flags)
         dB = dB.squeeze(1) if squeeze_B else dB
         dC = dC.squeeze(1) if squeeze_C else dC
         return (du.to(u.dtype), ddt.to(delta.dtype), dA.sum(0).to(A.dtype), dB.to(B_dtype), dC.to(C_dtype),
@@ -644,8 +678,9 @@ class _SelectiveScanTriton(torch.autograd.Function):
 
 def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None,
                           delta_softplus=False, return_last_state=False):
-    """The Triton kernels (CUDA tensors; CPU tensors under TRITON_INTERPRET=1). fp32/fp16/bf16."""
-    _check_inputs(u, delta, A, B, C, D, z, delta_bias)
+    """The Triton kernels (CUDA tensors; CPU tensors under TRITON_INTERPRET=1). Inputs in fp32,
+    fp16 or bf16 (each may differ); the arithmetic is fp32."""
+    _check_inputs(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     if not HAS_TRITON:
         raise RuntimeError("selective_scan: backend='triton' needs the triton package (pip install triton); "
                            "use backend='torch' instead")
@@ -653,8 +688,8 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None,
         raise ValueError(f"selective_scan: backend='triton' needs CUDA tensors (u is on {u.device}); "
                          "set TRITON_INTERPRET=1 before importing triton to run the kernels on the CPU, "
                          "or use backend='torch'")
-    if u.dtype == torch.float64:
-        raise ValueError("selective_scan: backend='triton' computes in fp32 and takes fp32/fp16/bf16 u; "
+    if torch.float64 in {t.dtype for t in (u, delta, A, B, C, D, z, delta_bias) if t is not None}:
+        raise ValueError("selective_scan: backend='triton' computes in fp32 and takes fp32/fp16/bf16 tensors; "
                          "for float64 use backend='ref' or 'torch'")
     out, last = _SelectiveScanTriton.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     return (out, last.detach()) if return_last_state else out
@@ -677,10 +712,10 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None,
         use_triton = HAS_TRITON and isinstance(u, torch.Tensor) and u.is_cuda
         backend = "triton" if use_triton else "torch"
     if backend not in _BACKENDS:
-        raise ValueError(f"selective_scan: backend must be one of 'auto', {', '.join(map(repr, _BACKENDS))}; got {backend!r}")
+        raise ValueError(f"selective_scan: backend must be one of 'auto', {', '.join(map(repr, _BACKENDS))}; "
+                         f"got {backend!r}")
     return _BACKENDS[backend](u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
                               delta_softplus=delta_softplus, return_last_state=return_last_state)
-
 
 # -----------------------------------------------------------------------------
 # GPU machine code without a GPU: python scan_kernel.py --compile-check 80 90
@@ -790,10 +825,10 @@ def bench(reps=5):
                     call = lambda: mamba_scan(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"],
                                               x["delta_bias"], True)
                 else:
-                    compile_torch_path(be == "torch+compile")
-                    call = lambda: selective_scan(x["u"], x["delta"], x["A"], x["B"], x["C"], D=x["D"], z=x["z"],
-                                                  delta_bias=x["delta_bias"], delta_softplus=True,
-                                                  backend=be.replace("+compile", ""))
+                    fn = _BACKENDS[be.replace("+compile", "")]
+                    opt = dict(compile=be == "torch+compile") if be.startswith("torch") else {}
+                    call = lambda: fn(x["u"], x["delta"], x["A"], x["B"], x["C"], D=x["D"], z=x["z"],
+                                      delta_bias=x["delta_bias"], delta_softplus=True, **opt)
                 dout = torch.randn_like(x["u"])
                 fwd_bwd = lambda: call().backward(dout)
                 if dev == "cuda":
@@ -814,7 +849,8 @@ def bench(reps=5):
                     bf, bb = _min_bytes(batch, dim, N, L, G, dtype)
                     gbs = f"{bf / t_f / 1e6:.0f} GB/s fwd (floor {bf / 3.0e9 * 1e3:.3f} ms at 3 TB/s)"
                 speedup = f"{base / t_fb:.1f}x" if base else ""
-                rows.append((name, f"{be} {dev} {str(dtype).replace('torch.', '')}", f"{t_f:.2f}", f"{t_fb:.2f}", speedup, gbs))
+                label = f"{be} {dev} {str(dtype).replace('torch.', '')}"
+                rows.append((name, label, f"{t_f:.2f}", f"{t_fb:.2f}", speedup, gbs))
                 print(" | ".join(rows[-1]), flush=True)
     dev = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
     print(f"\nselective scan, with z, D, delta_bias, softplus; {dev}; torch {torch.__version__}"
@@ -827,7 +863,8 @@ def bench(reps=5):
 
 if __name__ == "__main__":
     import argparse
-    ap = argparse.ArgumentParser(description="selective scan: benchmark the backends available here, or compile-check the GPU kernels")
+    ap = argparse.ArgumentParser(
+        description="selective scan: benchmark the backends available here, or compile-check the GPU kernels")
     ap.add_argument("--bench", action="store_true", help="time ref/torch (CPU) and triton/mamba_ssm (CUDA)")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--compile-check", type=int, nargs="*", metavar="ARCH",

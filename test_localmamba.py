@@ -1,6 +1,7 @@
 """
 test_localmamba.py: every fast path against the naive reference, the models against the facts
-of the official code (../shared/SPEC.md), the trainer end to end.
+of the paper and of the official code (hunto/LocalMamba, written into this file where a test
+needs them), the trainer and the study end to end.
 
 Run: `python -m pytest -q test_localmamba.py` (README.md). The Triton kernels run on the CPU
 under TRITON_INTERPRET=1, which must be set before triton is imported: this file sets it
@@ -43,8 +44,9 @@ def scan_inputs(batch=2, dim=12, L=65, N=5, G=2, dtype=torch.float32, seed=0, gr
 
 
 def loop_float64(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
-    """An independent float64 loop, written here from SPEC.md §1 (not from scan_kernel):
-    explicit group index per channel, softplus written out, the state as a python list."""
+    """An independent float64 loop, written here from Mamba's equations (arXiv 2312.00752 eq. 2
+    with ZOH for A, Euler for B), not from scan_kernel: explicit group index per channel (channel
+    d reads group d // (D/G)), softplus with torch's threshold 20 written out, the states as a list."""
     u, delta, A, B, C = (t.double() for t in (u, delta, A, B, C))
     batch, dim, L = u.shape
     if B.dim() == 3:
@@ -262,7 +264,7 @@ def _bad_call(**over):
     (dict(C=torch.randn(2, 2, 4, 6)), r"C must be \(batch, N, L\)"),
     (dict(D=torch.randn(9)), r"D must be \(8,\)"),
     (dict(z=torch.randn(2, 8, 4)), r"z must be \(2, 8, 5\)"),
-    (dict(delta=torch.randn(2, 8, 5, dtype=torch.float64)), r"delta must have u's dtype"),
+    (dict(delta=torch.randn(2, 8, 5).int()), r"delta must be float16, bfloat16, float32 or float64"),
     (dict(A=torch.randn(8, 4, device="meta")), r"all tensors must be on one device"),
 ])
 def test_scan_bad_input_raises_value_error(over, match):
@@ -275,8 +277,114 @@ def test_scan_bad_backend_name():
         selective_scan(*[scan_inputs(batch=1, dim=2, L=2, N=2, G=1)[k] for k in ("u", "delta", "A", "B", "C")], backend="cuda")
 
 
+BACKENDS = ["ref", "torch", pytest.param("triton", marks=needs_triton)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_scan_takes_non_contiguous_inputs(backend):
+    """Every tensor input may be a strided view (D and delta_bias sliced from a wider tensor, u a
+    transposed copy, B/C sliced): the result equals the one from contiguous copies."""
+    inp = scan_inputs(batch=2, dim=12, L=21, N=4, G=2, seed=13)
+    flags = (True, True, True, True)
+    dout = torch.randn(2, 12, 21, generator=torch.Generator().manual_seed(14))
+    want = run_scan(loop_float64, {k: v.double() for k, v in inp.items()}, flags, dout)
+    strided = dict(inp)
+    strided["D"] = torch.stack([inp["D"], -inp["D"]], 1)[:, 0]                   # stride 2
+    strided["delta_bias"] = torch.stack([inp["delta_bias"], 7 + inp["delta_bias"]], 1)[:, 0]
+    strided["u"] = inp["u"].transpose(1, 2).contiguous().transpose(1, 2)         # (batch, L, D) memory
+    strided["B"] = torch.cat([inp["B"], inp["B"]], 2)[:, :, :4]                  # a slice of a wider tensor
+    assert not any(strided[k].is_contiguous() for k in ("D", "delta_bias", "u", "B"))
+    dev = TRITON_DEVICE if backend == "triton" else "cpu"
+    t = {k: v.detach().clone().to(dev) if k not in ("D", "delta_bias", "u", "B") else v.to(dev)
+         for k, v in strided.items()}
+    for v in t.values():
+        v.requires_grad_(True) if v.is_leaf else v.retain_grad()
+    out, last = selective_scan(t["u"], t["delta"], t["A"], t["B"], t["C"], D=t["D"], z=t["z"],
+                               delta_bias=t["delta_bias"], delta_softplus=True, return_last_state=True, backend=backend)
+    out.backward(dout.to(dev))
+    got = (out.cpu(), last.cpu(), {k: v.grad.cpu() for k, v in t.items()})
+    assert_scan_close(got, want, 1e-5, f"{backend} non-contiguous")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("over, match", [
+    (dict(C=torch.randn(2, 4, 5)), r"B and C must have the same layout and groups, got B \(batch, G, N, L\) with G = 2"),
+    (dict(B=torch.randn(2, 4, 5)), r"got B \(batch, N, L\) and C \(batch, G, N, L\) with G = 2"),
+    (dict(B=torch.randn(2, 1, 4, 5)), r"B and C must have the same layout and groups"),
+    (dict(delta_softplus=1), r"delta_softplus must be True or False, got 1"),
+    (dict(delta_softplus="yes"), r"delta_softplus must be True or False"),
+    (dict(u=torch.randn(0, 8, 5), delta=torch.randn(0, 8, 5), z=torch.randn(0, 8, 5), B=torch.randn(0, 2, 4, 5),
+          C=torch.randn(0, 2, 4, 5)), r"every dimension must be at least 1"),
+    (dict(u=torch.randn(2, 8, 0), delta=torch.randn(2, 8, 0), z=torch.randn(2, 8, 0), B=torch.randn(2, 2, 4, 0),
+          C=torch.randn(2, 2, 4, 0)), r"every dimension must be at least 1"),
+    (dict(A=torch.randn(8, 0), B=torch.randn(2, 2, 0, 5), C=torch.randn(2, 2, 0, 5)), r"every dimension"),
+])
+def test_every_backend_refuses_the_same_calls(backend, over, match):
+    """B and C grouped differently, a non-bool delta_softplus, zero-size dimensions: refused with
+    one ValueError before any backend runs (mamba_ssm refuses mismatched B/C too)."""
+    inp = scan_inputs(batch=2, dim=8, L=5, N=4, G=2)
+    inp.update(delta_softplus=False)
+    inp.update(over)
+    dev = TRITON_DEVICE if backend == "triton" else "cpu"
+    t = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in inp.items()}
+    with pytest.raises(ValueError, match=match):
+        selective_scan(t["u"], t["delta"], t["A"], t["B"], t["C"], D=t["D"], z=t["z"], delta_bias=t["delta_bias"],
+                       delta_softplus=t["delta_softplus"], backend=backend)
+
+
+@pytest.mark.skipif(not scan_kernel.HAS_TRITON, reason="triton is not installed")
+def test_triton_refuses_shapes_whose_offsets_overflow_int32():
+    """The kernels compute offsets in int32. A shape whose largest offset reaches 2^31 is refused
+    with the limit named, before anything is allocated (checked here on the launch planner alone)."""
+    batch, dim, L, N, G = 256, 1536, 5600, 16, 4            # batch·D·L = 2.2e9 > 2^31
+    assert scan_kernel.triton_largest_offset(batch, dim, L, N, G) == batch * dim * L >= 2 ** 31
+    with pytest.raises(ValueError, match=r"int32.*2\^31.*backend='torch'"):
+        scan_kernel._launch_meta(None, None, None, True, dim, L, N, G, batch)
+    # the checkpoint buffer is the largest at N = 64: (batch, D, n_chunks, N) with chunks of 16 steps
+    batch, dim, L, N, G = 2048, 1536, 197, 64, 4
+    n_chunks = -(-L // 16)
+    assert scan_kernel.triton_largest_offset(batch, dim, L, N, G) == batch * dim * n_chunks * N >= 2 ** 31
+    with pytest.raises(ValueError, match="2\\^31"):
+        scan_kernel._launch_meta(None, None, None, True, dim, L, N, G, batch)
+    grid, n_chunks, flags = scan_kernel._launch_meta(None, None, None, True, 1536, 197, 16, 4, 128)  # Vim-T: fits
+    assert flags["CHUNK"] == 16 and n_chunks == 13
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_double_backward_raises_and_ref_supports_it(backend):
+    """The hand-written backwards are once-differentiable: a second derivative raises instead of
+    coming out silently wrong (torch) or silently absent (triton); the ref loop has one."""
+    dev = TRITON_DEVICE if backend == "triton" else "cpu"
+    inp = {k: v.to(dev).requires_grad_() for k, v in scan_inputs(batch=1, dim=4, L=6, N=3, G=2).items()}
+    call = lambda be: selective_scan(inp["u"], inp["delta"], inp["A"], inp["B"], inp["C"], D=inp["D"], z=inp["z"],
+                                     delta_bias=inp["delta_bias"], delta_softplus=True, backend=be)
+    (g,) = torch.autograd.grad(call(backend).square().sum(), inp["u"], create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        g.sum().backward()
+    if dev == "cpu":
+        (g,) = torch.autograd.grad(call("ref").square().sum(), inp["u"], create_graph=True)
+        g.sum().backward()
+        assert inp["u"].grad is not None and torch.isfinite(inp["u"].grad).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_scan_mixed_dtypes_compute_in_fp32(backend):
+    """Under autocast a model can hand the scan bf16 u but fp32 delta (a dt_rank-1 projection is
+    not autocast to bf16): every input is cast to fp32 inside, the output comes in u's dtype, and
+    each gradient in its input's dtype (the official LocalVMamba casts its scan inputs the same)."""
+    inp = scan_inputs(batch=2, dim=8, L=9, N=4, G=2, seed=15)
+    inp["u"], inp["z"], inp["B"] = inp["u"].bfloat16(), inp["z"].bfloat16(), inp["B"].bfloat16()
+    flags = (True, True, True, True)
+    dout = torch.randn(2, 8, 9, generator=torch.Generator().manual_seed(16)).bfloat16()
+    got = run_scan(selective_scan, inp, flags, dout, return_last_state=True, backend=backend)
+    want = run_scan(loop_float64, {k: v.double() for k, v in inp.items()}, flags, dout)
+    assert got[0].dtype == torch.bfloat16 and got[2]["delta"].dtype == torch.float32
+    assert got[2]["u"].dtype == got[2]["B"].dtype == torch.bfloat16
+    assert_scan_close(got, want, 2 * 2 ** -8, f"{backend} mixed dtypes")   # bf16 rounding of out and du/dB
+
+
 # =============================================================================
-# 2. scan orders, SCAttn, the mixers, the models (localmamba.py against SPEC.md §2-§8)
+# 2. scan orders, SCAttn, the mixers, the models (localmamba.py against the paper and the official code)
 
 import json
 import math
@@ -285,11 +393,11 @@ from pathlib import Path
 import localmamba as lm
 from localmamba import create_model, derive_directions, load_checkpoint, scan_order
 
-SHARED = Path(__file__).resolve().parent.parent / "shared"
 P = -1
 
 
-def test_scan_orders_on_the_spec_4x4_example():
+def test_scan_orders_on_a_4x4_example():
+    """The orders of paper Fig. 2 / official local_scan.py on a 4×4 grid, written out by hand."""
     assert scan_order("h", 4, 4).tolist() == list(range(16))
     assert scan_order("h_flip", 4, 4).tolist() == list(range(15, -1, -1))
     assert scan_order("v", 4, 4).tolist()[:8] == [0, 4, 8, 12, 1, 5, 9, 13]
@@ -301,7 +409,9 @@ def test_scan_orders_on_the_spec_4x4_example():
 
 
 def brute_force_order(direction, H, W):
-    """SPEC.md §2 formulas, one token at a time."""
+    """The official orders as formulas, one token at a time: token (i, j) is i*W + j; `v` visits
+    it at step j*H + i; `wK` pads the grid to multiples of K and visits it at step
+    ((i//K)*(Wp/K) + j//K)*K² + (i%K)*K + j%K; `_flip` reverses the whole padded sequence."""
     kind, k, flip = lm.parse_direction(direction)
     if kind == "h":
         seq = [i * W + j for i in range(H) for j in range(W)]
@@ -324,7 +434,7 @@ GRIDS = [(4, 4), (3, 5), (5, 3), (14, 14), (7, 7), (6, 9), (1, 4), (2, 1)]
 
 
 @pytest.mark.parametrize("H,W", GRIDS)
-def test_scan_orders_match_the_spec_formulas(H, W):
+def test_scan_orders_match_the_formulas(H, W):
     for d in lm.DIRECTIONS + ("w3", "w3_flip", "w1", "w5_flip"):
         assert scan_order(d, H, W).tolist() == brute_force_order(d, H, W), (d, H, W)
 
@@ -337,7 +447,7 @@ def test_scan_unscan_round_trip(H, W):
         s = lm.scan_tokens(x, order)
         assert s.shape[-1] == len(order)
         assert torch.equal(s[..., order < 0], torch.zeros_like(s[..., order < 0]))   # padding is zeros
-        assert torch.equal(lm.unscan_tokens(s, order, H * W), x), (d, H, W)
+        assert torch.equal(lm.unscan_tokens(s, lm.inverse_order(order, H * W)), x), (d, H, W)
 
 
 def test_official_v_unscan_is_wrong_for_non_square_grids_and_ours_is_not():
@@ -346,7 +456,7 @@ def test_official_v_unscan_is_wrong_for_non_square_grids_and_ours_is_not():
     s = lm.scan_tokens(x, scan_order("v", H, W))
     official = s.view(1, 1, H, W).transpose(-1, -2).reshape(1, 1, -1)   # rearrange 'b d (h w) -> b d (w h)'
     assert not torch.equal(official, x)
-    assert torch.equal(lm.unscan_tokens(s, scan_order("v", H, W), H * W), x)
+    assert torch.equal(lm.unscan_tokens(s, lm.inverse_order(scan_order("v", H, W), H * W)), x)
 
 
 @pytest.mark.parametrize("name", ["x", "w0", "w", "hflip", "h_flip_flip", "d2", 3])
@@ -383,7 +493,7 @@ def test_scattn_spatial_branch_gates_tokens():
 # --- an official-style mixer, written here per direction (the official loop over K calls) ----
 
 def _official_scan(x, d, H, W):
-    """(B, C, L) -> (B, C, Ls): official MultiScan.scan semantics, by reshapes (SPEC §2)."""
+    """(B, C, L) -> (B, C, Ls): official MultiScan.scan semantics (multi_mamba.py, local_scan.py), by reshapes."""
     kind, k, flip = lm.parse_direction(d)
     B, C, L = x.shape
     if kind == "h":
@@ -454,13 +564,13 @@ def official_vim_mixer(m, h, H, W, cls_pos=None):
 ])
 def test_vim_mixer_one_grouped_call_equals_k_separate_calls(H, W, dirs, cls):
     torch.manual_seed(0)
-    m = lm.LocalVimMixer(16, dirs or list(lm.DIRECTIONS), search=dirs is None)
+    cls_pos = (H * W) // 2 if cls else None
+    m = lm.LocalVimMixer(16, dirs or list(lm.DIRECTIONS), (H, W), cls_pos, search=dirs is None)
     with torch.no_grad():   # move off the symmetric init so that a mix-up of directions would show
         for p in m.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    cls_pos = (H * W) // 2 if cls else None
     h = torch.randn(2, H * W + cls, 16)
-    got = m(h, H, W, cls_pos)
+    got = m(h)
     want = official_vim_mixer(m, h, H, W, cls_pos)
     assert rel_err(got, want) < 1e-5
 
@@ -502,7 +612,9 @@ def test_ss2d_one_grouped_call_equals_k_separate_calls(H, W, dirs):
 # --- parameters: names, shapes and counts as the official models have them -----------------
 
 def expected_vim_state(D, depth, dirs, cls=False, rope=True, L=196, classes=1000, N=16):
-    """Official VisionMamba's state_dict shapes, enumerated from SPEC.md §4 (not from localmamba)."""
+    """Official VisionMamba's state_dict shapes (local_vim.py + multi_mamba.py), enumerated here (not
+    from localmamba): patch embed, pos embed, RoPE buffers, per layer a shared in_proj/out_proj/SCAttn
+    and per direction conv1d_k, x_proj_k, dt_proj_k, A_log_k, D_k; RMSNorm; head."""
     E, R, r = 2 * D, math.ceil(D / 16), int(2 * D * 0.125)
     s = {"patch_embed.proj.weight": (D, 3, 16, 16), "patch_embed.proj.bias": (D,), "pos_embed": (1, L + cls, D),
          "norm_f.weight": (D,), "head.weight": (classes, D), "head.bias": (classes,)}
@@ -529,7 +641,9 @@ def expected_vim_state(D, depth, dirs, cls=False, rope=True, L=196, classes=1000
 
 
 def expected_vmamba_state(dims, depths, dirs, classes=1000, N=16):
-    """Official VSSM's state_dict shapes, enumerated from SPEC.md §5."""
+    """Official VSSM's state_dict shapes (local_vmamba.py), enumerated here: stem conv + LayerNorm,
+    per block SS2D with stacked per-direction x_proj/dt_projs/A_logs/Ds and SCAttn under
+    op.multi_scan.attn, patch merging between stages, classifier norm + head."""
     s = {"patch_embed.0.weight": (dims[0], 3, 4, 4), "patch_embed.0.bias": (dims[0],),
          "patch_embed.2.weight": (dims[0],), "patch_embed.2.bias": (dims[0],),
          "classifier.norm.weight": (dims[-1],), "classifier.norm.bias": (dims[-1],),
@@ -557,7 +671,88 @@ def expected_vmamba_state(dims, depths, dirs, classes=1000, N=16):
     return s
 
 
-PUBLISHED = json.loads((SHARED / "searched_directions.json").read_text()) if (SHARED / "searched_directions.json").exists() else None
+# The published per-layer directions, transcribed from the official local_vim.py / local_vmamba.py
+# (hunto/LocalMamba at commit 75e5d1f) one layer per line, independently of localmamba.py.
+# local_vim_small: the official file defines it twice; the second definition, which runs, uses
+# h h_flip w2 w2_flip in all 20 layers.
+OFFICIAL_LISTS = {
+    "local_vim_tiny": """
+        h v_flip w7 w7_flip
+        h_flip w2_flip w7 w7_flip
+        h h_flip v w7
+        h h_flip v v_flip
+        h h_flip v v_flip
+        h h_flip v v_flip
+        h_flip v v_flip w7
+        h_flip v v_flip w2_flip
+        h h_flip v v_flip
+        h h_flip v v_flip
+        h v v_flip w2
+        h v v_flip w2_flip
+        h h_flip v_flip w7
+        h_flip v v_flip w2
+        h h_flip v v_flip
+        h v w2 w2_flip
+        v v_flip w2 w7
+        h h_flip v w2
+        h h_flip w2_flip w7
+        v v_flip w2 w2_flip
+    """,
+    "local_vmamba_tiny": """
+        h h_flip w7 w7_flip
+        h_flip v_flip w2 w2_flip
+        h_flip v_flip w2_flip w7
+        h_flip v v_flip w2
+        h h_flip v_flip w2_flip
+        h_flip v_flip w2 w2_flip
+        h w2_flip w7 w7_flip
+        h h_flip v v_flip
+        h v_flip w7 w7_flip
+        h_flip v w2 w7_flip
+        v v_flip w2 w7_flip
+        h h_flip v_flip w2_flip
+        v_flip w2_flip w7 w7_flip
+        h_flip v_flip w2_flip w7_flip
+        h_flip v w7 w7_flip
+    """,
+    "local_vmamba_small": """
+        h v v_flip w7_flip
+        h h_flip v w7
+        h_flip v v_flip w7
+        h_flip v w2_flip w7
+        h_flip v w2_flip w7
+        h_flip v_flip w2 w7_flip
+        h_flip v v_flip w7
+        h v v_flip w7
+        h v v_flip w7
+        h v v_flip w7_flip
+        h h_flip v v_flip
+        h v v_flip w2
+        v v_flip w2_flip w7
+        h h_flip v w2
+        h_flip v v_flip w7_flip
+        h h_flip v v_flip
+        h v v_flip w7_flip
+        h v v_flip w7_flip
+        h h_flip v_flip w7
+        h_flip v_flip w2_flip w7
+        h_flip v v_flip w7_flip
+        v v_flip w7 w7_flip
+        h v v_flip w7_flip
+        h_flip v v_flip w2
+        h v v_flip w2_flip
+        h h_flip v w7
+        h h_flip w7 w7_flip
+        h v_flip w2 w2_flip
+        h v_flip w2 w7
+        h v v_flip w7_flip
+        h_flip v w2_flip w7
+        h_flip v_flip w7 w7_flip
+        h v w7 w7_flip
+    """,
+}
+PUBLISHED = {name: [line.split() for line in text.strip().splitlines()] for name, text in OFFICIAL_LISTS.items()}
+PUBLISHED["local_vim_small"] = [["h", "h_flip", "w2", "w2_flip"]] * 20
 EXPECTED = {
     "local_vim_tiny": lambda d: expected_vim_state(192, 20, d["local_vim_tiny"]),
     "local_vim_tiny_middle_cls_token": lambda d: expected_vim_state(192, 20, d["local_vim_tiny"], cls=True, rope=False),
@@ -575,15 +770,17 @@ OFFICIAL_PARAMS = {"local_vim_tiny": 7_994_152, "local_vim_small": 27_783_784,
 
 @pytest.fixture(scope="module")
 def published():
-    return PUBLISHED if PUBLISHED is not None else {k: v for k, v in lm.SEARCHED_DIRECTIONS.items()}
+    return PUBLISHED
 
 
-def test_published_directions_in_the_file_equal_the_shared_json():
-    if PUBLISHED is None:
-        pytest.skip("../shared/searched_directions.json is not beside this checkout")
+def test_published_directions_equal_the_official_lists():
+    assert set(lm.SEARCHED_DIRECTIONS) == set(PUBLISHED)
+    assert [len(PUBLISHED[n]) for n in ("local_vim_tiny", "local_vmamba_tiny", "local_vmamba_small")] == [20, 15, 33]
     for name, dirs in lm.SEARCHED_DIRECTIONS.items():
         assert dirs == PUBLISHED[name], name
         assert all(d == sorted(d, key=lm.DIRECTIONS.index) for d in dirs), f"{name}: lists are in canonical order"
+    for name in ("local_vim_tiny", "local_vim_small", "local_vmamba_tiny", "local_vmamba_small"):
+        assert create_model(name, img_size=64 if "vmamba" in name else 32).directions == PUBLISHED[name], name
 
 
 @pytest.mark.parametrize("name", list(EXPECTED))
@@ -657,11 +854,19 @@ def test_every_model_forward_backward(name):
     no_grad = [n for n, p in m.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
     assert no_grad == []
     assert len(m.directions) == (m.cfg.depth if isinstance(m, lm.LocalVim) else sum(m.cfg.depths))
-    feats = m.forward_features(x)
-    assert m.forward_head(feats, pre_logits=True).shape == (2, m.num_features)
     m.eval()
-    with torch.no_grad():
-        assert torch.allclose(m(x), m.forward_head(m.forward_features(x)))
+    with torch.no_grad():      # the head pools as the official models do: tokens (or the cls token), or H×W
+        feats = m.forward_features(x)
+        if isinstance(m, lm.LocalVim):
+            pooled = feats[:, m.cls_pos] if m.cls_pos is not None else feats.mean(1)     # (B, L, D) -> (B, D)
+            head = m.head
+        else:
+            pooled = feats.mean((1, 2))                                                 # (B, h, w, C) -> (B, C)
+            head = m.classifier.head
+        assert pooled.shape == (2, m.num_features)
+        assert torch.allclose(m.forward_head(feats, pre_logits=True), pooled, atol=1e-6)
+        assert torch.allclose(m(x), pooled @ head.weight.t() + head.bias, atol=1e-5)
+        assert torch.equal(m(x), m(x))                                                  # eval: no drop path
 
 
 def test_classifier_interface():
@@ -673,6 +878,70 @@ def test_classifier_interface():
     v = create_model("local_vmamba_tiny", img_size=64, num_classes=5)
     v.reset_classifier(2)
     assert v(torch.randn(1, 3, 64, 64)).shape == (1, 2)
+
+
+def official_vim_features(m, x):
+    """Official local_vim.py VisionMamba.forward_features with Vim's Block (fused_add_norm=False,
+    residual_in_fp32), transcribed here; RoPE from Vim's rope.py VisionRotaryEmbeddingFast, built
+    here from its formula, not taken from the model. Mixers are the model's own (tested apart)."""
+    H, W = m.cfg.grid
+    D = m.embed_dim
+    half = D // 2                                                       # RoPE(dim=D/2) per axis
+    freqs = 1.0 / (10000 ** (torch.arange(0, half, 2)[: half // 2].float() / half))
+    ang_r = torch.einsum("i,f->if", torch.arange(H) / H * 14, freqs).repeat_interleave(2, -1)   # (H, D/2)
+    ang_c = torch.einsum("j,f->jf", torch.arange(W) / W * 14, freqs).repeat_interleave(2, -1)   # (W, D/2)
+    ang = torch.cat([ang_r[:, None].expand(H, W, half), ang_c[None].expand(H, W, half)], -1).reshape(H * W, D)
+
+    def rope(t):                                                        # t * cos + rotate_half(t) * sin
+        t1, t2 = t.view(*t.shape[:-1], D // 2, 2).unbind(-1)
+        return t * ang.cos() + torch.stack((-t2, t1), -1).flatten(-2) * ang.sin()
+
+    hidden = m.patch_embed.proj(x).flatten(2).transpose(1, 2) + m.pos_embed
+    residual = None
+    for layer in m.layers:
+        hidden = rope(hidden)
+        if residual is not None:                                        # if_rope_residual
+            residual = rope(residual)
+        residual = hidden if residual is None else residual + hidden    # Block: add (drop path off in eval)
+        hidden = layer.mixer(layer.norm(residual))                      # RMSNorm, then the mixer
+        residual = residual.float()
+    return m.norm_f(residual + hidden)
+
+
+def test_local_vim_follows_the_official_block_flow_with_rope():
+    """RoPE before every layer on the hidden states AND the residual stream, the residual add, the
+    final add + norm: the model against a transcription of the official forward."""
+    torch.manual_seed(0)
+    m = create_model("local_vim_tiny", img_size=64, depth=3, embed_dim=32, num_classes=5,
+                     directions=[["h", "v_flip", "w2", "w7"]] * 3).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+        x = torch.randn(2, 3, 64, 64)
+        want = official_vim_features(m, x)
+        assert rel_err(m.forward_features(x), want) < 1e-5
+        # the test can see each part: RoPE on the residual, and RoPE at all, change the result
+        no_rope = create_model("local_vim_tiny", img_size=64, depth=3, embed_dim=32, num_classes=5, rope=False,
+                               directions=[["h", "v_flip", "w2", "w7"]] * 3).eval()
+        no_rope.load_state_dict({k: v for k, v in m.state_dict().items() if not k.startswith("rope.")})
+        assert rel_err(no_rope.forward_features(x), want) > 1e-2
+
+
+def test_dt_rank_one_model_runs_under_autocast():
+    """D = 16 gives dt_rank 1: under CPU autocast its Δ projection stays fp32 while u is bf16.
+    The scan takes that, computes in fp32, and the bf16 result stays near the fp32 one."""
+    torch.manual_seed(0)
+    m = create_model("local_vim_nano", in_chans=1, embed_dim=16, num_classes=4)
+    assert m.layers[0].mixer.dt_rank == 1
+    x = torch.randn(2, 1, 28, 28)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = m(x)
+        y.float().square().mean().backward()
+    assert torch.isfinite(y).all() and all(torch.isfinite(p.grad).all() for p in m.parameters())
+    assert rel_err(y.float(), m(x)) < 5e-2
+    v = create_model("local_vmamba_tiny_search", img_size=64, dims=(16, 32, 64, 128), depths=(1, 1, 1, 1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.isfinite(v(torch.randn(1, 3, 64, 64)).float()).all()
 
 
 def test_middle_cls_token_is_read_from_the_middle():
@@ -787,18 +1056,25 @@ needs_fashion = pytest.mark.skipif(not (FASHION / "t10k-images-idx3-ubyte.gz").e
 HERE = Path(__file__).resolve().parent
 
 
-def run_cli(*args, env=None, timeout=600):
-    """python train_mini.py ARGS in a subprocess: (returncode, stdout, stderr)."""
+def run_cli(*args, env=None, timeout=600, script="train_mini.py"):
+    """python SCRIPT ARGS in a subprocess: (returncode, stdout, stderr)."""
     e = dict(os.environ, **(env or {}))
     e.pop("TRITON_INTERPRET", None)
-    p = subprocess.run([sys.executable, str(HERE / "train_mini.py"), *map(str, args)], capture_output=True, text=True,
+    p = subprocess.run([sys.executable, str(HERE / script), *map(str, args)], capture_output=True, text=True,
                        timeout=timeout, env=e, cwd=HERE)
     return p.returncode, p.stdout, p.stderr
 
 
-def read_log(out):
+def read_log(out, split=None):
+    """(config, evaluation records), the records of one split if given."""
     lines = [json.loads(l) for l in (Path(out) / "log.jsonl").read_text().splitlines()]
-    return lines[0], lines[1:]
+    return lines[0], [r for r in lines[1:] if "split" in r and split in (None, r["split"])]   # (a resume adds a config)
+
+
+def eval_lines(stdout):
+    """--eval prints one JSON line per split: {split: record}."""
+    recs = [json.loads(l) for l in stdout.splitlines() if l.startswith("{")]
+    return {r["split"]: r for r in recs}
 
 
 @pytest.fixture(scope="module")
@@ -848,28 +1124,30 @@ def test_imagenet_layout_train_checkpoint_resume_eval(jpeg_tree, tmp_path):
     assert evals[-1]["step"] == 12 and evals[-1]["epoch"] == 2
     rc, so, se = run_cli("--data", "imagenet", "--data-dir", jpeg_tree, *NANO, "--eval", "--resume", out / "checkpoint.pt")
     assert rc == 0, se
-    res = json.loads(so.strip().splitlines()[-1])
-    assert res["top1"] == pytest.approx(evals[-1]["top1"]) and res["n"] == 12
+    res = eval_lines(so)
+    assert set(res) == {"val"}                                  # ImageNet has no test split of its own
+    assert res["val"]["top1"] == pytest.approx(evals[-1]["top1"]) and res["val"]["n"] == 12
     # --eval reads only val/: a root without train/ evaluates the same
     (tmp_path / "val_only").mkdir()
     os.symlink(jpeg_tree / "val", tmp_path / "val_only" / "val")
     rc, so, se = run_cli("--data", "imagenet", "--data-dir", tmp_path / "val_only", *NANO, "--eval",
                          "--resume", out / "checkpoint.pt")
     assert rc == 0, se
-    assert json.loads(so.strip().splitlines()[-1]) == res
+    assert eval_lines(so) == res
 
 
 @needs_fashion
 def test_resume_continues_exactly(tmp_path):
-    common = ["--train-per-class", "3", "--val-per-class", "2", "--batch-size", "10", "--epochs", "2", "--print-every", "0"]
+    common = ["--train-per-class", "3", "--val-per-class", "2", "--test-per-class", "2", "--batch-size", "10",
+              "--epochs", "2", "--print-every", "0"]
     rc, _, se = run_cli(*common, "--out", tmp_path / "straight")
     assert rc == 0, se
     rc, _, se = run_cli(*common, "--max-steps", "4", "--out", tmp_path / "split")
     assert rc == 0, se
     rc, _, se = run_cli(*common, "--out", tmp_path / "split", "--resume", tmp_path / "split" / "checkpoint.pt")
     assert rc == 0, se
-    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=False)
-    b = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=False)
+    a = torch.load(tmp_path / "straight" / "checkpoint.pt")           # PyTorch's default: weights only
+    b = torch.load(tmp_path / "split" / "checkpoint.pt")
     assert a["step"] == b["step"] == 6
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
@@ -877,33 +1155,110 @@ def test_resume_continues_exactly(tmp_path):
 
 @needs_fashion
 def test_default_fashion_mnist_path_runs(tmp_path):
-    rc, so, se = run_cli("--max-steps", "3", "--train-per-class", "20", "--val-per-class", "10", "--out", tmp_path / "f")
+    rc, so, se = run_cli("--max-steps", "3", "--train-per-class", "20", "--val-per-class", "10", "--test-per-class", "5",
+                         "--out", tmp_path / "f")
     assert rc == 0, se
     cfg, evals = read_log(tmp_path / "f")
-    assert cfg["model"] == "local_vim_nano" and cfg["in_chans"] == 1 and cfg["val_images"] == 100
-    assert evals[-1]["step"] == 3
+    assert cfg["model"] == "local_vim_nano" and cfg["in_chans"] == 1 and cfg["amp"] == "off"
+    assert (cfg["train_images"], cfg["val_images"], cfg["test_images"]) == (200, 100, 50)
+    assert [(e["split"], e["step"]) for e in evals] == [("val", 3), ("test", 3)]     # the test set once, at the end
+    assert "training in all: ~" in so                                                  # the first progress line
 
 
-@needs_fashion
-def test_torchrun_two_processes_on_cpu(tmp_path):
-    out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
-           str(HERE / "train_mini.py"), "--train-per-class", "4", "--val-per-class", "3", "--batch-size", "5",
-           "--max-steps", "3", "--print-every", "0", "--out", str(out)]
+def run_torchrun(script, *args, port=29533):
+    """python -m torch.distributed.run --nproc_per_node=2 SCRIPT ARGS on the CPU (gloo)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+           str(script), *map(str, args)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("TRITON_INTERPRET", None)
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=HERE)
     assert p.returncode == 0, p.stderr[-3000:]
-    cfg, evals = read_log(out)
-    assert cfg["world_size"] == 2 and cfg["global_batch"] == 10
-    assert evals[-1]["step"] == 3
-    assert p.stdout.count("optimizer: AdamW") == 1          # logs from rank 0 only
+    return p.stdout
+
+
+@needs_fashion
+def test_torchrun_two_processes_on_cpu_resume_exactly(tmp_path):
+    """Two processes: rank-0 logs only; and 2N steps straight equal N steps + --resume for N more,
+    bitwise, which needs every rank to resume from its own RNG state (augmentation draws differ
+    per rank) and the data order to continue."""
+    common = ["--train-per-class", "4", "--val-per-class", "3", "--test-per-class", "2", "--batch-size", "5",
+              "--epochs", "2", "--print-every", "0"]
+    so = run_torchrun(HERE / "train_mini.py", *common, "--out", tmp_path / "straight")
+    cfg, evals = read_log(tmp_path / "straight", "val")
+    assert cfg["world_size"] == 2 and cfg["global_batch"] == 10 and cfg["total_steps"] == 8
+    assert evals[-1]["step"] == 8
+    assert so.count("optimizer: AdamW") == 1          # logs from rank 0 only
+    run_torchrun(HERE / "train_mini.py", *common, "--max-steps", "3", "--out", tmp_path / "split", port=29534)
+    run_torchrun(HERE / "train_mini.py", *common, "--out", tmp_path / "split", "--resume",
+                 tmp_path / "split" / "checkpoint.pt", port=29535)
+    a, b = (torch.load(tmp_path / d / "checkpoint.pt") for d in ("straight", "split"))
+    assert a["step"] == b["step"] == 8 and len(a["rng"]) == 2
+    assert not torch.equal(a["rng"][0]["torch"], a["rng"][1]["torch"])   # each rank's own state is kept
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+DDP_EMA_SCRIPT = """
+import sys, argparse, torch, torch.distributed as dist
+sys.path.insert(0, {here!r})
+import localmamba, train_mini
+rank, world, device = train_mini.setup_distributed()
+torch.manual_seed(rank)                                    # as train() seeds: a different init per rank
+model = localmamba.create_model("local_vim_nano", in_chans=1, num_classes=10)
+s = argparse.Namespace(ema_decay=0.9)
+ddp, ema = train_mini.wrap_ddp_and_ema(model, s, world, device)
+flat = torch.cat([p.detach().flatten() for p in ema.module.parameters()])
+both = [torch.zeros_like(flat) for _ in range(world)]
+dist.all_gather(both, flat)
+if rank == 0:
+    print("EMA_EQUAL", torch.equal(both[0], both[1]))
+dist.destroy_process_group()
+"""
+
+
+def test_ddp_ema_starts_from_the_same_weights_on_every_rank(tmp_path):
+    script = tmp_path / "ddp_ema.py"
+    script.write_text(DDP_EMA_SCRIPT.format(here=str(HERE)))
+    assert "EMA_EQUAL True" in run_torchrun(script, port=29536)
+
+
+def test_ddp_ranks_see_disjoint_shards_that_cover_the_epoch():
+    n, world = 103, 2
+    shards = [list(train_mini.EpochOrder(n, seed=3, rank=r, world=world, shuffle=True)) for r in range(world)]
+    assert len(shards[0]) == len(shards[1]) == n // world                     # equal shards: DDP steps in lockstep
+    assert not set(shards[0]) & set(shards[1])
+    assert len(set(shards[0]) | set(shards[1])) == world * (n // world)        # the whole epoch but the remainder
+    whole = list(train_mini.EpochOrder(n, seed=3, rank=0, world=1, shuffle=True))
+    assert set(shards[0]) | set(shards[1]) == set(whole[:world * (n // world)])
+    evals = [list(train_mini.EpochOrder(n, seed=3, rank=r, world=world, shuffle=False)) for r in range(world)]
+    assert sorted(evals[0] + evals[1]) == list(range(n))                       # evaluation: every sample once
+    order = train_mini.EpochOrder(n, seed=3, rank=1, world=world, shuffle=True)
+    order.set_epoch(0, skip=10)
+    assert list(order) == shards[1][10:]                                       # resume skips what was done
+
+
+def test_ema_update_follows_the_formula():
+    """ema <- decay * ema + (1 - decay) * weights, from the first step on (decay 0.9: asymmetric)."""
+    torch.manual_seed(0)
+    m = torch.nn.Linear(3, 2)
+    w0 = m.weight.detach().clone()
+    ema = train_mini.make_ema(m, 0.9)
+    with torch.no_grad():
+        m.weight.add_(1.0)
+    ema.update_parameters(m)
+    e1 = 0.9 * w0 + 0.1 * (w0 + 1)
+    assert torch.allclose(ema.module.weight, e1, atol=1e-6)
+    with torch.no_grad():
+        m.weight.mul_(-2.0)
+    ema.update_parameters(m)
+    assert torch.allclose(ema.module.weight, 0.9 * e1 + 0.1 * (-2 * (w0 + 1)), atol=1e-6)
+    assert not any(p.requires_grad for p in ema.parameters())
 
 
 @needs_fashion
 def test_search_writes_directions_that_train_accepts(tmp_path):
     rc, so, se = run_cli("--search", "--max-steps", "2", "--train-per-class", "5", "--val-per-class", "2",
-                         "--batch-size", "10", "--out", tmp_path / "s")
+                         "--test-per-class", "2", "--batch-size", "10", "--out", tmp_path / "s")
     assert rc == 0, se
     found = json.loads((tmp_path / "s" / "directions.json").read_text())
     assert len(found["directions"]) == NANO_DEPTH and all(len(d) == 4 for d in found["directions"])
@@ -912,24 +1267,25 @@ def test_search_writes_directions_that_train_accepts(tmp_path):
     probs = torch.tensor(found["probabilities"])
     assert probs.shape == (NANO_DEPTH, 8) and torch.allclose(probs.sum(1), torch.ones(NANO_DEPTH), atol=1e-4)
     assert "layer" in so and "chosen directions" in so                      # the text heat map
-    _, evals = read_log(tmp_path / "s")
+    _, evals = read_log(tmp_path / "s", "val")
     assert len(evals[-1]["search_probs"]) == NANO_DEPTH
-    small = ["--train-per-class", "5", "--val-per-class", "2", "--batch-size", "10"]
+    small = ["--train-per-class", "5", "--val-per-class", "2", "--test-per-class", "2", "--batch-size", "10"]
     rc, so, se = run_cli("--directions", tmp_path / "s" / "directions.json", "--max-steps", "1", *small,
                          "--ema-decay", "0.5", "--out", tmp_path / "t")
     assert rc == 0, se
-    cfg, evals = read_log(tmp_path / "t")
+    cfg, evals = read_log(tmp_path / "t", "val")
     assert cfg["directions"] == found["directions"]
     # --eval rebuilds the model the checkpoint was trained as (its directions, without --directions)
     # and reproduces the logged figures exactly; --eval-ema evaluates the EMA weights
     ckpt = tmp_path / "t" / "checkpoint.pt"
     rc, so, se = run_cli("--eval", "--resume", ckpt, *small)
     assert rc == 0, se
-    res = json.loads(so.strip().splitlines()[-1])
-    assert res["weights"] == "model" and res["loss"] == pytest.approx(evals[-1]["loss"], rel=1e-5)
+    res = eval_lines(so)
+    assert res["val"]["weights"] == "model" and res["val"]["loss"] == pytest.approx(evals[-1]["loss"], rel=1e-5)
+    assert res["test"]["loss"] == pytest.approx(read_log(tmp_path / "t", "test")[1][-1]["loss"], rel=1e-5)
     rc, so, se = run_cli("--eval", "--eval-ema", "--resume", ckpt, *small)
     assert rc == 0, se
-    assert json.loads(so.strip().splitlines()[-1])["top1"] == pytest.approx(evals[-1]["top1_ema"])
+    assert eval_lines(so)["val"]["top1"] == pytest.approx(evals[-1]["top1_ema"])
     other = tmp_path / "other.json"
     other.write_text(json.dumps({"directions": [["h", "h_flip"]] * NANO_DEPTH}))
     _assert_clean_failure(*run_cli("--eval", "--resume", ckpt, "--directions", other, *small)[::2],
@@ -954,11 +1310,11 @@ def test_bad_inputs_get_one_message(tmp_path, jpeg_tree):
     _assert_clean_failure(rc, se, "--data-dir")
     (tmp_path / "empty").mkdir()
     rc, _, se = run_cli("--data", "imagenet", "--data-dir", tmp_path / "empty", "--out", tmp_path / "o2")
-    _assert_clean_failure(rc, se, "has no train/ folder")
+    _assert_clean_failure(rc, se, f"{tmp_path / 'empty' / 'val'}", "No such file", "Expected ImageNet layout")
     (tmp_path / "half" / "train" / "a").mkdir(parents=True)
     (tmp_path / "half" / "val").mkdir(parents=True)
     rc, _, se = run_cli("--data", "imagenet", "--data-dir", tmp_path / "half", "--out", tmp_path / "o3")
-    _assert_clean_failure(rc, se, "val is empty")
+    _assert_clean_failure(rc, se, "Couldn't find any class folder", f"{tmp_path / 'half' / 'val'}")
     rc, _, se = run_cli("--data", "imagenet", "--data-dir", jpeg_tree, "--classes", "50", "--out", tmp_path / "o4")
     _assert_clean_failure(rc, se, "--classes 50 is larger than the 3 classes")
     rc, _, se = run_cli("--model", "local_vim_giant", "--out", tmp_path / "o5")
@@ -998,7 +1354,8 @@ def test_corrupt_image_is_named_and_skipped_or_stops(jpeg_tree, tmp_path):
 
 @needs_fashion
 def test_existing_run_is_not_overwritten_and_nan_keeps_the_checkpoint(tmp_path):
-    common = ["--train-per-class", "3", "--val-per-class", "2", "--batch-size", "10", "--epochs", "1", "--print-every", "0"]
+    common = ["--train-per-class", "3", "--val-per-class", "2", "--test-per-class", "2", "--batch-size", "10",
+              "--epochs", "1", "--print-every", "0"]
     out = tmp_path / "run"
     rc, _, se = run_cli(*common, "--out", out)
     assert rc == 0, se
@@ -1015,11 +1372,11 @@ def test_weight_decay_groups_follow_the_official_run():
     m = create_model("local_vim_nano_search", in_chans=1)
     names = lambda opt, g: {id(p) for p in opt.param_groups[g]["params"]}
     ids = {n: id(p) for n, p in m.named_parameters()}
-    opt = train_mini.configure_optimizer(m, 1e-3, 0.04, exempt_ssm=False, log=lambda s: None)
+    opt = lm.configure_optimizer(m, 1e-3, 0.04, exempt_ssm=False, log=lambda s: None)
     dec = names(opt, 0)
     assert ids["layers.0.mixer.A_log_0"] in dec and ids["layers.0.mixer.multi_scan.weights"] in dec
     assert ids["pos_embed"] not in dec and ids["layers.0.mixer.D_0"] not in dec and ids["head.bias"] not in dec
-    opt = train_mini.configure_optimizer(m, 1e-3, 0.04, exempt_ssm=True, log=lambda s: None)
+    opt = lm.configure_optimizer(m, 1e-3, 0.04, exempt_ssm=True, log=lambda s: None)
     dec = names(opt, 0)
     assert ids["layers.0.mixer.A_log_0"] not in dec and ids["layers.0.mixer.multi_scan.weights"] not in dec
     assert ids["layers.0.mixer.in_proj.weight"] in dec
@@ -1033,13 +1390,31 @@ def test_lr_schedule():
     assert train_mini.get_lr(55, lr, warm, total) == pytest.approx(1e-6 + 0.5 * (1e-3 - 1e-6))
 
 
+def _load_study():
+    """experiments/study_scans.py as a module (it is a script in a folder, not a package)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("study_scans", HERE / "experiments" / "study_scans.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+study_scans = _load_study()
+STUDY = ["--seeds", "1", "--max-steps", "2", "--val-per-class", "2", "--test-per-class", "2", "--batch-size", "10"]
+
+
+def test_study_help_runs():
+    rc, so, se = run_cli("--help", script="experiments/study_scans.py")
+    assert rc == 0 and "--seeds" in so and "--train-per-class" in so, se
+
+
 def test_study_compares_found_lists_with_the_published_ones():
     pub = lm.SEARCHED_DIRECTIONS["local_vim_tiny"]
-    same = train_mini.compare_with_published(pub)
+    same = study_scans.compare_with_published(pub)
     assert same["layers_agreeing"] == 20 and all(r["mean_overlap_of_4"] == 4 for r in same["per_layer"])
     assert same["dominant_ours"] == same["dominant_published"] and same["chance_overlap"] == 2.0
     # 3 layers against 20: layer i stands for the published layers at the same relative depth
-    three = train_mini.compare_with_published([pub[0], ["h", "h_flip", "w2", "w2_flip"], pub[19]])
+    three = study_scans.compare_with_published([pub[0], ["h", "h_flip", "w2", "w2_flip"], pub[19]])
     assert [r["published_layers"] for r in three["per_layer"]] == [list(range(0, 7)), list(range(7, 14)),
                                                                      list(range(14, 20))]
     assert [r["same_set_as"] > 0 for r in three["per_layer"]] == [True, False, True]
@@ -1048,17 +1423,18 @@ def test_study_compares_found_lists_with_the_published_ones():
 
 @needs_fashion
 def test_study_runs_end_to_end_on_a_tiny_budget(tmp_path):
-    rc, so, se = run_cli("--study", "scans", "--study-seeds", "1", "--max-steps", "2", "--train-per-class", "4",
-                         "--val-per-class", "2", "--batch-size", "10", "--out", tmp_path / "study", timeout=900)
+    rc, so, se = run_cli(*STUDY, "--train-per-class", "4", "--out", tmp_path / "study", timeout=900,
+                         script="experiments/study_scans.py")
     assert rc == 0, se
     res = json.loads((tmp_path / "study" / "results.json").read_text())
-    assert set(res["arms"]) == set(train_mini.STUDY_ARMS)
-    for arm, r in res["arms"].items():
-        assert len(r["top1"]) == 1 and 0 <= r["mean"] <= 100
+    assert set(res["arms"]) == set(study_scans.ARMS)
+    for arm, r in res["arms"].items():     # each run's test top-1 (its log's test record), not a validation figure
+        _, test = read_log(tmp_path / "study" / f"{arm}-seed0", "test")
+        assert r["top1"] == [test[-1]["top1"]] and 0 <= r["mean"] <= 100
     assert len(res["search"]["directions"]) == NANO_DEPTH
     assert len(res["compare_with_local_vim_tiny"]["per_layer"]) == NANO_DEPTH
     table = (tmp_path / "study" / "results.md").read_text()
-    assert table.count("\n") == 2 + len(train_mini.STUDY_ARMS)
+    assert table.count("\n") == 2 + len(study_scans.ARMS)
     assert (tmp_path / "study" / "search_heat_map.txt").exists()
     cfg, _ = read_log(tmp_path / "study" / "d_local_no_scattn-seed0")
     assert cfg["no_scattn"] is True
@@ -1068,14 +1444,14 @@ def test_study_runs_end_to_end_on_a_tiny_budget(tmp_path):
     # the same command again: every finished run is read back, nothing retrained or rewritten
     study = tmp_path / "study"
     logs = {p: p.read_bytes() for p in study.glob("*/log.jsonl")}
-    assert len(logs) == 1 + len(train_mini.STUDY_ARMS)     # the search + one seed per arm
+    assert len(logs) == 1 + len(study_scans.ARMS)     # the search + one seed per arm
     # ...except two runs "killed" midway: one after its checkpoint (resumed from it), one before
     # its first checkpoint (moved aside, never deleted, and trained again)
     for name in ("b_global_hv-seed0", "c_local-seed0"):
         (study / name / "log.jsonl").write_text((study / name / "log.jsonl").read_text().splitlines()[0] + "\n")
     (study / "c_local-seed0" / "checkpoint.pt").unlink()
-    rc, so, se = run_cli("--study", "scans", "--study-seeds", "1", "--max-steps", "2", "--train-per-class", "4",
-                         "--val-per-class", "2", "--batch-size", "10", "--out", study, timeout=900)
+    rc, so, se = run_cli(*STUDY, "--train-per-class", "4", "--out", study, timeout=900,
+                         script="experiments/study_scans.py")
     assert rc == 0, se
     again = json.loads((study / "results.json").read_text())
     assert again["reused_runs"] == len(logs) - 2
@@ -1086,29 +1462,26 @@ def test_study_runs_end_to_end_on_a_tiny_budget(tmp_path):
     aside = list(study.glob("c_local-seed0.incomplete-*"))
     assert len(aside) == 1 and (aside[0] / "log.jsonl").exists()
     for arm in ("b_global_hv", "c_local"):
-        _, recs = read_log(study / f"{arm}-seed0")
+        _, recs = read_log(study / f"{arm}-seed0", "test")
         assert recs and recs[-1]["step"] == 2
     assert again["arms"]["a_global_h"]["top1"] == res["arms"]["a_global_h"]["top1"]
     # a study folder holds one setup: other settings are refused, nothing is touched
-    rc, so, se = run_cli("--study", "scans", "--study-seeds", "1", "--max-steps", "2", "--train-per-class", "5",
-                         "--val-per-class", "2", "--batch-size", "10", "--out", study, timeout=900)
+    rc, so, se = run_cli(*STUDY, "--train-per-class", "5", "--out", study, timeout=900,
+                         script="experiments/study_scans.py")
     assert rc == 2 and "train_per_class=4" in se and "another --out" in se, se
     assert (study / "results.json").read_text() == json.dumps(again, indent=1)
 
 
 def test_compiled_torch_path_matches_the_loop():
-    """The torch path's chunk functions under torch.compile (opt-in: LOCALMAMBA_COMPILE=1,
-    train_mini's default on CPU) compute the same as the eager ones."""
+    """The torch path's chunk functions under torch.compile (LOCALMAMBA_COMPILE=1 or
+    use_compiled_torch_path, train_mini's default on CPU) compute what the loop computes."""
     inp = scan_inputs(batch=3, dim=8, L=19, N=4, G=2, seed=11)
     flags = (True, True, True, True)
     dout = torch.randn(3, 8, 19, generator=torch.Generator().manual_seed(12))
     want = run_scan(loop_float64, {k: v.double() for k, v in inp.items()}, flags, dout)
-    assert scan_kernel.compile_torch_path(True)
-    try:
-        got = run_scan(selective_scan, inp, flags, dout, return_last_state=True, backend="torch")
-    finally:
-        scan_kernel.compile_torch_path(False)
+    got = run_scan(scan_kernel.selective_scan_torch, inp, flags, dout, return_last_state=True, compile=True)
     assert_scan_close(got, want, 1e-5, "compiled torch path")
+    assert scan_kernel.COMPILE_TORCH_PATH is False        # a per-call choice changes no global
 
 
 def test_timm_registration():

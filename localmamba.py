@@ -56,6 +56,10 @@ import torch.nn.functional as F
 
 from scan_kernel import selective_scan
 
+class BadInput(ValueError):
+    """A wrong name, option, shape or file given to localmamba; the message says what to fix."""
+
+
 # -----------------------------------------------------------------------------
 # Scan orders (paper §3.2, Fig. 2). Tokens are row-major: token (i, j) of an H×W grid is i*W + j.
 # order[s] = the row-major index of the s-th token of the scanned sequence, -1 for padding.
@@ -71,7 +75,7 @@ def parse_direction(name):
     m = re.fullmatch(r"w([1-9][0-9]*)", base) if isinstance(base, str) else None
     if m:
         return "w", int(m.group(1)), flip
-    raise ValueError(f"unknown scan direction {name!r}: expected 'h', 'v' or 'wK' (window side K >= 1), "
+    raise BadInput(f"unknown scan direction {name!r}: expected 'h', 'v' or 'wK' (window side K >= 1), "
                      f"optionally with '_flip', e.g. {', '.join(DIRECTIONS)}")
 
 
@@ -96,7 +100,7 @@ def scan_order(direction, H, W):
     pads the grid (padding tokens are zeros and are scanned like real tokens, as the official
     code does). Length H*W, or Hp*Wp for a window scan."""
     if H < 1 or W < 1:
-        raise ValueError(f"scan_order: the grid must be at least 1×1, got {H}×{W}")
+        raise BadInput(f"scan_order: the grid must be at least 1×1, got {H}×{W}")
     return _scan_order(direction, int(H), int(W)).clone()
 
 
@@ -288,7 +292,7 @@ class PatchEmbed(nn.Module):
 
 def _check_image(x, cfg):
     if x.dim() != 4 or x.shape[1] != cfg.in_chans or tuple(x.shape[2:]) != (cfg.img_size, cfg.img_size):
-        raise ValueError(f"expected images of shape (B, {cfg.in_chans}, {cfg.img_size}, {cfg.img_size}), got "
+        raise BadInput(f"expected images of shape (B, {cfg.in_chans}, {cfg.img_size}, {cfg.img_size}), got "
                          f"{tuple(x.shape)}; build the model for your size with "
                          f"create_model(name, img_size=..., in_chans=...)")
 
@@ -299,12 +303,12 @@ def _check_directions(directions, n_layers, name):
         return None
     if isinstance(directions, (str, bytes)) or len(directions) != n_layers:
         got = "a string" if isinstance(directions, (str, bytes)) else f"{len(directions)} lists"
-        raise ValueError(f"{name}: directions must be one list of direction names per layer, "
+        raise BadInput(f"{name}: directions must be one list of direction names per layer, "
                          f"{n_layers} lists, got {got}")
     out = []
     for i, layer in enumerate(directions):
         if isinstance(layer, str) or len(layer) == 0:
-            raise ValueError(f"{name}: directions[{i}] must be a non-empty list of names like ['h', 'w2'], "
+            raise BadInput(f"{name}: directions[{i}] must be a non-empty list of names like ['h', 'w2'], "
                              f"got {layer!r}")
         for d in layer:
             parse_direction(d)
@@ -361,7 +365,7 @@ class LocalVimConfig:
 
     def __post_init__(self):
         if self.img_size % self.patch_size:
-            raise ValueError(f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}: "
+            raise BadInput(f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}: "
                              f"use an img_size that is a multiple of {self.patch_size}")
         self.directions = _check_directions(self.directions, self.depth, "LocalVim")
 
@@ -613,10 +617,10 @@ class LocalVMambaConfig:
     def __post_init__(self):
         stride = self.patch_size * 2 ** (len(self.dims) - 1)
         if self.img_size % self.patch_size or self.img_size < stride:
-            raise ValueError(f"img_size {self.img_size} does not fit LocalVMamba: it must be a multiple of the "
+            raise BadInput(f"img_size {self.img_size} does not fit LocalVMamba: it must be a multiple of the "
                              f"patch size {self.patch_size} and at least {stride} (4 stages, /{stride} in all)")
         if len(self.dims) != len(self.depths):
-            raise ValueError(f"dims {tuple(self.dims)} and depths {tuple(self.depths)} must have the same length")
+            raise BadInput(f"dims {tuple(self.dims)} and depths {tuple(self.depths)} must have the same length")
         self.directions = _check_directions(self.directions, sum(self.depths), "LocalVMamba")
 
     def layer_directions(self):
@@ -886,12 +890,12 @@ def create_model(name, **kwargs):
     """Build a model by name. kwargs override the preset's config fields, e.g. num_classes,
     img_size, in_chans, drop_path_rate, directions (per-layer lists), spatial_attn."""
     if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}")
+        raise BadInput(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}")
     cls, fields = MODELS[name]
     allowed = set(cls.__dataclass_fields__)
     bad = sorted(set(kwargs) - allowed)
     if bad:
-        raise ValueError(f"create_model({name!r}): unknown option(s) {', '.join(bad)}; "
+        raise BadInput(f"create_model({name!r}): unknown option(s) {', '.join(bad)}; "
                          f"options are {', '.join(sorted(allowed))}")
     cfg = cls(**{**fields, **kwargs})
     return LocalVim(cfg) if cls is LocalVimConfig else LocalVMamba(cfg)
@@ -904,9 +908,9 @@ def derive_directions(model, k=4):
     for i, ms in enumerate(model.multi_scans()):
         p = ms.probabilities()
         if p is None:
-            raise ValueError(f"derive_directions: layer {i} is not a search layer; build a *_search model")
+            raise BadInput(f"derive_directions: layer {i} is not a search layer; build a *_search model")
         if not 1 <= k <= len(p):
-            raise ValueError(f"derive_directions: k must be between 1 and {len(p)}, got {k}")
+            raise BadInput(f"derive_directions: k must be between 1 and {len(p)}, got {k}")
         top = sorted(p.topk(k).indices.tolist())
         out.append([ms.directions[j] for j in top])
     return out
@@ -944,12 +948,12 @@ def load_directions(path):
     try:
         data = json.loads(Path(path).read_text())
     except FileNotFoundError:
-        raise ValueError(f"{path} does not exist") from None
+        raise BadInput(f"{path} does not exist") from None
     except (OSError, ValueError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e})") from None
+        raise BadInput(f"{path} is not valid JSON ({e})") from None
     dirs = data.get("directions") if isinstance(data, dict) else data
     if not isinstance(dirs, list) or not all(isinstance(d, list) for d in dirs):
-        raise ValueError(f"{path} must hold a list of per-layer lists of direction names "
+        raise BadInput(f"{path} must hold a list of per-layer lists of direction names "
                          f"(or {{\"directions\": [...]}} as save_directions writes it)")
     return dirs
 
@@ -969,13 +973,13 @@ def read_checkpoint(path, unsafe=False):
     try:
         return torch.load(path, map_location="cpu", weights_only=not unsafe)
     except FileNotFoundError:
-        raise ValueError(f"no file at {path}") from None
+        raise BadInput(f"no file at {path}") from None
     except Exception as e:
         if "GLOBAL" in str(e):        # the pickle names a Python object: weights_only refused to build it
-            raise ValueError(f"{path} holds Python objects other than tensors, and loading them could run code "
+            raise BadInput(f"{path} holds Python objects other than tensors, and loading them could run code "
                              f"from the file; if you trust it, load it with unsafe=True "
                              f"(load_checkpoint(model, path, unsafe=True))") from None
-        raise ValueError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from None
+        raise BadInput(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from None
 
 
 def state_dict_of(ckpt):
@@ -994,7 +998,7 @@ def load_checkpoint(model, path, unsafe=False):
     try:
         ckpt = read_checkpoint(path, unsafe)
     except ValueError as e:
-        raise ValueError(f"load_checkpoint: {e}") from None
+        raise BadInput(f"load_checkpoint: {e}") from None
     load_state_dict_strict(model, state_dict_of(ckpt), str(path))
     return ckpt
 
@@ -1003,7 +1007,7 @@ def load_state_dict_strict(model, sd, source="state_dict"):
     """model.load_state_dict(sd, strict=True) with a DDP "module." prefix dropped, and one
     ValueError naming `source` and listing missing / unexpected / mis-shaped keys."""
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ValueError(f"load_checkpoint: {source} holds no state_dict (looked at the top level and under "
+        raise BadInput(f"load_checkpoint: {source} holds no state_dict (looked at the top level and under "
                          f"{', '.join(map(repr, STATE_DICT_KEYS))})")
     sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
     own = model.state_dict()
@@ -1016,7 +1020,7 @@ def load_state_dict_strict(model, sd, source="state_dict"):
         parts = [f"{len(missing)} missing: {show(missing)}" if missing else "",
                  f"{len(unexpected)} unexpected: {show(unexpected)}" if unexpected else "",
                  f"{len(shapes)} with other shapes: {show(shapes)}" if shapes else ""]
-        raise ValueError(f"load_checkpoint: {source} does not fit this model ({'; '.join(p for p in parts if p)}). "
+        raise BadInput(f"load_checkpoint: {source} does not fit this model ({'; '.join(p for p in parts if p)}). "
                          f"Build the model the checkpoint was trained as (name, num_classes, img_size, directions).")
     model.load_state_dict(sd, strict=True)
 
@@ -1083,7 +1087,7 @@ def _register_with_timm():
     for name in MODELS:
         def ctor(pretrained=False, _name=name, **kwargs):
             if pretrained:
-                raise ValueError("localmamba: no weights are downloaded; load them with load_checkpoint(model, path)")
+                raise BadInput("localmamba: no weights are downloaded; load them with load_checkpoint(model, path)")
             for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):   # timm's own kwargs
                 kwargs.pop(key, None)
             return create_model(_name, **kwargs)

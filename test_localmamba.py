@@ -1044,6 +1044,7 @@ def test_count_flops_convention():
 # =============================================================================
 # 3. train_mini.py end to end (CPU, tiny data)
 
+import argparse
 import subprocess
 import sys
 
@@ -1242,7 +1243,7 @@ def test_ema_update_follows_the_formula():
     torch.manual_seed(0)
     m = torch.nn.Linear(3, 2)
     w0 = m.weight.detach().clone()
-    ema = train_mini.make_ema(m, 0.9)
+    _, ema = train_mini.wrap_ddp_and_ema(m, argparse.Namespace(ema_decay=0.9), 1, torch.device("cpu"))
     with torch.no_grad():
         m.weight.add_(1.0)
     ema.update_parameters(m)

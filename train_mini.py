@@ -1,23 +1,16 @@
 """
 train_mini.py: train LocalMamba models, run the direction search, reproduce the paper's setup.
 
-Reading guide
--------------
-Paper: LocalMamba, arXiv 2403.09338, §3.4 (search) and §4.1 (ImageNet recipe). The official
-training stack (hunto/LocalMamba classification/tools/train.py + lib/) is a framework; this is
-one file with the same recipe:
+Reading guide. Paper: LocalMamba, arXiv 2403.09338, §3.4 (search) and §4.1 (ImageNet recipe).
+The official training stack (hunto/LocalMamba classification/tools/train.py + lib/) is a
+framework; this is one file with the same recipe: AdamW (lr 1e-3 at a global batch of 1024, eps
+1e-8, weight decay 0.04), 20 warmup epochs from 1e-7, cosine to 1e-6, label smoothing 0.1, mixup
+0.2 / cutmix 1.0 (switch 0.5), RandAugment m9, random erasing 0.25, RandomResizedCrop + flip;
+eval resize img/0.875 (bicubic) + center crop; 300 epochs (supernet 100); drop path 0.1; LocalVim
+in fp32, LocalVMamba with AMP (--amp overrides). On purpose different: warmup and cosine are per
+step (the official GradualWarmupScheduler is a per-epoch staircase); `--lr` is the rate at a
+global batch of 1024, scaled to lr * batch_size * world_size / 1024 (printed at start).
 
-    AdamW (lr 1e-3 at a global batch of 1024, eps 1e-8, weight decay 0.04), 20 warmup epochs
-    from 1e-7, cosine to 1e-6, label smoothing 0.1, mixup 0.2 / cutmix 1.0 (switch 0.5),
-    RandAugment m9, random erasing 0.25, RandomResizedCrop + flip; eval resize img/0.875
-    (bicubic) + center crop; 300 epochs (supernet 100); drop path 0.1 (LocalVim-T).
-    LocalVim trained in fp32, LocalVMamba with AMP (the official configs); --amp overrides.
-
-Differences, on purpose: warmup and cosine are per step (the official GradualWarmupScheduler
-is a per-epoch staircase); `--lr` is the rate at a global batch of 1024, and what is used is
-lr * batch_size * world_size / 1024 (printed at start).
-
-Copy-paste commands:
     python train_mini.py                                   # Fashion-MNIST, CPU, ~10-20 minutes
     python train_mini.py --search --out runs/search        # search directions on Fashion-MNIST
     python train_mini.py --directions runs/search/directions.json --out runs/searched
@@ -49,14 +42,15 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torchvision.datasets import ImageFolder
+from torchvision.transforms import v2
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import localmamba
 import scan_kernel
 
 # -----------------------------------------------------------------------------
-# defaults: the paper's ImageNet recipe, and a small CPU recipe for Fashion-MNIST. The one home
-# of every default that depends on --data; `--help` prints them from here.
+# defaults per --data (their one home; --help prints them): the paper's ImageNet recipe, a CPU one
 
 DEFAULTS = {
     "imagenet": dict(model="local_vim_tiny", search_model="local_vim_tiny_search", img_size=224, epochs=300,
@@ -88,7 +82,6 @@ class NonFiniteLoss(Exception):
 
 # -----------------------------------------------------------------------------
 # data: Fashion-MNIST from its IDX files
-
 FASHION_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
                  "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
 
@@ -114,31 +107,28 @@ def subset_indices(labels, classes, per_class, skip_last=0, only_last=None):
     keep = []
     for c in range(classes):
         idx = np.flatnonzero(np.asarray(labels) == c)
-        keep += (idx[len(idx) - only_last:] if only_last is not None else idx[:len(idx) - skip_last])[:per_class].tolist()
+        idx = idx[len(idx) - only_last:] if only_last is not None else idx[:len(idx) - skip_last]
+        keep += idx[:per_class].tolist()
     return sorted(keep)
 
 
-class FashionMNIST(torch.utils.data.Dataset):
+class FashionMNIST(torch.utils.data.TensorDataset):
     """Fashion-MNIST images as (1, 28, 28) float tensors, normalised; light augmentation when
     training (random crop from a 2-pixel zero pad, horizontal flip)."""
 
     def __init__(self, images, labels, idx, classes, train=False):
-        self.images = torch.from_numpy(images[idx].copy())
-        self.labels = torch.from_numpy(labels[idx].astype(np.int64))
+        super().__init__(torch.from_numpy(images[idx].copy()), torch.from_numpy(labels[idx].astype(np.int64)))
         self.classes, self.train = classes, train
 
-    def __len__(self):
-        return len(self.labels)
-
     def __getitem__(self, i):
-        x = (self.images[i].float() / 255 - FASHION_MEAN) / FASHION_STD          # (28, 28)
+        x = (self.tensors[0][i].float() / 255 - FASHION_MEAN) / FASHION_STD      # (28, 28)
         if self.train:
             x = F.pad(x, (2, 2, 2, 2), value=-FASHION_MEAN / FASHION_STD)
             r, c = torch.randint(0, 5, (2,)).tolist()
             x = x[r:r + 28, c:c + 28]
             if torch.rand(()) < 0.5:
                 x = x.flip(-1)
-        return x[None], self.labels[i]
+        return x[None], self.tensors[1][i]
 
 
 def fashion_splits(s, with_train=True):
@@ -152,10 +142,8 @@ def fashion_splits(s, with_train=True):
     for split, names in FASHION_FILES.items():
         for f in (root / n if (root / n).exists() else root / n[:-3] for n in names):   # .gz, or unpacked
             if not f.exists():
-                raise UserError(f"{f}.gz is missing; --data-dir must hold {', '.join(sum(FASHION_FILES.values(), ()))}")
+                raise UserError(f"{f}.gz is missing; --data-dir must hold Fashion-MNIST's four IDX .gz files")
             arrays.setdefault(split, []).append(read_idx(f))
-        if len(arrays[split][0]) != len(arrays[split][1]):
-            raise UserError(f"{root}: the {split} files hold {len(arrays[split][0])} images, {len(arrays[split][1])} labels")
     (images, labels), (t_images, t_labels) = arrays["train"], arrays["test"]
     classes = s.classes or int(labels.max()) + 1
     if classes > labels.max() + 1:
@@ -169,38 +157,28 @@ def fashion_splits(s, with_train=True):
 
 # -----------------------------------------------------------------------------
 # data: ImageNet layout (root/train/<class>/*, root/val/<class>/*) with torchvision
-
-class ImageFolderSubset(torch.utils.data.Dataset):
+class ImageFolderSubset(ImageFolder):
     """torchvision's ImageFolder, cut to the first `classes` classes and the first `per_class`
     files of each (sorted, so deterministic). A corrupt or truncated image is named in a
     warning and replaced by the next good one (--bad-images skip), or stops the run (stop)."""
 
     def __init__(self, root, classes, per_class, transform, bad_images="skip"):
-        from torchvision.datasets import ImageFolder
         try:
-            full = ImageFolder(root)
+            super().__init__(root, transform)
         except (FileNotFoundError, RuntimeError) as e:
             raise UserError(f"{root}: {e}. Expected ImageNet layout: {root}/<class>/<image>.JPEG") from None
-        if classes is not None and classes > len(full.classes):
-            raise UserError(f"--classes {classes} is larger than the {len(full.classes)} classes in {root}")
-        n_cls = classes or len(full.classes)
-        self.classes = full.classes[:n_cls]
-        # full.samples is sorted by class, then by file name
-        self.samples = [full.samples[i] for i in subset_indices(full.targets, n_cls, per_class)]
-        self.loader, self.transform, self.bad_images = full.loader, transform, bad_images
-        self.warned = set()
-
-    def __len__(self):
-        return len(self.samples)
+        if classes is not None and classes > len(self.classes):
+            raise UserError(f"--classes {classes} is larger than the {len(self.classes)} classes in {root}")
+        self.classes = self.classes[:classes or len(self.classes)]          # samples: by class, then file name
+        self.samples = [self.samples[i] for i in subset_indices(self.targets, len(self.classes), per_class)]
+        self.bad_images, self.warned = bad_images, set()
 
     def __getitem__(self, i):
         for k in range(len(self.samples)):
-            path, y = self.samples[(i + k) % len(self.samples)]
-            try:
-                img = self.loader(path)
-                img.load()
-                return self.transform(img), y
+            try:           # ImageFolder's loader opens the image with PIL and converts it: reads it all
+                return super().__getitem__((i + k) % len(self.samples))
             except Exception as e:  # PIL raises many types for broken files
+                path = self.samples[(i + k) % len(self.samples)][0]
                 if self.bad_images == "stop":
                     raise UserError(f"cannot read image {path} ({type(e).__name__}: {e}); delete or replace it, "
                                     f"or run with --bad-images skip") from None
@@ -211,7 +189,6 @@ class ImageFolderSubset(torch.utils.data.Dataset):
 
 
 def imagenet_transforms(img_size, train):
-    from torchvision.transforms import v2
     norm = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     if not train:
         return v2.Compose([v2.Resize(int(img_size / 0.875), interpolation=v2.InterpolationMode.BICUBIC),
@@ -247,7 +224,7 @@ class EpochOrder(torch.utils.data.Sampler):
         self.epoch, self.skip = 0, 0
         self.per_rank = n // world if shuffle else len(range(rank, n, world))
 
-    def set_epoch(self, epoch, skip=0):
+    def set_epoch(self, epoch, skip=0):         # skip: samples of this rank's shard already trained on
         self.epoch, self.skip = epoch, skip
 
     def __iter__(self):
@@ -264,8 +241,7 @@ class EpochOrder(torch.utils.data.Sampler):
 
 
 # -----------------------------------------------------------------------------
-# schedule and EMA (the weight-decay groups: localmamba.configure_optimizer)
-
+# schedule, EMA, checkpoints (the weight-decay groups: localmamba.configure_optimizer)
 def get_lr(step, lr, warmup_steps, total_steps):
     """Linear warmup from 1e-7, then cosine to 1e-6, per step."""
     if step < warmup_steps:
@@ -275,37 +251,28 @@ def get_lr(step, lr, warmup_steps, total_steps):
 
 
 def wrap_ddp_and_ema(model, s, world, device):
-    """(the model to call in training: DDP-wrapped when world > 1, the EMA or None). The EMA is made
-    after the wrap, which has copied rank 0's weights to every rank: all ranks average one model."""
+    """(the model to call in training, DDP-wrapped when world > 1; the EMA or None). The EMA (off by
+    default, as in the paper) is PyTorch's own: ema <- decay * ema + (1 - decay) * weights after every
+    step. Made after the wrap, which has copied rank 0's weights to every rank: one model averaged."""
     ddp = model if world == 1 else nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None)
-    return ddp, (make_ema(model, s.ema_decay) if s.ema_decay > 0 else None)
-
-
-def make_ema(model, decay):
-    """Exponential moving average of the weights (off by default, as in the paper), PyTorch's own:
-    ema <- decay * ema + (1 - decay) * weights (and buffers) after every step."""
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    if s.ema_decay <= 0:
+        return ddp, None
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(s.ema_decay), use_buffers=True)
     ema.n_averaged += 1         # it starts as a copy of the model: the formula applies from the first step
-    return ema.eval().requires_grad_(False)
+    return ddp, ema.eval().requires_grad_(False)
 
-
-# -----------------------------------------------------------------------------
-# checkpoints and logs
 
 def save_atomic(obj, path, write=torch.save):
     """Write to path.tmp, then rename: the old file survives any crash before the rename."""
-    tmp = Path(str(path) + ".tmp")
-    write(obj, tmp)
-    os.replace(tmp, path)
+    write(obj, Path(f"{path}.tmp"))
+    os.replace(f"{path}.tmp", path)
 
 
 def rng_states(world):
-    """Every rank's RNG states, in rank order, as tensors (loadable with weights_only=True). The
-    trainer draws random numbers only from torch (augmentation, mixup, drop path, shuffling)."""
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    """Every rank's torch RNG states, in rank order: all the trainer draws from (weights-only loadable)."""
+    state = {"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available()
+                                                else {})}
     states = [state] * world
     if world > 1:
         dist.all_gather_object(states, state)
@@ -314,33 +281,15 @@ def rng_states(world):
 
 def read_run_checkpoint(path):
     """A checkpoint this trainer wrote (weights-only load: a file cannot run code)."""
-    try:
-        ckpt = localmamba.read_checkpoint(path)
-    except ValueError as e:
-        raise UserError(f"--resume {e}") from None
+    ckpt = localmamba.read_checkpoint(path)
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise UserError(f"--resume {path} is not a checkpoint of this trainer (no 'model' and 'config'); "
                         f"load official weights with localmamba.load_checkpoint")
     return ckpt
 
 
-def load_weights(model, state_dict, path):
-    """The checkpoint's weights into model, strictly; a mismatch is one UserError."""
-    try:
-        localmamba.load_state_dict_strict(model, state_dict, str(path))
-    except ValueError as e:
-        raise UserError(str(e)) from None
-
-
-def log_json(path, rec, is_main):
-    if is_main:
-        with open(path, "a") as f:
-            f.write(json.dumps(rec, default=str) + "\n")
-
-
 # -----------------------------------------------------------------------------
 # settings: the command line, then one resolution into a new namespace
-
 FLAGS = [  # (flag, type, help); a default of None is filled in by resolve_settings, per --data from DEFAULTS
     ("--data", str, "fashion-mnist or imagenet"), ("--data-dir", str, f"ImageNet root with train/ and val/; "
      f"Fashion-MNIST: the folder of its 4 IDX .gz files (default {FASHION_DIR})"),
@@ -349,24 +298,19 @@ FLAGS = [  # (flag, type, help); a default of None is filled in by resolve_setti
     ("--batch-size", int, "per process"), ("--lr", float, "peak lr at a global batch of 1024; scaled linearly"),
     ("--weight-decay", float, "AdamW"), ("--warmup-epochs", float, "linear from 1e-7"), ("--drop-path", float, ""),
     ("--label-smoothing", float, ""), ("--mixup", float, "alpha, 0 = off"), ("--cutmix", float, "alpha, 0 = off"),
-    ("--clip-grad", float, "max grad norm (off by default, as the paper)"),
-    ("--ema-decay", float, "e.g. 0.9998; 0 = no EMA (the paper's default)"), ("--workers", int, "per process"),
-    ("--classes", int, "use the first N classes"), ("--train-per-class", int, "first N training images per class"),
-    ("--val-per-class", int, "first N validation images per class"),
-    ("--test-per-class", int, "first N test images per class (Fashion-MNIST)"),
-    ("--bad-images", str, "skip (default) or stop: what to do with an unreadable image"),
-    ("--out", str, "output folder (default runs/<model>-<date>-<time>)"),
+    ("--clip-grad", float, "max grad norm (off by default, as the paper)"), ("--workers", int, "per process"),
+    ("--ema-decay", float, "e.g. 0.9998; 0 = no EMA (the paper's default)"), ("--classes", int, "the first N"),
+    ("--train-per-class", int, "first N"), ("--val-per-class", int, "first N"), ("--test-per-class", int, "first N"),
+    ("--bad-images", str, "skip or stop at an unreadable image"), ("--out", str, "default runs/<model>-<time>"),
     ("--resume", str, "checkpoint.pt to continue from (or to evaluate with --eval)"),
     ("--directions", str, "directions.json from --search: per-layer directions"),
     ("--amp", str, "bf16, fp16 or off (default: off for LocalVim and on CPU, bf16 for LocalVMamba on CUDA, as the "
-     "official recipe trained them)"), ("--seed", int, "(default 0)"), ("--print-every", float, "seconds (default 10)"),
+     "official recipe trained them)"), ("--seed", int, ""), ("--print-every", float, "seconds between progress lines"),
+    ("--wd-exempt-ssm", bool, "no weight decay on A_log, D and the search logits α"),
+    ("--eval", bool, "only evaluate --resume CKPT (validation and test splits)"), ("--eval-ema", bool, "the EMA's"),
+    ("--search", bool, "train a *_search supernet and write directions.json"),
+    ("--no-scattn", bool, "ablation: no SCAttn"), ("--no-compile", bool, "CPU: run the scan eagerly, not compiled"),
 ]
-SWITCHES = [("--wd-exempt-ssm", "no weight decay on A_log, D and the search logits α"),
-            ("--eval-ema", "with --eval: evaluate the EMA weights"),
-            ("--eval", "only evaluate --resume CKPT (validation and test splits)"),
-            ("--search", "train a *_search supernet and write directions.json"),
-            ("--no-scattn", "ablation: build the model without SCAttn"),
-            ("--no-compile", "CPU: run the scan eagerly, not torch.compile'd")]
 CHOICES = {"data": ("fashion-mnist", "imagenet"), "bad_images": ("skip", "stop"), "amp": ("bf16", "fp16", "off")}
 FIXED = dict(data="fashion-mnist", bad_images="skip", ema_decay=0.0, seed=0, print_every=10.0)  # not per --data
 
@@ -375,12 +319,13 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Train LocalMamba models (see the module docstring for commands).")
     for flag, typ, help in FLAGS:
         key = flag[2:].replace("-", "_")
-        if key in DEFAULTS["imagenet"]:
-            help += f" (default: {DEFAULTS['fashion-mnist'][key]} for fashion-mnist, {DEFAULTS['imagenet'][key]} " \
-                    f"for imagenet)"
-        p.add_argument(flag, type=typ, default=FIXED.get(key), choices=CHOICES.get(key), help=help)
-    for flag, help in SWITCHES:
-        p.add_argument(flag, action="store_true", help=help)
+        if typ is bool:
+            p.add_argument(flag, action="store_true", help=help)
+            continue
+        per_data = "default: " + ", ".join(f"{data} {DEFAULTS[data].get(key)}" for data in DEFAULTS)
+        default = per_data if key in DEFAULTS["imagenet"] else f"default {FIXED[key]}" if key in FIXED else None
+        p.add_argument(flag, type=typ, default=FIXED.get(key), choices=CHOICES.get(key),
+                       help=f"{help} ({default})" if default else help)
     args = p.parse_args(argv)
     for k in ("batch_size", "epochs", "max_steps", "classes", "train_per_class", "val_per_class", "test_per_class",
               "img_size"):
@@ -390,10 +335,9 @@ def parse_args(argv=None):
 
 
 def adopt_checkpoint_settings(s, saved):
-    """--resume / --eval build the model the checkpoint was trained as: its model name, image size,
-    SCAttn switch and per-layer directions come from the checkpoint's config unless given on the
-    command line, and a different value given there is refused (the same shapes with other scan
-    directions would load without error and silently compute something else)."""
+    """--resume / --eval build the model the checkpoint was trained as (model, image size, SCAttn,
+    directions from its config); a different value on the command line is refused, since the same
+    shapes with other scan directions would load without error and compute something else."""
     for key in ("model", "img_size"):
         if saved.get(key) is not None and getattr(s, key) is None:
             setattr(s, key, saved[key])
@@ -416,10 +360,7 @@ def resolve_settings(args, saved, device):
         raise UserError("--search and --directions do not go together: search first, then train with --directions")
     if s.eval and not s.resume:
         raise UserError("--eval needs --resume CKPT (the checkpoint to evaluate)")
-    try:
-        s.layer_directions = localmamba.load_directions(s.directions) if s.directions else None
-    except ValueError as e:
-        raise UserError(f"--directions {e}") from None
+    s.layer_directions = localmamba.load_directions(s.directions) if s.directions else None
     if saved is not None:
         adopt_checkpoint_settings(s, saved)
     d = DEFAULTS[s.data]
@@ -443,7 +384,6 @@ def resolve_settings(args, saved, device):
 
 # -----------------------------------------------------------------------------
 # the pieces of a run
-
 @torch.no_grad()
 def evaluate(model, loader, device, amp_dtype, world):
     """top-1, top-5 (percent) and mean loss over the whole split, summed over all ranks."""
@@ -465,7 +405,6 @@ def evaluate(model, loader, device, amp_dtype, world):
 
 def make_mix(s, num_classes):
     """mixup 0.2 / cutmix 1.0, one of them per batch (switch prob 0.5), on soft targets."""
-    from torchvision.transforms import v2
     ops = ([v2.MixUp(alpha=s.mixup, num_classes=num_classes)] if s.mixup > 0 else []) + \
           ([v2.CutMix(alpha=s.cutmix, num_classes=num_classes)] if s.cutmix > 0 else [])
     return v2.RandomChoice(ops) if len(ops) > 1 else (ops[0] if ops else None)
@@ -484,22 +423,10 @@ def setup_distributed():
     return rank, world, torch.device("cpu")
 
 
-def build_model(s, num_classes, in_chans, device):
-    kw = dict(num_classes=num_classes, img_size=s.img_size, in_chans=in_chans, drop_path_rate=s.drop_path,
-              **({} if s.layer_directions is None else {"directions": s.layer_directions}),
-              **({"scattn": False} if s.no_scattn else {}))
-    try:
-        return localmamba.create_model(s.model, **kw).to(device)
-    except ValueError as e:
-        raise UserError(f"cannot build {s.model}: {e}") from None
-
-
 def make_loader(ds, s, sampler, device, gen=None):
-    """A loader with its own generator: starting an epoch then draws nothing from the global RNG,
-    so an evaluation in the middle of a run does not change what the run draws after it."""
-    return torch.utils.data.DataLoader(ds, batch_size=s.batch_size, sampler=sampler, drop_last=sampler.shuffle,
-                                       generator=gen or torch.Generator(), num_workers=s.workers,
-                                       pin_memory=device.type == "cuda")
+    """A loader with its own generator: an epoch's start draws nothing from the global RNG."""
+    return torch.utils.data.DataLoader(ds, s.batch_size, sampler=sampler, drop_last=sampler.shuffle, pin_memory=
+                                       device.type == "cuda", generator=gen or torch.Generator(), num_workers=s.workers)
 
 
 def prepare_out(s, is_main, world):
@@ -515,26 +442,24 @@ def prepare_out(s, is_main, world):
     return out
 
 
-def evaluate_checkpoint(s, ckpt, model, loaders, device, amp_dtype, world, log):
-    """--eval: the checkpoint's weights (or its EMA) on the validation split, and the test split
-    where the data has one; one JSON line per split."""
-    weights = "ema" if s.eval_ema else "model"
-    if s.eval_ema and ckpt.get("ema") is None:
-        raise UserError(f"--eval-ema: {s.resume} holds no EMA weights (its run had --ema-decay 0)")
-    load_weights(model, ckpt[weights], s.resume)
-    results = {split: evaluate(model, ld, device, amp_dtype, world) for split, ld in loaders.items()}
+def evaluate_checkpoint(r, ckpt):
+    """--eval: the checkpoint's weights (or its EMA) on the validation and test splits, a JSON line each."""
+    weights = "ema" if r.s.eval_ema else "model"
+    if r.s.eval_ema and ckpt.get("ema") is None:
+        raise UserError(f"--eval-ema: {r.s.resume} holds no EMA weights (its run had --ema-decay 0)")
+    localmamba.load_state_dict_strict(r.model, ckpt[weights], r.s.resume)
+    results = {split: evaluate(r.model, ld, r.device, r.amp_dtype, r.world) for split, ld in r.eval_loaders.items()}
     for split, res in results.items():
-        log(json.dumps({"eval": s.resume, "weights": weights, "split": split, **res}))
+        r.log(json.dumps({"eval": r.s.resume, "weights": weights, "split": split, **res}))
     return results
 
 
 def restore(ckpt, r):
-    """Continue a run exactly: weights, optimizer, scaler, position, and this rank's RNG state.
-    Returns (epoch, step, batch_in_epoch)."""
+    """Continue a run exactly (weights, optimizer, scaler, this rank's RNG): (epoch, step, batch_in_epoch)."""
     if len(ckpt["rng"]) != r.world:
         raise UserError(f"--resume {r.s.resume} was written by {len(ckpt['rng'])} process(es), this run has "
                         f"{r.world}; resume with the same number of processes")
-    load_weights(r.model, ckpt["model"], r.s.resume)
+    localmamba.load_state_dict_strict(r.model, ckpt["model"], r.s.resume)
     r.optimizer.load_state_dict(ckpt["optimizer"])
     r.scaler.load_state_dict(ckpt["scaler"])
     torch.set_rng_state(ckpt["rng"][r.rank]["torch"])
@@ -553,6 +478,12 @@ def save_checkpoint(r, epoch, step, batch_in_epoch):
                      "rng": states}, r.out / "checkpoint.pt")
 
 
+def log_json(r, rec):
+    if r.is_main:                              # rank 0 appends one line to the run's log
+        with open(r.out / "log.jsonl", "a") as f:
+            f.write(json.dumps(rec, default=str) + "\n")
+
+
 def eval_and_log(r, epoch, step, split="val"):
     res = evaluate(r.model, r.eval_loaders[split], r.device, r.amp_dtype, r.world)
     rec = {"split": split, "epoch": epoch, "step": step, "top1": res["top1"], "top5": res["top5"],
@@ -561,7 +492,7 @@ def eval_and_log(r, epoch, step, split="val"):
         rec["top1_ema"] = evaluate(r.ema.module, r.eval_loaders[split], r.device, r.amp_dtype, r.world)["top1"]
     if r.s.search:
         rec["search_probs"] = [[round(p, 5) for p in row] for row in localmamba.search_probabilities(r.model).tolist()]
-    log_json(r.out / "log.jsonl", rec, r.is_main)
+    log_json(r, rec)
     r.log(f"{split} epoch {epoch:.4g} step {step}: top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%  "
           f"loss {res['loss']:.4f}")
     return rec
@@ -579,8 +510,7 @@ def train_step(r, x, y, lr, where):
     loss = F.cross_entropy(logits.float(), y, label_smoothing=r.s.label_smoothing)   # hard or mixed targets
     if not torch.isfinite(loss):
         raise NonFiniteLoss(f"the loss became {loss.item()} at epoch {where[0]}, step {where[1]} (lr {lr:.3g}); "
-                            f"nothing was saved after it. Try a lower --lr, --clip-grad 1.0, "
-                            f"--amp bf16 instead of fp16, or --amp off")
+                            f"nothing was saved after it. Try a lower --lr, --clip-grad 1.0, or --amp bf16/off")
     r.optimizer.zero_grad(set_to_none=True)
     r.scaler.scale(loss).backward()
     if r.s.clip_grad:
@@ -596,11 +526,13 @@ def train_step(r, x, y, lr, where):
 def progress(r, loss, step, stop_at, epoch, n_images):
     """A progress line every --print-every seconds; the first one also estimates the whole run."""
     clock, now = r.clock, time.time()
+    if "t1" not in clock:                 # the first step compiles and warms up: rates count from its end
+        return clock.update(t1=now, last_print=now)
     clock["seen"] += n_images
     if not r.is_main or (now - clock["last_print"] <= r.s.print_every and step != stop_at):
         return
     clock["last_print"] = now
-    rate = clock["seen"] / max(now - clock["t0"], 1e-9)
+    rate = clock["seen"] / max(now - clock["t1"], 1e-9)
     left = (stop_at - step) * n_images / max(rate, 1e-9)
     first = f"  (training in all: ~{(now - clock['t0'] + left) / 60:.1f} min)" if clock.pop("first", False) else ""
     print(f"epoch {epoch} step {step}/{stop_at}  loss {loss.item():.4f}  {rate:.1f} img/s  "
@@ -609,7 +541,6 @@ def progress(r, loss, step, stop_at, epoch, n_images):
 
 # -----------------------------------------------------------------------------
 # the run: a table of contents, then the loop
-
 def train(args):
     rank, world, device = setup_distributed()
     log = (lambda msg: print(msg, flush=True)) if rank == 0 else (lambda msg: None)
@@ -617,23 +548,23 @@ def train(args):
     s = resolve_settings(args, None if ckpt is None else ckpt["config"], device)
     if device.type == "cpu" and not s.no_compile:
         scan_kernel.use_compiled_torch_path(True)   # the CPU scan as fused C++ (torch.compile): ~1.5-2x faster
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[s.amp]
     torch.manual_seed(s.seed + rank)
-    r = argparse.Namespace(s=s, rank=rank, world=world, device=device, log=log, is_main=rank == 0, amp_dtype=amp_dtype)
+    r = argparse.Namespace(s=s, rank=rank, world=world, device=device, log=log, is_main=rank == 0,
+                           amp_dtype={"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[s.amp])
 
     # 1. data and model
     train_set, val_set, test_set, num_classes, in_chans = (imagenet_splits if s.data == "imagenet" else
                                                            fashion_splits)(s, with_train=not s.eval)
-    r.model = build_model(s, num_classes, in_chans, device)
+    r.model = localmamba.create_model(s.model, num_classes=num_classes, img_size=s.img_size, in_chans=in_chans,
+                                      drop_path_rate=s.drop_path, **({"scattn": False} if s.no_scattn else {}),
+                                      **({"directions": s.layer_directions} if s.layer_directions else {})).to(device)
     r.eval_loaders = {split: make_loader(ds, s, EpochOrder(len(ds), s.seed, rank, world, False), device)
                       for split, ds in (("val", val_set), ("test", test_set)) if ds is not None}
     if s.eval:               # only the evaluation splits are read: no scan of a 1.28M-image train/
-        return evaluate_checkpoint(s, ckpt, r.model, r.eval_loaders, device, amp_dtype, world, log)
+        return evaluate_checkpoint(r, ckpt)
     sampler = EpochOrder(len(train_set), s.seed, rank, world, shuffle=True)
-    # The training loader's generator is re-seeded every epoch: --resume then continues exactly (with
-    # --workers 0; with workers the order is exact and the augmentation draws differ).
-    loader_gen = torch.Generator()
-    train_loader = make_loader(train_set, s, sampler, device, loader_gen)
+    # re-seeded every epoch: --resume continues exactly (with --workers > 0 the augmentation draws differ)
+    train_loader = make_loader(train_set, s, sampler, device, loader_gen := torch.Generator())
     steps_per_epoch = len(sampler) // s.batch_size
     if steps_per_epoch == 0:
         raise UserError(f"the training set has {len(sampler)} images per process, fewer than --batch-size "
@@ -655,10 +586,11 @@ def train(args):
                     total_steps=total_steps, train_images=len(train_set), val_images=len(val_set),
                     test_images=len(test_set) if test_set else 0, directions=r.model.directions,
                     device=str(device), torch=str(torch.__version__))
-    log_json(r.out / "log.jsonl", r.config, r.is_main)
-    log(f"{s.model}: {n_params:,} params; {len(train_set):,} train / {len(val_set):,} val images, {num_classes} classes; "
-        f"{world} process(es) × batch {s.batch_size}; lr {lr:.3g} (= {s.lr:g} × {s.batch_size * world} / 1024); "
-        f"{s.epochs} epochs = {total_steps} steps; amp {s.amp} ({'--amp' if args.amp else 'default'}); {device}")
+    log_json(r, r.config)
+    log(f"{s.model}: {n_params:,} params; {len(train_set):,} train / {len(val_set):,} val images, {num_classes} "
+        f"classes; {world} process(es) × batch {s.batch_size}; lr {lr:.3g} (= {s.lr:g} × {s.batch_size * world}"
+        f"/1024); {s.epochs} epochs = {total_steps} steps; amp {s.amp} ({'--amp' if args.amp else 'default'}); "
+        f"{device}")
 
     # 3. the loop: evaluate on the validation split and checkpoint at the end of every epoch
     r.mix = make_mix(s, num_classes)
@@ -699,7 +631,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         train(args)
-    except (UserError, scan_kernel.TorchCompileError) as e:
+    except (UserError, localmamba.BadInput, scan_kernel.TorchCompileError) as e:
         msg = str(e)
         if "Original Traceback" in msg:   # raised in a DataLoader worker: keep the message, not the trace
             msg = msg.strip().splitlines()[-1].split("UserError: ", 1)[-1]

@@ -42,6 +42,7 @@ LocalVMamba -> presets (published directions, the model table, create_model, der
 `python localmamba.py` prints the model table and draws the 8 scan orders.
 """
 import functools
+import hashlib
 import json
 import math
 import re
@@ -966,12 +967,33 @@ def load_directions(path):
 STATE_DICT_KEYS = ("model", "state_dict", "state_dict_ema", "model_ema")   # where checkpoints keep weights
 
 
+def tensor_checksum(obj):
+    """sha256 of every tensor in a checkpoint (nested dicts, lists; keys in sorted order; the
+    "checksum" entry itself left out): what train_mini.py saves under "checksum", so that a file
+    corrupted after it was written is refused instead of loaded."""
+    h = hashlib.sha256()
+
+    def walk(o):
+        if isinstance(o, torch.Tensor):
+            t = o.detach().cpu().contiguous()
+            h.update(f"{t.dtype}{tuple(t.shape)}".encode() + t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(o, dict):
+            for k in sorted((k for k in o if k != "checksum"), key=str):
+                h.update(str(k).encode())
+                walk(o[k])
+        elif isinstance(o, (list, tuple)):
+            for v in o:
+                walk(v)
+    walk(obj)
+    return h.hexdigest()
+
+
 def read_checkpoint(path, unsafe=False):
-    """The object in a checkpoint file, loaded on the CPU. Raises one ValueError naming the file:
-    missing, unreadable, or holding more than tensors and plain containers (then the message
-    names the escape hatch)."""
+    """The object in a checkpoint file, loaded on the CPU. Raises one BadInput naming the file:
+    missing, unreadable, corrupted (its tensors no longer match the checksum saved with them), or
+    holding more than tensors and plain containers (then the message names the escape hatch)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=not unsafe)
+        ckpt = torch.load(path, map_location="cpu", weights_only=not unsafe)
     except FileNotFoundError:
         raise BadInput(f"no file at {path}") from None
     except Exception as e:
@@ -980,6 +1002,10 @@ def read_checkpoint(path, unsafe=False):
                              f"from the file; if you trust it, load it with unsafe=True "
                              f"(load_checkpoint(model, path, unsafe=True))") from None
         raise BadInput(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from None
+    if isinstance(ckpt, dict) and "checksum" in ckpt and ckpt["checksum"] != tensor_checksum(ckpt):
+        raise BadInput(f"{path} is corrupted: its tensors no longer match the checksum saved with them; "
+                       f"use an earlier copy of it")
+    return ckpt
 
 
 def state_dict_of(ckpt):

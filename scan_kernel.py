@@ -793,6 +793,38 @@ def _time_cpu(fn, reps):
     return statistics.median(ts) * 1e3
 
 
+def _bench_call(be, x):
+    """The scan call of one benchmark row, on inputs x: a backend of this file, or mamba_ssm's."""
+    if be == "mamba_ssm":
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+        return lambda: selective_scan_fn(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"],
+                                         x["delta_bias"], True)
+    fn = _BACKENDS[be.replace("+compile", "")]
+    opt = dict(compile=be == "torch+compile") if be.startswith("torch") else {}
+    return lambda: fn(x["u"], x["delta"], x["A"], x["B"], x["C"], D=x["D"], z=x["z"], delta_bias=x["delta_bias"],
+                      delta_softplus=True, **opt)
+
+
+def _bench_row(be, dev, dtype, shape, reps):
+    """(forward ms, forward+backward ms) of one backend at one shape: do_bench on CUDA, the median
+    of reps on the CPU (2 for the slow loop at the large shape), after a warm-up that compiles."""
+    batch, dim, N, L, G = shape
+    x = _bench_inputs(batch, dim, N, L, G, dtype, dev)
+    call = _bench_call(be, x)
+    dout = torch.randn_like(x["u"])
+    fwd_bwd = lambda: call().backward(dout)
+    if dev == "cuda":
+        from triton.testing import do_bench
+        with torch.no_grad():
+            t_f = do_bench(call, return_mode="median")
+        return t_f, do_bench(fwd_bwd, return_mode="median")
+    n = 2 if (be == "ref" and batch * dim > 20000) else reps
+    call(), fwd_bwd()  # warm-up (and compile)
+    with torch.no_grad():
+        t_f = _time_cpu(call, n)
+    return t_f, _time_cpu(fwd_bwd, n)
+
+
 def bench(reps=5):
     """Print one table: shape, backend, forward ms, forward+backward ms (median of reps),
     speed-up over the plain autograd loop timed in the same run, and on CUDA the GB/s reached
@@ -805,52 +837,21 @@ def bench(reps=5):
     ]
     if cuda:
         shapes.append(("Vim-T layer, K=4 grouped (128,1536,16,197,G=4)", 128, 1536, 16, 197, 4))
+    import importlib.util
+    has_mamba = importlib.util.find_spec("mamba_ssm") is not None      # compared with where it is installed
     for name, batch, dim, N, L, G in shapes:
-        big = batch * dim > 20000
-        backends = []
-        if not cuda or not big:
-            backends += [("ref", "cpu"), ("torch", "cpu"), ("torch+compile", "cpu")]
-        if cuda:
-            backends += [("torch", "cuda"), ("triton", "cuda")]
-            try:
-                from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as mamba_scan
-                backends.append(("mamba_ssm", "cuda"))
-            except ImportError:
-                mamba_scan = None
+        backends = [("ref", "cpu"), ("torch", "cpu"), ("torch+compile", "cpu")] if not cuda or batch * dim <= 20000 \
+            else []
+        backends += [("torch", "cuda"), ("triton", "cuda")] + [("mamba_ssm", "cuda")] * has_mamba if cuda else []
         base = None
         for be, dev in backends:
             for dtype in ([torch.float32] if dev == "cpu" else [torch.float32, torch.bfloat16]):
-                x = _bench_inputs(batch, dim, N, L, G, dtype, dev)
-                if be == "mamba_ssm":
-                    call = lambda: mamba_scan(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"],
-                                              x["delta_bias"], True)
-                else:
-                    fn = _BACKENDS[be.replace("+compile", "")]
-                    opt = dict(compile=be == "torch+compile") if be.startswith("torch") else {}
-                    call = lambda: fn(x["u"], x["delta"], x["A"], x["B"], x["C"], D=x["D"], z=x["z"],
-                                      delta_bias=x["delta_bias"], delta_softplus=True, **opt)
-                dout = torch.randn_like(x["u"])
-                fwd_bwd = lambda: call().backward(dout)
-                if dev == "cuda":
-                    from triton.testing import do_bench
-                    with torch.no_grad():
-                        t_f = do_bench(call, return_mode="median")
-                    t_fb = do_bench(fwd_bwd, return_mode="median")
-                else:
-                    n = 2 if (be == "ref" and big) else reps
-                    call(); fwd_bwd()  # warm-up (and compile)
-                    with torch.no_grad():
-                        t_f = _time_cpu(call, n)
-                    t_fb = _time_cpu(fwd_bwd, n)
-                if be == "ref" and dtype == torch.float32:
-                    base = t_fb
-                gbs = ""
-                if dev == "cuda":
-                    bf, bb = _min_bytes(batch, dim, N, L, G, dtype)
-                    gbs = f"{bf / t_f / 1e6:.0f} GB/s fwd (floor {bf / 3.0e9 * 1e3:.3f} ms at 3 TB/s)"
-                speedup = f"{base / t_fb:.1f}x" if base else ""
-                label = f"{be} {dev} {str(dtype).replace('torch.', '')}"
-                rows.append((name, label, f"{t_f:.2f}", f"{t_fb:.2f}", speedup, gbs))
+                t_f, t_fb = _bench_row(be, dev, dtype, (batch, dim, N, L, G), reps)
+                base = t_fb if be == "ref" and dtype == torch.float32 else base
+                bf = _min_bytes(batch, dim, N, L, G, dtype)[0]
+                gbs = f"{bf / t_f / 1e6:.0f} GB/s fwd (floor {bf / 3.0e9 * 1e3:.3f} ms at 3 TB/s)" * (dev == "cuda")
+                rows.append((name, f"{be} {dev} {str(dtype).replace('torch.', '')}", f"{t_f:.2f}", f"{t_fb:.2f}",
+                             f"{base / t_fb:.1f}x" if base else "", gbs))
                 print(" | ".join(rows[-1]), flush=True)
     dev = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
     print(f"\nselective scan, with z, D, delta_bias, softplus; {dev}; torch {torch.__version__}"

@@ -1069,6 +1069,7 @@ def test_count_flops_convention():
 import argparse
 import subprocess
 import sys
+import time
 
 
 import train_mini
@@ -1408,6 +1409,239 @@ def test_existing_run_is_not_overwritten_and_nan_keeps_the_checkpoint(tmp_path):
     rc, _, se = run_cli(*common, "--epochs", "3", "--lr", "1e12", "--out", out, "--resume", out / "checkpoint.pt")
     assert rc == 3 and "Traceback" not in se and "the loss became" in se and "lower --lr" in se, se
     assert (out / "checkpoint.pt").read_bytes() == before_ck
+
+
+# --- trust: hostile files, one writer per run folder, every flag checked -------------------
+
+TINY = ["--train-per-class", "3", "--val-per-class", "2", "--test-per-class", "2", "--batch-size", "10",
+        "--print-every", "0"]
+
+
+class _Hostile:
+    """A pickle that, unpickled, creates a folder: what a booby-trapped checkpoint could run."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def test_hostile_checkpoint_runs_nothing(tmp_path):
+    marker = tmp_path / "pwned"
+    m = create_model("local_vim_nano", in_chans=1, num_classes=10)
+    torch.save({"model": m.state_dict(), "config": {"model": "local_vim_nano"}, "x": _Hostile(str(marker))},
+               tmp_path / "evil.pt")
+    with pytest.raises(lm.BadInput, match="could run code.*unsafe=True"):
+        load_checkpoint(m, tmp_path / "evil.pt")
+    for flags in (["--resume", tmp_path / "evil.pt", "--out", tmp_path / "o"], ["--eval", "--resume", tmp_path / "evil.pt"]):
+        rc, _, se = run_cli(*flags)
+        _assert_clean_failure(rc, se, "evil.pt", "could run code")
+        assert len(se.strip().splitlines()) == 1
+    assert not marker.exists()
+    load_checkpoint(m, tmp_path / "evil.pt", unsafe=True)       # the escape hatch, typed on purpose, runs it
+    assert marker.exists()
+
+
+@needs_fashion
+def test_corrupted_checkpoint_is_refused(tmp_path):
+    rc, _, se = run_cli(*TINY, "--max-steps", "2", "--out", tmp_path / "r")
+    assert rc == 0, se
+    ck = torch.load(tmp_path / "r" / "checkpoint.pt")
+    assert ck["checksum"] == lm.tensor_checksum(ck)
+    ck["model"]["head.bias"][0] += 1e-3                       # bits changed after the checksum was taken
+    torch.save(ck, tmp_path / "r" / "checkpoint.pt")
+    rc, _, se = run_cli(*TINY, "--resume", tmp_path / "r" / "checkpoint.pt")
+    _assert_clean_failure(rc, se, "is corrupted", "checksum")
+    with pytest.raises(lm.BadInput, match="corrupted"):
+        load_checkpoint(create_model("local_vim_nano", in_chans=1, num_classes=10), tmp_path / "r" / "checkpoint.pt")
+
+
+@needs_fashion
+def test_two_trainers_on_one_out_one_runs(tmp_path):
+    """The second trainer on a folder in use exits 2 at once and touches nothing of the first's."""
+    out = tmp_path / "run"
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    first = subprocess.Popen([sys.executable, str(HERE / "train_mini.py"), *TINY[:-2], "--epochs", "20",
+                              "--print-every", "0", "--out", str(out)], cwd=HERE, env=env, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not (out / "log.jsonl").exists() and time.time() < deadline and first.poll() is None:
+        time.sleep(0.2)
+    before = sorted(p.name for p in out.iterdir())
+    rc, _, se = run_cli(*TINY, "--out", out)                   # while the first runs
+    _assert_clean_failure(rc, se, "in use by another run")
+    so, se1 = first.communicate(timeout=600)
+    assert first.returncode == 0, se1
+    config, evals = read_log(out)
+    assert sum("total_steps" in json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()) == 1
+    assert not list(out.glob("*.tmp*")) and set(before) <= {p.name for p in out.iterdir()}
+    assert evals[-1]["split"] == "test"
+
+
+def test_default_out_cannot_collide():
+    args = train_mini.parse_args([])
+    s = train_mini.resolve_settings(args, None, torch.device("cpu"))
+    assert s.out.endswith(f"-{os.getpid()}") and s.out.startswith("runs/local_vim_nano-")
+
+
+@needs_fashion
+def test_resume_never_writes_into_another_runs_folder(tmp_path):
+    for name in ("a", "b"):
+        rc, _, se = run_cli(*TINY, "--max-steps", "2", "--out", tmp_path / name)
+        assert rc == 0, se
+    snapshot = lambda d: {p.name: p.read_bytes() for p in (tmp_path / d).iterdir()}
+    a, b = snapshot("a"), snapshot("b")
+    rc, _, se = run_cli(*TINY, "--epochs", "1", "--resume", tmp_path / "a" / "checkpoint.pt", "--out", tmp_path / "b")
+    _assert_clean_failure(rc, se, "holds another run")
+    assert snapshot("a") == a and snapshot("b") == b
+    rc, _, se = run_cli(*TINY, "--epochs", "1", "--resume", tmp_path / "a" / "checkpoint.pt", "--out", tmp_path / "c")
+    assert rc == 0, se                                          # a new empty folder is fine
+    assert snapshot("a") == a and (tmp_path / "c" / "checkpoint.pt").exists()
+    rc, _, se = run_cli(*TINY, "--epochs", "1", "--resume", tmp_path / "a" / "checkpoint.pt")
+    assert rc == 0, se                                          # without --out: its own folder
+    assert torch.load(tmp_path / "a" / "checkpoint.pt")["step"] == 3
+
+
+@needs_fashion
+def test_a_folder_with_only_a_checkpoint_is_kept_and_one_with_only_a_log_restarts(tmp_path):
+    (tmp_path / "ck").mkdir()
+    (tmp_path / "ck" / "checkpoint.pt").write_bytes(b"precious")
+    rc, _, se = run_cli(*TINY, "--max-steps", "1", "--out", tmp_path / "ck")
+    _assert_clean_failure(rc, se, "already holds a run")
+    assert (tmp_path / "ck" / "checkpoint.pt").read_bytes() == b"precious"
+    (tmp_path / "lg").mkdir()
+    (tmp_path / "lg" / "log.jsonl").write_text('{"old": 1}\n')
+    rc, so, se = run_cli(*TINY, "--max-steps", "1", "--out", tmp_path / "lg")
+    assert rc == 0 and "stopped before its first checkpoint" in so, se
+    kept = list((tmp_path / "lg").glob("log.stopped-*.jsonl"))
+    assert len(kept) == 1 and kept[0].read_text() == '{"old": 1}\n'
+
+
+@needs_fashion
+def test_a_killed_run_resumes_from_its_last_step_checkpoint(tmp_path):
+    """--checkpoint-every: SIGKILL mid-epoch leaves a whole, weights-only, checksummed checkpoint at
+    a multiple of the interval, and --resume finishes the run as if it had not stopped."""
+    out = tmp_path / "run"
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    flags = ["--train-per-class", "60", "--val-per-class", "2", "--test-per-class", "2", "--batch-size", "10",
+             "--checkpoint-every", "3", "--print-every", "0", "--out", str(out)]
+    p = subprocess.Popen([sys.executable, str(HERE / "train_mini.py"), *flags], cwd=HERE, env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (out / "checkpoint.pt").exists() and time.time() < deadline:
+        time.sleep(0.1)
+    time.sleep(1.0)
+    p.kill()
+    p.wait()
+    ck = lm.read_checkpoint(out / "checkpoint.pt")               # whole, and its checksum holds
+    assert ck["step"] % 3 == 0 and 0 < ck["step"] < 60 and ck["batch_in_epoch"] == ck["step"]
+    rc, _, se = run_cli(*flags, "--resume", out / "checkpoint.pt")
+    assert rc == 0, se
+    straight = tmp_path / "straight"
+    rc, _, se = run_cli(*[f if f != str(out) else str(straight) for f in flags])
+    assert rc == 0, se
+    a, b = torch.load(out / "checkpoint.pt"), torch.load(straight / "checkpoint.pt")
+    assert a["step"] == b["step"] == 60
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+@pytest.mark.parametrize("flag, value, needle", [
+    ("--clip-grad", "-1", "--clip-grad must be a finite number > 0, got -1.0"),
+    ("--weight-decay", "-1", "--weight-decay must be a finite number between 0 and inf"),
+    ("--lr", "nan", "--lr must be a finite number > 0, got nan"),
+    ("--seed", "-1", "--seed must be a finite number between 0"),
+    ("--workers", "-1", "--workers must be"),
+    ("--epochs", "inf", "--epochs must be a finite number > 0, got inf"),
+    ("--label-smoothing", "2", "--label-smoothing must be a finite number between 0 and 0.999"),
+    ("--drop-path", "1", "--drop-path must be"),
+    ("--ema-decay", "1.5", "--ema-decay must be"),
+    ("--batch-size", "0", "--batch-size must be a finite number > 0"),
+    ("--mixup", "-0.5", "--mixup must be"),
+    ("--checkpoint-every", "-3", "--checkpoint-every must be"),
+])
+def test_every_bad_flag_is_refused_before_any_setup(flag, value, needle, monkeypatch, capsys, tmp_path):
+    def no_setup(*a, **k):
+        raise AssertionError("data or model set up despite a bad flag")
+    monkeypatch.setattr(train_mini, "fashion_splits", no_setup)
+    monkeypatch.setattr(train_mini, "claim_run_dir", no_setup)
+    with pytest.raises(SystemExit) as e:
+        train_mini.main([flag, value, "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and needle in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+@needs_fashion
+def test_zero_steps_and_unwritable_out_are_refused(tmp_path):
+    rc, _, se = run_cli(*TINY, "--epochs", "0.01", "--out", tmp_path / "z")   # 3 steps an epoch: 0.03 steps
+    _assert_clean_failure(rc, se, "is not one step")
+    (tmp_path / "file").write_text("x")
+    rc, _, se = run_cli(*TINY, "--out", tmp_path / "file")
+    _assert_clean_failure(rc, se, "cannot be created or written")
+    rc, _, se = run_cli(*TINY, "--out", "/proc/localmamba-run")
+    _assert_clean_failure(rc, se, "cannot be created or written")
+
+
+def test_a_failed_save_is_one_line_and_keeps_the_previous_file(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    train_mini.save_atomic({"v": torch.ones(2)}, path)
+
+    def full_disk(obj, p):
+        Path(p).write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+    with pytest.raises(train_mini.UserError, match=r"cannot write .*checkpoint.pt \(No space left on device\); the "
+                                                    r"previous checkpoint.pt, if any, is kept"):
+        train_mini.save_atomic({"v": torch.zeros(2)}, path, write=full_disk)
+    assert torch.equal(torch.load(path)["v"], torch.ones(2)) and [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+@needs_fashion
+def test_resume_with_another_batch_size_needs_consent(tmp_path):
+    rc, _, se = run_cli(*TINY, "--epochs", "2", "--max-steps", "2", "--out", tmp_path / "r")
+    assert rc == 0, se
+    other = [a if a != "10" else "5" for a in TINY]           # --batch-size 5
+    rc, _, se = run_cli(*other, "--epochs", "2", "--resume", tmp_path / "r" / "checkpoint.pt")
+    _assert_clean_failure(rc, se, "--batch-size 10", "--allow-changed-batch")
+    rc, so, se = run_cli(*other, "--epochs", "2", "--resume", tmp_path / "r" / "checkpoint.pt", "--allow-changed-batch")
+    assert rc == 0 and "batch 10 x 1 -> 5 x 1" in so, se
+    ck = torch.load(tmp_path / "r" / "checkpoint.pt")
+    assert ck["step"] == 12 and ck["config"]["batch_size"] == 5    # 6 steps of 5 an epoch; resumed at 20 images = 4
+
+
+def _image_tree(root, images):
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            d = root / split / cls
+            d.mkdir(parents=True)
+            for name, save in images.items():
+                save(d / name)
+
+
+def test_16_bit_and_float_images_are_scaled_and_loops_not_followed(tmp_path, capsys):
+    from PIL import Image
+    import numpy as np
+    png16 = tmp_path / "g16.png"
+    Image.fromarray(np.full((8, 8), 32896, dtype=np.uint16)).save(png16)     # 32896 / 257 = 128
+    assert Image.open(png16).mode.startswith("I")
+    assert train_mini.load_image(png16).getpixel((0, 0)) == (128, 128, 128)  # PIL's convert gives white
+    tif = tmp_path / "f.tif"
+    Image.fromarray(np.full((8, 8), 0.5, dtype=np.float32)).save(tif)
+    assert train_mini.load_image(tif).getpixel((0, 0)) == (128, 128, 128)   # (PIL's convert gives 0)
+    bad = tmp_path / "bad.tif"
+    Image.fromarray(np.full((8, 8), 7.0, dtype=np.float32)).save(bad)
+    with pytest.raises(train_mini.UserError, match=r"bad.tif: a F image with values in \[7, 7\], outside \[0, 1\]"):
+        train_mini.load_image(bad)
+    root = tmp_path / "tree"
+    _image_tree(root, {"x.png": lambda p: Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(p),
+                       "notes.txt": lambda p: p.write_text("not an image")})
+    os.symlink(root / "train" / "a", root / "train" / "a" / "loop")           # a folder that contains itself
+    ds = train_mini.ImageFolderSubset(root / "train", None, None, lambda im: im)
+    assert len(ds) == 2 and [y for _, y in ds.samples] == [0, 1]              # each file once
+    err = capsys.readouterr().err
+    assert err.count("skipped 2 files that are not images (.txt: 2)") == 1
 
 
 def test_weight_decay_groups_follow_the_official_run():

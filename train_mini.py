@@ -28,6 +28,7 @@ then renamed: a crash never destroys the last good one), directions.json after -
 Exit codes: 0 done, 2 bad input (one message, no traceback), 3 the loss became non-finite.
 """
 import argparse
+import contextlib
 import gzip
 import json
 import math
@@ -35,6 +36,7 @@ import os
 import struct
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -42,12 +44,19 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 from torchvision.transforms import v2
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import localmamba
 import scan_kernel
+
+try:
+    import fcntl          # POSIX: one writer per run folder (an flock the kernel drops when the process ends)
+except ImportError:       # pragma: no cover - Windows: the folder checks hold, without the lock
+    fcntl = None
 
 # -----------------------------------------------------------------------------
 # defaults per --data (their one home; --help prints them): the paper's ImageNet recipe, a CPU one
@@ -56,14 +65,14 @@ DEFAULTS = {
     "imagenet": dict(model="local_vim_tiny", search_model="local_vim_tiny_search", img_size=224, epochs=300,
                      search_epochs=100, batch_size=128, lr=1e-3, weight_decay=0.04, warmup_epochs=20,
                      drop_path=0.1, workers=8, label_smoothing=0.1, mixup=0.2, cutmix=1.0,
-                     train_per_class=None),
+                     train_per_class=None, checkpoint_every=1000),
     # Fashion-MNIST: 28×28, patch 2 -> a 14×14 token grid, the grid of ImageNet-224 with patch 16.
     # One pass over the first 4000 images of each class (40k of the 55k not held out) fits ~10-20
     # minutes on 2 CPU cores. lr 0.128 at a global batch of 1024 is 8e-3 at the default batch of 64.
     "fashion-mnist": dict(model="local_vim_nano", search_model="local_vim_nano_search", img_size=28, epochs=1,
                           search_epochs=1, batch_size=64, lr=0.128, weight_decay=0.04, warmup_epochs=0.05,
                           drop_path=0.0, workers=0, label_smoothing=0.1, mixup=0.0, cutmix=0.0,
-                          train_per_class=4000),
+                          train_per_class=4000, checkpoint_every=200),   # steps: a few minutes of work
 }
 FASHION_DIR = "/usr/share/datasets/fashion-mnist"     # Debian's dataset-fashion-mnist
 FASHION_HOLDOUT = 500                                 # last images per class of the training file: validation
@@ -157,6 +166,22 @@ def fashion_splits(s, with_train=True):
 
 # -----------------------------------------------------------------------------
 # data: ImageNet layout (root/train/<class>/*, root/val/<class>/*) with torchvision
+def load_image(path):
+    """An image file as 8-bit RGB. 16-bit and float images are scaled to 8 bits (PIL's own convert
+    clips them: a 16-bit PNG would load white, a float TIFF black); a float image outside [0, 1]
+    is refused, naming the file."""
+    with Image.open(path) as img:
+        img.load()
+        if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+            a = np.asarray(img, dtype=np.float64)
+            lo, hi, scale = (0, 1, 255) if img.mode == "F" else (0, 65535, 1 / 257)
+            if a.size and (a.min() < lo or a.max() > hi):
+                raise UserError(f"{path}: a {img.mode} image with values in [{a.min():g}, {a.max():g}], outside "
+                                f"[{lo}, {hi}]; convert it to 8-bit")
+            img = Image.fromarray(np.round(a * scale).astype(np.uint8))
+        return img.convert("RGB")
+
+
 class ImageFolderSubset(ImageFolder):
     """torchvision's ImageFolder, cut to the first `classes` classes and the first `per_class`
     files of each (sorted, so deterministic). A corrupt or truncated image is named in a
@@ -164,7 +189,7 @@ class ImageFolderSubset(ImageFolder):
 
     def __init__(self, root, classes, per_class, transform, bad_images="skip"):
         try:
-            super().__init__(root, transform)
+            super().__init__(root, transform, loader=load_image)
         except (FileNotFoundError, RuntimeError) as e:
             raise UserError(f"{root}: {e}. Expected ImageNet layout: {root}/<class>/<image>.JPEG") from None
         if classes is not None and classes > len(self.classes):
@@ -172,6 +197,32 @@ class ImageFolderSubset(ImageFolder):
         self.classes = self.classes[:classes or len(self.classes)]          # samples: by class, then file name
         self.samples = [self.samples[i] for i in subset_indices(self.targets, len(self.classes), per_class)]
         self.bad_images, self.warned = bad_images, set()
+
+    @staticmethod
+    def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+        """ImageFolder's walk, but every real folder once (a symlink loop is not followed round and
+        round), and the files it passes over counted in one warning."""
+        samples, skipped, seen = [], Counter(), set()
+        for name in sorted(class_to_idx):
+            for root, dirs, files in os.walk(os.path.join(directory, name), followlinks=True):
+                dirs.sort()
+                if os.path.realpath(root) in seen:
+                    dirs.clear()
+                    continue
+                seen.add(os.path.realpath(root))
+                for f in sorted(files):
+                    if has_file_allowed_extension(f, extensions or IMG_EXTENSIONS):
+                        samples.append((os.path.join(root, f), class_to_idx[name]))
+                    else:
+                        skipped[os.path.splitext(f)[1].lower() or f] += 1
+        if skipped:
+            print(f"warning: {directory}: skipped {sum(skipped.values())} files that are not images "
+                  f"({', '.join(f'{k}: {n}' for k, n in skipped.most_common())})", file=sys.stderr)
+        found = {y for _, y in samples}
+        empty = sorted(c for c, i in class_to_idx.items() if i not in found)
+        if empty:
+            raise FileNotFoundError(f"Found no valid file for the classes {', '.join(empty)}")
+        return samples
 
     def __getitem__(self, i):
         for k in range(len(self.samples)):
@@ -264,9 +315,22 @@ def wrap_ddp_and_ema(model, s, world, device):
 
 
 def save_atomic(obj, path, write=torch.save):
-    """Write to path.tmp, then rename: the old file survives any crash before the rename."""
-    write(obj, Path(f"{path}.tmp"))
-    os.replace(f"{path}.tmp", path)
+    """Write to a temporary file of this process, fsync it, rename it over path (then fsync the
+    folder): a crash, a full disk or another writer never leaves a half-written file at path, and
+    the previous file stays whole until the new one is complete. A failed write is one UserError."""
+    tmp = Path(f"{path}.tmp-{os.getpid()}")
+    try:
+        write(obj, tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        with contextlib.suppress(OSError):       # a folder's fsync: POSIX only
+            fd = os.open(Path(path).parent, os.O_RDONLY)
+            os.fsync(fd), os.close(fd)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot write {path} ({e.strerror or e}); the previous {Path(path).name}, if any, is "
+                        f"kept") from None
 
 
 def rng_states(world):
@@ -303,6 +367,8 @@ FLAGS = [  # (flag, type, help); a default of None is filled in by resolve_setti
     ("--train-per-class", int, "first N"), ("--val-per-class", int, "first N"), ("--test-per-class", int, "first N"),
     ("--bad-images", str, "skip or stop at an unreadable image"), ("--out", str, "default runs/<model>-<time>"),
     ("--resume", str, "checkpoint.pt to continue from (or to evaluate with --eval)"),
+    ("--checkpoint-every", int, "steps between checkpoints besides each epoch's end, 0 = only there"),
+    ("--allow-changed-batch", bool, "--resume with another --batch-size or process count (changes the data order)"),
     ("--directions", str, "directions.json from --search: per-layer directions"),
     ("--amp", str, "bf16, fp16 or off (default: off for LocalVim and on CPU, bf16 for LocalVMamba on CUDA, as the "
      "official recipe trained them)"), ("--seed", int, ""), ("--print-every", float, "seconds between progress lines"),
@@ -326,12 +392,27 @@ def parse_args(argv=None):
         default = per_data if key in DEFAULTS["imagenet"] else f"default {FIXED[key]}" if key in FIXED else None
         p.add_argument(flag, type=typ, default=FIXED.get(key), choices=CHOICES.get(key),
                        help=f"{help} ({default})" if default else help)
-    args = p.parse_args(argv)
-    for k in ("batch_size", "epochs", "max_steps", "classes", "train_per_class", "val_per_class", "test_per_class",
-              "img_size"):
-        if getattr(args, k) is not None and getattr(args, k) <= 0:
-            p.error(f"--{k.replace('_', '-')} must be positive, got {getattr(args, k)}")
-    return args
+    return p.parse_args(argv)
+
+
+POSITIVE = ("lr", "epochs", "batch_size", "max_steps", "classes", "train_per_class", "val_per_class",
+            "test_per_class", "img_size", "clip_grad")
+RANGES = {"weight_decay": (0, math.inf), "warmup_epochs": (0, math.inf), "mixup": (0, math.inf),
+          "cutmix": (0, math.inf), "drop_path": (0, 0.999), "label_smoothing": (0, 0.999), "ema_decay": (0, 0.999999),
+          "seed": (0, 2 ** 31 - 1),
+          "print_every": (0, math.inf), "workers": (0, 256), "checkpoint_every": (0, math.inf)}   # inclusive
+
+
+def check_flags(args):
+    """Every number on the command line, in one place, before any setup: finite and in range.
+    One UserError naming the flag, what it must be, and what it got."""
+    for key, value in vars(args).items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        lo, hi = (1e-300, math.inf) if key in POSITIVE else RANGES.get(key, (-math.inf, math.inf))
+        if not (math.isfinite(value) and lo <= value <= hi):
+            need = "> 0" if key in POSITIVE else f"between {lo:g} and {hi:g}"
+            raise UserError(f"--{key.replace('_', '-')} must be a finite number {need}, got {value}")
 
 
 def adopt_checkpoint_settings(s, saved):
@@ -378,7 +459,9 @@ def resolve_settings(args, saved, device):
         raise UserError(f"--search trains a supernet: pick a *_search model, not {s.model}")
     is_vim = localmamba.MODELS[s.model][0] is localmamba.LocalVimConfig
     s.amp = s.amp or ("bf16" if device.type == "cuda" and not is_vim else "off")
-    s.out = str(s.out or f"runs/{s.model}-{time.strftime('%Y%m%d-%H%M%S')}")
+    default_out = Path(s.resume).parent if s.resume else f"runs/{s.model}-{time.strftime('%Y%m%d-%H%M%S')}-" \
+                                                         f"{os.getpid()}"
+    s.out = str(s.out or default_out)    # a resumed run continues in its own folder
     return s
 
 
@@ -429,17 +512,39 @@ def make_loader(ds, s, sampler, device, gen=None):
                                        device.type == "cuda", generator=gen or torch.Generator(), num_workers=s.workers)
 
 
-def prepare_out(s, is_main, world):
-    """The run folder, never one that holds another run: a new --out must not hold a log."""
-    out = Path(s.out)
-    if (out / "log.jsonl").exists() and not s.resume:   # never overwrite a run the user made
-        raise UserError(f"{out} already holds a run (log.jsonl); pass --resume {out / 'checkpoint.pt'} "
-                        f"to continue it, or choose another --out")
-    if world > 1:
-        dist.barrier()          # every rank has checked --out before rank 0 writes to it
+def claim_run_dir(s, is_main, world):
+    """Make --out this run's before any setup: created, proven writable, locked by this process
+    (an flock: released when the process ends, even killed), and holding no other run. --resume
+    continues in the checkpoint's own folder or a new empty one. A folder whose run stopped before
+    its first checkpoint is started again, its old log kept aside. Returns (folder, the lock)."""
+    out, lock = Path(s.out), None
     if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-    return out
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            lock = open(out / ".lock", "a")
+        except OSError as e:
+            raise UserError(f"--out {out} cannot be created or written ({e.strerror or e}); choose another "
+                            f"--out") from None
+        try:
+            fcntl and fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"--out {out} is in use by another run (it holds {out / '.lock'}); wait for it to "
+                            f"finish or choose another --out") from None
+        has_log, has_ckpt = (out / "log.jsonl").exists(), (out / "checkpoint.pt").exists()
+        if s.resume and Path(s.resume).resolve().parent != out.resolve() and (has_log or has_ckpt):
+            raise UserError(f"--out {out} holds another run; --resume {s.resume} continues in its own folder "
+                            f"(drop --out) or in a new empty one")
+        if not s.resume and has_ckpt:   # never overwrite a run the user made
+            raise UserError(f"{out} already holds a run (checkpoint.pt); pass --resume {out / 'checkpoint.pt'} "
+                            f"to continue it, or choose another --out")
+        if not s.resume and has_log:
+            aside = out / f"log.stopped-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
+            os.replace(out / "log.jsonl", aside)
+            print(f"{out} holds a run that stopped before its first checkpoint: starting it again; its log is "
+                  f"kept as {aside}", flush=True)
+    if world > 1:
+        dist.barrier()          # rank 0 has claimed --out before any rank sets up
+    return out, lock
 
 
 def evaluate_checkpoint(r, ckpt):
@@ -454,28 +559,40 @@ def evaluate_checkpoint(r, ckpt):
     return results
 
 
-def restore(ckpt, r):
-    """Continue a run exactly (weights, optimizer, scaler, this rank's RNG): (epoch, step, batch_in_epoch)."""
-    if len(ckpt["rng"]) != r.world:
-        raise UserError(f"--resume {r.s.resume} was written by {len(ckpt['rng'])} process(es), this run has "
-                        f"{r.world}; resume with the same number of processes")
+def restore(ckpt, r, steps_per_epoch):
+    """Continue a run exactly (weights, optimizer, scaler, this rank's RNG): (epoch, step, batch_in_epoch).
+    Another batch size or process count changes the data order and the lr: refused unless
+    --allow-changed-batch, which keeps the images seen in the epoch and reseeds the RNG."""
+    epoch, batch_in_epoch, c = ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["config"]
+    before, now = (c["batch_size"], c["world_size"]), (r.s.batch_size, r.world)
+    if before != now and not r.s.allow_changed_batch:
+        raise UserError(f"--resume {r.s.resume} was trained at --batch-size {before[0]} on {before[1]} process(es), "
+                        f"this run has {now[0]} on {now[1]}: the data order from here and the lr would change; "
+                        f"resume as it was, or pass --allow-changed-batch to accept that")
     localmamba.load_state_dict_strict(r.model, ckpt["model"], r.s.resume)
     r.optimizer.load_state_dict(ckpt["optimizer"])
     r.scaler.load_state_dict(ckpt["scaler"])
-    torch.set_rng_state(ckpt["rng"][r.rank]["torch"])
-    if torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(ckpt["rng"][r.rank].get("cuda", torch.cuda.get_rng_state_all()))
-    r.log(f"resumed from {r.s.resume} at epoch {ckpt['epoch']}, step {ckpt['step']}")
-    return ckpt["epoch"], ckpt["step"], ckpt["batch_in_epoch"]
+    if before == now:
+        torch.set_rng_state(ckpt["rng"][r.rank]["torch"])
+        if torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ckpt["rng"][r.rank].get("cuda", torch.cuda.get_rng_state_all()))
+    else:
+        batch_in_epoch = batch_in_epoch * before[0] * before[1] // (now[0] * now[1])    # images seen, in new batches
+        torch.manual_seed(r.s.seed + 1000 * ckpt["step"] + r.rank)
+        r.log(f"--allow-changed-batch: batch {before[0]} x {before[1]} -> {now[0]} x {now[1]}: the epoch continues "
+              f"after the same number of images, in another order; the lr follows the new global batch; RNG reseeded")
+    step = ckpt["step"] if before == now else epoch * steps_per_epoch + batch_in_epoch
+    r.log(f"resumed from {r.s.resume} at epoch {epoch}, step {step}")
+    return epoch, step, batch_in_epoch
 
 
 def save_checkpoint(r, epoch, step, batch_in_epoch):
     states = rng_states(r.world)           # every rank takes part; rank 0 writes
     if r.is_main:
-        save_atomic({"model": r.model.state_dict(), "optimizer": r.optimizer.state_dict(),
-                     "scaler": r.scaler.state_dict(), "ema": r.ema.module.state_dict() if r.ema else None,
-                     "epoch": epoch, "step": step, "batch_in_epoch": batch_in_epoch, "config": r.config,
-                     "rng": states}, r.out / "checkpoint.pt")
+        ckpt = {"model": r.model.state_dict(), "optimizer": r.optimizer.state_dict(), "scaler": r.scaler.state_dict(),
+                "ema": r.ema.module.state_dict() if r.ema else None, "epoch": epoch, "step": step,
+                "batch_in_epoch": batch_in_epoch, "config": r.config, "rng": states}
+        save_atomic(dict(ckpt, checksum=localmamba.tensor_checksum(ckpt)), r.out / "checkpoint.pt")
 
 
 def log_json(r, rec):
@@ -509,8 +626,10 @@ def train_step(r, x, y, lr, where):
         logits = r.ddp(x)
     loss = F.cross_entropy(logits.float(), y, label_smoothing=r.s.label_smoothing)   # hard or mixed targets
     if not torch.isfinite(loss):
+        saved = f"{r.out / 'checkpoint.pt'} is from before it" if (r.out / "checkpoint.pt").exists() else \
+            "no checkpoint was written"
         raise NonFiniteLoss(f"the loss became {loss.item()} at epoch {where[0]}, step {where[1]} (lr {lr:.3g}); "
-                            f"nothing was saved after it. Try a lower --lr, --clip-grad 1.0, or --amp bf16/off")
+                            f"{saved}. Try a lower --lr, --clip-grad 1.0, or --amp bf16/off")
     r.optimizer.zero_grad(set_to_none=True)
     r.scaler.scale(loss).backward()
     if r.s.clip_grad:
@@ -551,10 +670,21 @@ def train(args):
     torch.manual_seed(s.seed + rank)
     r = argparse.Namespace(s=s, rank=rank, world=world, device=device, log=log, is_main=rank == 0,
                            amp_dtype={"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[s.amp])
+    if not s.eval:           # the run folder is this run's before anything else is set up
+        r.out, r.lock = claim_run_dir(s, r.is_main, world)
 
-    # 1. data and model
+    # 1. data, steps, model
     train_set, val_set, test_set, num_classes, in_chans = (imagenet_splits if s.data == "imagenet" else
                                                            fashion_splits)(s, with_train=not s.eval)
+    if not s.eval:
+        sampler = EpochOrder(len(train_set), s.seed, rank, world, shuffle=True)
+        steps_per_epoch = len(sampler) // s.batch_size
+        total_steps, warmup_steps = int(s.epochs * steps_per_epoch), int(s.warmup_epochs * steps_per_epoch)
+        if total_steps == 0:
+            raise UserError(f"{s.epochs} epoch(s) of {len(sampler)} images per process at --batch-size {s.batch_size} "
+                            f"is not one step; lower --batch-size, or raise --epochs or the data")
+        # re-seeded every epoch: --resume continues exactly (with --workers > 0 the augmentation draws differ)
+        train_loader = make_loader(train_set, s, sampler, device, loader_gen := torch.Generator())
     r.model = localmamba.create_model(s.model, num_classes=num_classes, img_size=s.img_size, in_chans=in_chans,
                                       drop_path_rate=s.drop_path, **({"scattn": False} if s.no_scattn else {}),
                                       **({"directions": s.layer_directions} if s.layer_directions else {})).to(device)
@@ -562,24 +692,15 @@ def train(args):
                       for split, ds in (("val", val_set), ("test", test_set)) if ds is not None}
     if s.eval:               # only the evaluation splits are read: no scan of a 1.28M-image train/
         return evaluate_checkpoint(r, ckpt)
-    sampler = EpochOrder(len(train_set), s.seed, rank, world, shuffle=True)
-    # re-seeded every epoch: --resume continues exactly (with --workers > 0 the augmentation draws differ)
-    train_loader = make_loader(train_set, s, sampler, device, loader_gen := torch.Generator())
-    steps_per_epoch = len(sampler) // s.batch_size
-    if steps_per_epoch == 0:
-        raise UserError(f"the training set has {len(sampler)} images per process, fewer than --batch-size "
-                        f"{s.batch_size}; lower --batch-size or use more data")
-    total_steps, warmup_steps = int(s.epochs * steps_per_epoch), int(s.warmup_epochs * steps_per_epoch)
 
-    # 2. optimizer, restore, DDP, EMA, the run folder
+    # 2. optimizer, restore, DDP, EMA
     lr = s.lr * s.batch_size * world / 1024
     r.optimizer = localmamba.configure_optimizer(r.model, lr, s.weight_decay, s.wd_exempt_ssm, log)
     r.scaler = torch.amp.GradScaler(device.type, enabled=s.amp == "fp16")
-    epoch, step, batch_in_epoch = restore(ckpt, r) if ckpt is not None else (0, 0, 0)
+    epoch, step, batch_in_epoch = restore(ckpt, r, steps_per_epoch) if ckpt is not None else (0, 0, 0)
     r.ddp, r.ema = wrap_ddp_and_ema(r.model, s, world, device)
     if r.ema is not None and ckpt is not None and ckpt.get("ema") is not None:
         r.ema.module.load_state_dict(ckpt["ema"])  # (a run that had none starts its average at the resumed weights)
-    r.out = prepare_out(s, r.is_main, world)
     n_params = sum(p.numel() for p in r.model.parameters())
     r.config = dict(vars(s), world_size=world, global_batch=s.batch_size * world, lr_used=lr,
                     num_classes=num_classes, in_chans=in_chans, params=n_params, steps_per_epoch=steps_per_epoch,
@@ -592,7 +713,7 @@ def train(args):
         f"/1024); {s.epochs} epochs = {total_steps} steps; amp {s.amp} ({'--amp' if args.amp else 'default'}); "
         f"{device}")
 
-    # 3. the loop: evaluate on the validation split and checkpoint at the end of every epoch
+    # 3. the loop: evaluate on the validation split and checkpoint at the end of every epoch, and between
     r.mix = make_mix(s, num_classes)
     stop_at = min(total_steps, s.max_steps) if s.max_steps else total_steps
     r.clock = dict(t0=time.time(), seen=0, last_print=0.0, first=True)
@@ -606,6 +727,8 @@ def train(args):
             progress(r, loss, step, stop_at, epoch, len(x) * world)
             if step >= stop_at:
                 break
+            if s.checkpoint_every and step % s.checkpoint_every == 0 and batch_in_epoch < steps_per_epoch:
+                save_checkpoint(r, epoch, step, batch_in_epoch)     # a crash costs minutes, not the epoch
         if batch_in_epoch >= steps_per_epoch:
             epoch, batch_in_epoch = epoch + 1, 0
             eval_and_log(r, epoch, step)
@@ -630,6 +753,7 @@ def train(args):
 def main(argv=None):
     args = parse_args(argv)
     try:
+        check_flags(args)
         train(args)
     except (UserError, localmamba.BadInput, scan_kernel.TorchCompileError) as e:
         msg = str(e)
@@ -641,7 +765,8 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(3)
     except KeyboardInterrupt:
-        print("interrupted; --resume the run's checkpoint.pt, if it has one, to continue", file=sys.stderr)
+        print("interrupted: to continue, --resume the run's checkpoint.pt if it wrote one (every "
+              "--checkpoint-every steps); otherwise run the same command again", file=sys.stderr)
         sys.exit(130)
 
 

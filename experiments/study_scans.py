@@ -203,7 +203,8 @@ def report(results, found, comparison, seeds):
                      f"{', '.join(f'{x:.2f}' for x in r['top1'])} | {statistics.mean(r['time_s']) / 60:.1f} |")
     table = "\n".join(lines)
     print("\n" + table)
-    print("\nsearch (softmax(α) per layer):\n" + localmamba.draw_search_probabilities(torch.tensor(found["probabilities"])))
+    probs = torch.tensor(found["probabilities"])
+    print("\nsearch (softmax(α) per layer):\n" + localmamba.draw_search_probabilities(probs))
     for row in comparison["per_layer"]:
         print(f"  layer {row['layer']}: ours {row['ours']}, mean overlap with LocalVim-T layers "
               f"{row['published_layers']}: {row['mean_overlap_of_4']} of 4; the same 4 as {row['same_set_as']} of them")
@@ -211,7 +212,8 @@ def report(results, found, comparison, seeds):
           f"as a published layer at the same relative depth; random choices would overlap "
           f"{comparison['chance_overlap']} of 4 on average")
     for name in ("early", "middle", "late"):
-        print(f"  {name}: ours {comparison['dominant_ours'][name]}; LocalVim-T {comparison['dominant_published'][name]}")
+        ours, theirs = comparison["dominant_ours"][name], comparison["dominant_published"][name]
+        print(f"  {name}: ours {ours}; LocalVim-T {theirs}")
     return table
 
 
@@ -219,7 +221,8 @@ def run_study(args):
     out = Path(args.out or f"runs/study-{time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
     base = ["--data", "fashion-mnist", "--print-every", str(args.print_every)]   # models: train_mini's defaults
-    base += [b for k in PASSED_ON if getattr(args, k) is not None for b in (f"--{k.replace('_', '-')}", str(getattr(args, k)))]
+    for k in PASSED_ON:
+        base += [f"--{k.replace('_', '-')}", str(getattr(args, k))] if getattr(args, k) is not None else []
     t_start = time.time()
     print(f"study: {len(ARMS)} arms × {args.seeds} seeds (+ one search) into {out}", flush=True)
     results, search_rec, seconds, n_reused = run_arms(args, out, base)

@@ -57,6 +57,9 @@ import torch.nn.functional as F
 
 from scan_kernel import selective_scan
 
+IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
 class BadInput(ValueError):
     """A wrong name, option, shape or file given to localmamba; the message says what to fix."""
 
@@ -291,11 +294,78 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
-def _check_image(x, cfg):
-    if x.dim() != 4 or x.shape[1] != cfg.in_chans or tuple(x.shape[2:]) != (cfg.img_size, cfg.img_size):
-        raise BadInput(f"expected images of shape (B, {cfg.in_chans}, {cfg.img_size}, {cfg.img_size}), got "
-                         f"{tuple(x.shape)}; build the model for your size with "
-                         f"create_model(name, img_size=..., in_chans=...)")
+def _check_image(x, cfg, any_size=False):
+    """LocalVim is built for one image size (its pos embed and RoPE); LocalVMamba takes any size."""
+    size_ok = x.dim() == 4 and (min(x.shape[2:]) >= cfg.patch_size if any_size else
+                                tuple(x.shape[2:]) == (cfg.img_size, cfg.img_size))
+    if not size_ok or x.shape[1] != cfg.in_chans:
+        want = f"(B, {cfg.in_chans}, H, W) with H, W >= {cfg.patch_size}" if any_size else \
+            f"(B, {cfg.in_chans}, {cfg.img_size}, {cfg.img_size})"
+        raise BadInput(f"expected images of shape {want}, got {tuple(x.shape)}; build the model for your images "
+                       f"with create_model(name, img_size=..., in_chans=...) (a checkpoint of another size loads, "
+                       f"its pos_embed resampled)")
+
+
+class FeatureInfo(list):
+    """What each feature map of a backbone is (timm's feature_info): dicts of num_chs, reduction
+    (its stride in pixels) and module (where it is taken)."""
+
+    def channels(self):
+        return [f["num_chs"] for f in self]
+
+    def reduction(self):
+        return [f["reduction"] for f in self]
+
+
+def _take_indices(n, indices):
+    """timm's convention: None = all n, an int k = the last k, a list = those (negative from the end)."""
+    take = list(range(n) if indices is None else range(n - indices, n) if isinstance(indices, int) else indices)
+    if not take or any(not -n <= i < n for i in take) or (isinstance(indices, int) and not 0 < indices <= n):
+        raise BadInput(f"feature indices {indices!r} do not fit {n} feature levels")
+    return sorted({i % n for i in take})
+
+
+def _maybe_checkpoint(model, fn, *args):
+    """fn(*args), or with activation checkpointing (recomputed in backward, the same RNG draws)
+    when the model's set_grad_checkpointing is on and it trains."""
+    if model.grad_checkpointing and model.training and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
+
+
+class TimmInterface:
+    """The part of timm's model interface both families share: pretrained_cfg (its data config),
+    set_grad_checkpointing, and features_only through forward_intermediates (FeatureMaps)."""
+    grad_checkpointing = False
+
+    @property
+    def pretrained_cfg(self):
+        """What timm's data pipeline reads: input size, mean/std, interpolation, crop_pct, classes."""
+        c = self.cfg
+        mean, std = c.mean_std if c.in_chans == len(c.mean_std[0]) else ((0.5,) * c.in_chans, (0.5,) * c.in_chans)
+        vim = isinstance(c, LocalVimConfig)
+        return dict(input_size=(c.in_chans, c.img_size, c.img_size), mean=mean, std=std, num_classes=self.num_classes,
+                    interpolation="bicubic", crop_pct=0.875, first_conv="patch_embed.proj" if vim else "patch_embed.0",
+                    classifier="head" if vim else "classifier.head")
+
+    default_cfg = pretrained_cfg
+
+    def set_grad_checkpointing(self, enable=True):
+        self.grad_checkpointing = enable
+
+
+class FeatureMaps(nn.Module):
+    """create_model(..., features_only=True): a backbone for detection / segmentation necks, timm's
+    FeatureGetterNet contract. forward(x) returns the NCHW maps at out_indices; feature_info says
+    their channels and strides."""
+
+    def __init__(self, model, out_indices):
+        super().__init__()
+        self.model, self.out_indices = model, _take_indices(len(model.feature_info), out_indices)
+        self.feature_info = FeatureInfo([model.feature_info[i] for i in self.out_indices])
+
+    def forward(self, x):
+        return self.model.forward_intermediates(x, self.out_indices, intermediates_only=True)
 
 
 def _check_directions(directions, n_layers, name):
@@ -363,8 +433,14 @@ class LocalVimConfig:
     drop_path_rate: float = 0.1
     spatial_attn: bool = False        # SCAttn's spatial branch (paper Fig. 3b; off in the released code)
     scattn: bool = True               # False: no SCAttn at all (an ablation, paper Table 5)
+    drop_rate: float = 0.0            # dropout before the head (timm's / DeiT's --drop)
+    global_pool: str = "avg"          # "avg" over tokens, or "token": the middle cls token (the cls variant)
+    mean_std: tuple = IMAGENET_MEAN_STD   # the input normalisation (pretrained_cfg)
 
     def __post_init__(self):
+        if self.global_pool not in ("avg", "token") or (self.global_pool == "token") != self.middle_cls_token:
+            raise BadInput(f"global_pool {self.global_pool!r}: LocalVim pools with 'avg', its middle-cls-token "
+                           f"variant with 'token'")
         if self.img_size % self.patch_size:
             raise BadInput(f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}: "
                              f"use an img_size that is a multiple of {self.patch_size}")
@@ -502,7 +578,7 @@ class RoPE2D(nn.Module):
         return t * self.freqs_cos + rot * self.freqs_sin
 
 
-class LocalVim(nn.Module):
+class LocalVim(TimmInterface, nn.Module):
     """LocalVim (paper §4.1 "plain structure"; official local_vim.py VisionMamba).
 
     Patch embed -> + learnable pos embed -> depth × [RoPE on hidden and residual -> block] ->
@@ -532,7 +608,10 @@ class LocalVim(nn.Module):
         self.layers = nn.ModuleList([LocalVimBlock(D, mixer(i), drop_path=inter_dpr[i]) for i in range(cfg.depth)])
         self.drop_path = DropPath(cfg.drop_path_rate)                               # the final add: full rate
         self.norm_f = nn.RMSNorm(D, eps=1e-5)
+        self.global_pool, self.head_drop = cfg.global_pool, nn.Dropout(cfg.drop_rate)
         self.head = nn.Linear(D, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
+        self.feature_info = FeatureInfo(dict(num_chs=D, reduction=p, module=f"layers.{i}") for i in range(cfg.depth))
+        self.default_out_indices = [cfg.depth * k // 4 - 1 for k in (1, 2, 3, 4)]   # 4, 9, 14, 19 for depth 20
         self._init_weights()
 
     def _init_weights(self):
@@ -553,25 +632,56 @@ class LocalVim(nn.Module):
     def multi_scans(self):
         return [layer.mixer.multi_scan for layer in self.layers]
 
-    def forward_features(self, x):
-        # x: (B, C, H, W) image -> (B, L_in, D) tokens after the final norm
+    def _embed(self, x):
+        # x: (B, C, H, W) image -> hidden (B, L_in, D), and no residual stream yet
         _check_image(x, self.cfg)
         x = self.patch_embed(x)                                                   # (B, L, D)
         if self.cls_pos is not None:
             cls = self.cls_token.expand(x.shape[0], -1, -1)
             x = torch.cat([x[:, :self.cls_pos], cls, x[:, self.cls_pos:]], 1)     # (B, L+1, D), cls in the middle
-        hidden, residual = x + self.pos_embed, None
-        for layer in self.layers:
-            if self.cfg.rope:
-                hidden = self.rope(hidden)
-                residual = None if residual is None else self.rope(residual)
-            hidden, residual = layer(hidden, residual)
+        return x + self.pos_embed, None
+
+    def _layer(self, layer, hidden, residual):
+        # RoPE on the hidden states and the residual stream, then the block: (B, L_in, D) each
+        if self.cfg.rope:
+            hidden = self.rope(hidden)
+            residual = None if residual is None else self.rope(residual)
+        return _maybe_checkpoint(self, layer, hidden, residual)
+
+    def _final(self, hidden, residual):
+        # the last add and the final norm: (B, L_in, D)
         residual = residual + self.drop_path(hidden)
         return self.norm_f(residual.to(self.norm_f.weight.dtype))
 
+    def forward_features(self, x):
+        # x: (B, C, H, W) image -> (B, L_in, D) tokens after the final norm
+        hidden, residual = self._embed(x)
+        for layer in self.layers:
+            hidden, residual = self._layer(layer, hidden, residual)
+        return self._final(hidden, residual)
+
+    def forward_intermediates(self, x, indices=None, norm=False, stop_early=False, output_fmt="NCHW",
+                              intermediates_only=False):
+        """timm's feature API: after each chosen block, the stream the next block reads (residual +
+        block output; with norm, through the final norm), cls token dropped, as (B, D, H/p, W/p)
+        maps (output_fmt "NHWC": (B, H/p, W/p, D)). Returns (final features, maps), or the maps."""
+        take, (H, W) = _take_indices(len(self.layers), indices), self.cfg.grid
+        hidden, residual = self._embed(x)
+        maps = []
+        for i, layer in enumerate(self.layers[:max(take) + 1] if stop_early or intermediates_only else self.layers):
+            hidden, residual = self._layer(layer, hidden, residual)
+            if i in take:
+                t = self._final(hidden, residual) if norm else residual + hidden              # (B, L_in, D)
+                if self.cls_pos is not None:
+                    t = torch.cat([t[:, :self.cls_pos], t[:, self.cls_pos + 1:]], 1)        # (B, L, D)
+                t = t.unflatten(1, (H, W))                                                   # (B, H, W, D)
+                maps.append(t.permute(0, 3, 1, 2) if output_fmt == "NCHW" else t)
+        return maps if intermediates_only else (self._final(hidden, residual), maps)
+
     def forward_head(self, x, pre_logits=False):
         # x: (B, L_in, D) -> (B, num_classes), or (B, D) with pre_logits
-        x = x[:, self.cls_pos] if self.cls_pos is not None else x.mean(1)        # (B, D)
+        x = x[:, self.cls_pos] if self.global_pool == "token" else x.mean(1)     # (B, D)
+        x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 
     def forward(self, x):
@@ -588,10 +698,17 @@ class LocalVim(nn.Module):
     def no_weight_decay(self):
         return {"pos_embed", "cls_token"}   # the official set; the trainer's grouping is in train_mini.py
 
+    def group_matcher(self, coarse=False):
+        """Parameter groups for layer-wise lr decay (timm's param_groups_layer_decay): the stem, one
+        group per block, the final norm with the last."""
+        return dict(stem=r"^patch_embed|^pos_embed|^cls_token", blocks=[(r"^layers\.(\d+)", None), (r"^norm_f", (99999,))])
+
     def get_classifier(self):
         return self.head
 
-    def reset_classifier(self, num_classes):
+    def reset_classifier(self, num_classes, global_pool=None):
+        if global_pool is not None:
+            self.global_pool = replace(self.cfg, global_pool=global_pool).global_pool     # (checked there)
         self.num_classes = num_classes
         self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 
@@ -614,12 +731,15 @@ class LocalVMambaConfig:
     drop_path_rate: float = 0.2
     spatial_attn: bool = False        # SCAttn's spatial branch
     scattn: bool = True               # False: no SCAttn (ablation)
+    drop_rate: float = 0.0            # dropout before the head (timm's / DeiT's --drop)
+    global_pool: str = "avg"          # average over H×W (the only pooling the official head has)
+    mean_std: tuple = IMAGENET_MEAN_STD
 
     def __post_init__(self):
-        stride = self.patch_size * 2 ** (len(self.dims) - 1)
-        if self.img_size % self.patch_size or self.img_size < stride:
-            raise BadInput(f"img_size {self.img_size} does not fit LocalVMamba: it must be a multiple of the "
-                             f"patch size {self.patch_size} and at least {stride} (4 stages, /{stride} in all)")
+        # img_size is nominal (FLOPs, pretrained_cfg): no parameter depends on it, any image >= patch runs
+        if self.img_size < self.patch_size or self.global_pool != "avg":
+            raise BadInput(f"LocalVMamba: img_size {self.img_size} must be at least the patch size {self.patch_size}, "
+                           f"and global_pool 'avg' (got {self.global_pool!r})")
         if len(self.dims) != len(self.depths):
             raise BadInput(f"dims {tuple(self.dims)} and depths {tuple(self.depths)} must have the same length")
         self.directions = _check_directions(self.directions, sum(self.depths), "LocalVMamba")
@@ -730,7 +850,7 @@ class Permute(nn.Module):
         return x.permute(*self.dims)
 
 
-class LocalVMamba(nn.Module):
+class LocalVMamba(TimmInterface, nn.Module):
     """LocalVMamba (paper §4.1 "hierarchical structure"; official local_vmamba.py VSSM).
 
     Stem: Conv2d(3, C0, 4, stride 4) -> channels-last -> LayerNorm; 4 stages of VSS blocks at
@@ -761,6 +881,10 @@ class LocalVMamba(nn.Module):
         self.classifier = nn.Sequential(OrderedDict(
             norm=nn.LayerNorm(dims[-1]), permute=Permute(0, 3, 1, 2), avgpool=nn.AdaptiveAvgPool2d(1),
             flatten=nn.Flatten(1), head=head))
+        self.global_pool, self.head_drop = cfg.global_pool, nn.Dropout(cfg.drop_rate)
+        self.feature_info = FeatureInfo(dict(num_chs=d, reduction=cfg.patch_size * 2 ** s, module=f"layers.{s}")
+                                        for s, d in enumerate(dims))
+        self.default_out_indices = list(range(len(dims)))
         _init_linear_and_norms(self)   # official VSSM._init_weights
 
     def blocks(self):
@@ -773,17 +897,39 @@ class LocalVMamba(nn.Module):
     def multi_scans(self):
         return [b.op.multi_scan for b in self.blocks()]
 
-    def forward_features(self, x):
-        # x: (B, C, H, W) image -> (B, H/32, W/32, C3) after the final norm
-        _check_image(x, self.cfg)
+    def _stages(self, x, take=()):
+        # x: (B, C, H, W) image -> (B, H/32, W/32, C3) before the final norm, and the stage outputs in
+        # take (after their blocks, before the downsample: (B, H/4·2^-s, W/4·2^-s, C_s) channels-last)
+        _check_image(x, self.cfg, any_size=True)
         x = self.patch_embed(x)                                                   # (B, H/4, W/4, C0)
-        for stage in self.layers:
-            x = stage(x)
-        return self.classifier.norm(x)
+        outs = []
+        for s, stage in enumerate(self.layers):
+            for block in stage.blocks:
+                x = _maybe_checkpoint(self, block, x)
+            outs += [x] if s in take else []
+            x = stage.downsample(x)
+        return x, outs
+
+    def forward_features(self, x):
+        # x: (B, C, H, W) image, any H, W -> (B, H/32, W/32, C3) after the final norm
+        return self.classifier.norm(self._stages(x)[0])
+
+    def forward_intermediates(self, x, indices=None, norm=False, stop_early=False, output_fmt="NCHW",
+                              intermediates_only=False):
+        """timm's feature API: the output of each chosen stage (strides 4, 8, 16, 32; with norm, the
+        last through the final norm: the official backbone's extra per-stage norms are not in the
+        classification weights), as NCHW maps. Returns (final features, maps), or the maps."""
+        take = _take_indices(len(self.layers), indices)
+        x, outs = self._stages(x, take)
+        if norm and len(self.layers) - 1 in take:
+            outs[-1] = self.classifier.norm(outs[-1])
+        maps = [o.permute(0, 3, 1, 2) if output_fmt == "NCHW" else o for o in outs]
+        return maps if intermediates_only else (self.classifier.norm(x), maps)
 
     def forward_head(self, x, pre_logits=False):
         # x: (B, H/32, W/32, C3) -> (B, num_classes), or (B, C3) with pre_logits
         x = self.classifier.flatten(self.classifier.avgpool(self.classifier.permute(x)))  # (B, C3)
+        x = self.head_drop(x)
         return x if pre_logits else self.classifier.head(x)
 
     def forward(self, x):
@@ -804,10 +950,21 @@ class LocalVMamba(nn.Module):
     def no_weight_decay(self):
         return set()   # the official VSSM's set
 
+    def group_matcher(self, coarse=False):
+        """Parameter groups for layer-wise lr decay: the stem, then per stage (coarse) or per block,
+        each downsample with the stage after it, the final norm with the last."""
+        if coarse:
+            return dict(stem=r"^patch_embed", blocks=[(r"^layers\.(\d+)", None), (r"^classifier\.norm", (99999,))])
+        return dict(stem=r"^patch_embed", blocks=[(r"^layers\.(\d+)\.downsample", (0,)),
+                                                  (r"^layers\.(\d+)\.blocks\.(\d+)", None),
+                                                  (r"^classifier\.norm", (99999,))])
+
     def get_classifier(self):
         return self.classifier.head
 
-    def reset_classifier(self, num_classes):
+    def reset_classifier(self, num_classes, global_pool=None):
+        if global_pool is not None:
+            self.global_pool = replace(self.cfg, global_pool=global_pool).global_pool     # (checked there)
         self.num_classes = num_classes
         self.classifier.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
@@ -855,13 +1012,15 @@ SEARCHED_DIRECTIONS = {
 }
 
 _LOCAL = [["h", "h_flip", "w2", "w2_flip"]]
+_FASHION = dict(mean_std=((0.2860,), (0.3530,)))       # the nano presets' data: Fashion-MNIST, 1 channel
 MODELS = {
     # name: (config class, fields). Params / GFLOPs at 224 px (count_flops' convention), 1000 classes,
     # from `python localmamba.py`; the paper's figures beside them.
     "local_vim_tiny": (LocalVimConfig, dict(  # paper 8M 1.5G 76.2%
         embed_dim=192, directions=SEARCHED_DIRECTIONS["local_vim_tiny"])),
     "local_vim_tiny_middle_cls_token": (LocalVimConfig, dict(  # paper 77.8%
-        embed_dim=192, directions=SEARCHED_DIRECTIONS["local_vim_tiny"], middle_cls_token=True, rope=False)),
+        embed_dim=192, directions=SEARCHED_DIRECTIONS["local_vim_tiny"], middle_cls_token=True, rope=False,
+        global_pool="token")),
     "local_vim_small": (LocalVimConfig, dict(  # paper 28M 4.8G 81.2%
         embed_dim=384, directions=SEARCHED_DIRECTIONS["local_vim_small"])),
     "local_vim_tiny_search": (LocalVimConfig, dict(embed_dim=128, directions=None)),
@@ -876,9 +1035,13 @@ MODELS = {
     # CPU-sized presets for 28×28 to 64×64 images (Fashion-MNIST, CIFAR): patch 2 gives a 14×14 token
     # grid at 28 px, the grid of ImageNet-224 with patch 16. Not published models.
     "local_vim_nano": (LocalVimConfig, dict(
-        img_size=28, patch_size=2, embed_dim=32, depth=3, directions=_LOCAL * 3, drop_path_rate=0.0)),
+        img_size=28, patch_size=2, embed_dim=32, depth=3, directions=_LOCAL * 3, drop_path_rate=0.0, **_FASHION)),
     "local_vim_nano_search": (LocalVimConfig, dict(
-        img_size=28, patch_size=2, embed_dim=32, depth=3, directions=None, drop_path_rate=0.0)),
+        img_size=28, patch_size=2, embed_dim=32, depth=3, directions=None, drop_path_rate=0.0, **_FASHION)),
+}
+ALIASES = {  # the names the official local_vmamba.py registers (and its checkpoints carry) -> ours
+    "local_vssm_tiny": "local_vmamba_tiny", "local_vssm_small": "local_vmamba_small",
+    "local_vssm_tiny_search": "local_vmamba_tiny_search", "local_vssm_small_search": "local_vmamba_small_search",
 }
 
 PAPER = {  # published ImageNet-1K figures (paper Tables 1-2, official README): top-1 %, params M, GFLOPs
@@ -887,11 +1050,15 @@ PAPER = {  # published ImageNet-1K figures (paper Tables 1-2, official README): 
 }
 
 
-def create_model(name, **kwargs):
-    """Build a model by name. kwargs override the preset's config fields, e.g. num_classes,
-    img_size, in_chans, drop_path_rate, directions (per-layer lists), spatial_attn."""
+def create_model(name, features_only=False, out_indices=None, **kwargs):
+    """Build a model by name (or an official alias, local_vssm_*). kwargs override the preset's
+    config fields, e.g. num_classes, img_size, in_chans, drop_path_rate, drop_rate, global_pool,
+    directions (per-layer lists), spatial_attn; an unknown one is refused with the list. With
+    features_only=True: a FeatureMaps backbone of the maps at out_indices (default: the 4 stages of
+    LocalVMamba, 4 evenly spaced blocks of LocalVim)."""
+    name = ALIASES.get(name, name)
     if name not in MODELS:
-        raise BadInput(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}")
+        raise BadInput(f"unknown model {name!r}; choose one of: {', '.join(list(MODELS) + list(ALIASES))}")
     cls, fields = MODELS[name]
     allowed = set(cls.__dataclass_fields__)
     bad = sorted(set(kwargs) - allowed)
@@ -899,7 +1066,9 @@ def create_model(name, **kwargs):
         raise BadInput(f"create_model({name!r}): unknown option(s) {', '.join(bad)}; "
                          f"options are {', '.join(sorted(allowed))}")
     cfg = cls(**{**fields, **kwargs})
-    return LocalVim(cfg) if cls is LocalVimConfig else LocalVMamba(cfg)
+    model = LocalVim(cfg) if cls is LocalVimConfig else LocalVMamba(cfg)
+    return FeatureMaps(model, model.default_out_indices if out_indices is None else out_indices) if features_only \
+        else model
 
 
 def derive_directions(model, k=4):
@@ -1037,6 +1206,8 @@ def load_state_dict_strict(model, sd, source="state_dict"):
                          f"{', '.join(map(repr, STATE_DICT_KEYS))})")
     sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
     own = model.state_dict()
+    if isinstance(model, LocalVim) and "pos_embed" in sd and sd["pos_embed"].shape != own["pos_embed"].shape:
+        sd = resample_pos_embed(sd, model, source)
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
     shapes = sorted(f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
@@ -1080,6 +1251,26 @@ def configure_optimizer(model, lr, weight_decay, exempt_ssm=False, log=print):
                              lr=lr, betas=(0.9, 0.999), eps=1e-8)
 
 
+def resample_pos_embed(sd, model, source="state_dict"):
+    """A LocalVim state_dict of another image size, fitted to model: pos_embed resampled to the
+    model's grid (bicubic, as timm does for ViT; the middle cls token's entry moved to the new
+    middle), the RoPE tables taken from the model (they are a function of the grid). Says so."""
+    pe, D = sd["pos_embed"], model.embed_dim
+    cls_old = None if model.cls_pos is None else (pe.shape[1] - 1) // 2
+    grid = pe if cls_old is None else torch.cat([pe[:, :cls_old], pe[:, cls_old + 1:]], 1)    # (1, h*w, D)
+    side = math.isqrt(grid.shape[1])
+    if side * side != grid.shape[1] or pe.shape[-1] != D:
+        raise BadInput(f"load_checkpoint: {source} has pos_embed {tuple(pe.shape)}, not a square grid of width {D}")
+    H, W = model.cfg.grid
+    new = F.interpolate(grid.reshape(1, side, side, D).permute(0, 3, 1, 2).float(), size=(H, W), mode="bicubic",
+                        align_corners=False).permute(0, 2, 3, 1).reshape(1, H * W, D).to(pe.dtype)
+    if cls_old is not None:
+        new = torch.cat([new[:, :model.cls_pos], pe[:, cls_old:cls_old + 1], new[:, model.cls_pos:]], 1)
+    print(f"load_checkpoint: {source}: pos_embed resampled from {side}×{side} to {H}×{W} tokens (bicubic)")
+    own = model.state_dict()
+    return dict(sd, pos_embed=new, **{k: own[k] for k in ("rope.freqs_cos", "rope.freqs_sin") if k in sd and k in own})
+
+
 # -----------------------------------------------------------------------------
 # FLOPs
 
@@ -1110,7 +1301,7 @@ def _register_with_timm():
         from timm.models import register_model
     except ImportError:
         return False                      # timm is not installed: nothing to register
-    for name in MODELS:
+    for name in list(MODELS) + list(ALIASES):
         def ctor(pretrained=False, _name=name, **kwargs):
             if pretrained:
                 raise BadInput("localmamba: no weights are downloaded; load them with load_checkpoint(model, path)")

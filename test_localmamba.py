@@ -1045,8 +1045,10 @@ def test_bad_model_options_raise(kwargs, match):
 def test_bad_model_name_and_image_shape():
     with pytest.raises(ValueError, match="unknown model 'local_vim_huge'"):
         create_model("local_vim_huge")
-    with pytest.raises(ValueError, match="does not fit LocalVMamba"):
-        create_model("local_vmamba_tiny", img_size=30)
+    with pytest.raises(ValueError, match="must be at least the patch size 4"):
+        create_model("local_vmamba_tiny", img_size=2)
+    with pytest.raises(ValueError, match=r"expected images of shape \(B, 3, H, W\) with H, W >= 4"):
+        create_model("local_vmamba_tiny", img_size=64)(torch.randn(1, 3, 2, 64))
     m = create_model("local_vim_nano", in_chans=1)
     with pytest.raises(ValueError, match=r"expected images of shape \(B, 1, 28, 28\)"):
         m(torch.randn(2, 3, 28, 28))
@@ -1067,6 +1069,7 @@ def test_count_flops_convention():
 # 3. train_mini.py end to end (CPU, tiny data)
 
 import argparse
+import importlib.util
 import subprocess
 import sys
 import time
@@ -1329,6 +1332,13 @@ def test_search_writes_directions_that_train_accepts(tmp_path):
     rc, so, se = run_cli("--eval", "--eval-ema", "--resume", ckpt, *small)
     assert rc == 0, se
     assert eval_lines(so)["val"]["top1"] == pytest.approx(evals[-1]["top1_ema"])
+    saved = torch.load(ckpt)                                   # plain torch.load: weights only
+    if importlib.util.find_spec("timm"):                       # timm's loader finds the EMA under its own key
+        from timm.models import load_checkpoint as timm_load
+        for use_ema, key in ((True, "model_ema"), (False, "model")):
+            m = create_model("local_vim_nano", in_chans=1, num_classes=10, directions=found["directions"])
+            timm_load(m, str(ckpt), use_ema=use_ema)
+            assert all(torch.equal(v, saved[key][k]) for k, v in m.state_dict().items()), key
     other = tmp_path / "other.json"
     other.write_text(json.dumps({"directions": [["h", "h_flip"]] * NANO_DEPTH}))
     _assert_clean_failure(*run_cli("--eval", "--resume", ckpt, "--directions", other, *small)[::2],
@@ -1764,4 +1774,147 @@ def test_timm_registration():
     timm = pytest.importorskip("timm")
     m = timm.create_model("local_vim_nano", in_chans=1, num_classes=4)
     assert isinstance(m, lm.LocalVim) and m(torch.randn(1, 1, 28, 28)).shape == (1, 4)
-    assert "local_vmamba_tiny" in timm.list_models("local_*")
+    assert "local_vmamba_tiny" in timm.list_models("local_*") and "local_vssm_tiny" in timm.list_models("local_*")
+
+
+@pytest.mark.parametrize("name", list(SMALL) + list(lm.ALIASES))
+def test_timm_and_deit_trainers_build_every_model(name):
+    """Exactly the keywords timm's train.py (None ones are dropped by timm.create_model) and DeiT's /
+    Vim's main.py pass; drop_rate is the dropout before the head."""
+    timm = pytest.importorskip("timm")
+    small = SMALL.get(name, SMALL.get(lm.ALIASES.get(name), {}))
+    size = small.get("img_size", 28 if "nano" in name else 64)
+    timm_kw = dict(pretrained=False, num_classes=10, drop_rate=0.0, drop_path_rate=0.1, drop_block_rate=None,
+                   global_pool=None, bn_momentum=None, bn_eps=None, scriptable=False, checkpoint_path=None)
+    m = timm.create_model(name, **timm_kw, **small)
+    deit = timm.create_model(name, pretrained=False, num_classes=10, drop_rate=0.3, drop_path_rate=0.1,
+                             drop_block_rate=None, img_size=size, **{k: v for k, v in small.items() if k != "img_size"})
+    assert deit.head_drop.p == 0.3 and m.head_drop.p == 0.0
+    x = torch.randn(2, m.cfg.in_chans, size, size)
+    assert m(x).shape == deit(x).shape == (2, 10)
+    deit.train()
+    f = deit.forward_head(deit.forward_features(x).detach(), pre_logits=True)
+    assert (f == 0).float().mean() > 0.2                                   # the head dropout acts in training
+    cfg = timm.data.resolve_data_config(model=m)
+    assert cfg["input_size"] == (m.cfg.in_chans, m.cfg.img_size, m.cfg.img_size) and cfg["interpolation"] == "bicubic"
+    with pytest.raises(ValueError, match="unknown option.*options are .*drop_rate"):
+        timm.create_model(name, depth_multiplier=2)
+
+
+@pytest.mark.parametrize("name, kw", [("local_vim_tiny", dict(img_size=32, depth=3, drop_path_rate=0.3)),
+                                      ("local_vmamba_tiny", dict(img_size=64, depths=(1, 1, 2, 1),
+                                                                 drop_path_rate=0.3))])
+def test_grad_checkpointing_gives_the_same_loss_and_grads(name, kw):
+    if "depths" in kw:
+        kw["directions"] = lm.SEARCHED_DIRECTIONS["local_vmamba_tiny"][:5]
+    else:
+        kw["directions"] = lm.SEARCHED_DIRECTIONS["local_vim_tiny"][:3]
+    torch.manual_seed(0)
+    m = create_model(name, num_classes=5, **kw)
+    x = torch.randn(2, 3, kw["img_size"], kw["img_size"])
+    calls = []
+    block = m.layers[1] if isinstance(m, lm.LocalVim) else m.layers[2].blocks[0]
+    block.register_forward_pre_hook(lambda *a: calls.append(1))   # (pre: recompute may stop early)
+
+    def loss_and_grads(checkpointing):
+        m.set_grad_checkpointing(checkpointing)
+        m.zero_grad()
+        torch.manual_seed(1)                                   # the same drop-path draws
+        loss = m(x).square().mean()
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}
+    plain, n_plain = loss_and_grads(False), len(calls)
+    ckpt, n_ckpt = loss_and_grads(True), len(calls) - n_plain
+    assert (n_plain, n_ckpt) == (1, 2)                        # recomputed in backward: it did checkpoint
+    assert torch.equal(plain[0], ckpt[0])
+    for n in plain[1]:
+        assert torch.allclose(plain[1][n], ckpt[1][n], rtol=1e-5, atol=1e-7), n
+
+
+def test_group_matcher_gives_timm_layer_decay():
+    pytest.importorskip("timm")
+    from timm.optim import create_optimizer_v2
+    for m, n_groups in ((create_model("local_vim_nano", in_chans=1, num_classes=10), 3 + 2),
+                        (create_model("local_vmamba_tiny_search", img_size=64, depths=(1, 1, 2, 1)), 5 + 2)):
+        opt = create_optimizer_v2(m, "adamw", lr=1e-3, weight_decay=0.05, layer_decay=0.5)
+        scales = sorted({g["lr_scale"] for g in opt.param_groups})
+        assert len(scales) == n_groups and scales[-1] == 1.0 and scales[0] == 0.5 ** (n_groups - 1)
+        stem = {id(p) for n, p in m.named_parameters() if n.startswith("patch_embed")}
+        assert all(g["lr_scale"] == scales[0] for g in opt.param_groups if {id(p) for p in g["params"]} & stem)
+
+
+def test_features_only_gives_the_documented_strides_and_channels():
+    x = torch.randn(1, 3, 224, 224)
+    f = create_model("local_vmamba_tiny", features_only=True)
+    maps = f(x)
+    assert f.feature_info.channels() == [96, 192, 384, 768] and f.feature_info.reduction() == [4, 8, 16, 32]
+    assert [tuple(t.shape) for t in maps] == [(1, 96, 56, 56), (1, 192, 28, 28), (1, 384, 14, 14), (1, 768, 7, 7)]
+    v = create_model("local_vim_tiny", features_only=True)
+    assert v.out_indices == [4, 9, 14, 19] and v.feature_info.channels() == [192] * 4
+    assert v.feature_info.reduction() == [16] * 4 and [tuple(t.shape) for t in v(x)] == [(1, 192, 14, 14)] * 4
+    # the API behind it: the final features equal forward_features; the last block's map, normed, is them
+    m = create_model("local_vim_tiny_middle_cls_token", img_size=64, depth=2,
+                     directions=lm.SEARCHED_DIRECTIONS["local_vim_tiny"][:2]).eval()
+    final, (last,) = m.forward_intermediates(torch.randn(1, 3, 64, 64), indices=[-1], norm=True)
+    with torch.no_grad():
+        tokens = m.forward_features(torch.randn(1, 3, 64, 64))
+    assert final.shape == tokens.shape == (1, 17, 192) and last.shape == (1, 192, 4, 4)
+    assert torch.equal(last.flatten(2).transpose(1, 2), torch.cat([final[:, :8], final[:, 9:]], 1))
+    with pytest.raises(ValueError, match="do not fit 2 feature levels"):
+        m.forward_intermediates(torch.randn(1, 3, 64, 64), indices=[5])
+
+
+def test_other_input_sizes_load_224_checkpoints(tmp_path, capsys):
+    """LocalVMamba has no size-dependent parameter: a 224 checkpoint loads strictly at 256 and it runs
+    on any image; LocalVim's pos_embed is resampled (bicubic) on load, the cls entry moved, in one line."""
+    torch.manual_seed(0)
+    for name in ("local_vmamba_tiny", "local_vim_tiny", "local_vim_tiny_middle_cls_token"):
+        small = create_model(name, num_classes=3)
+        torch.save({"model": small.state_dict()}, tmp_path / f"{name}.pt")
+        big = create_model(name, num_classes=3, img_size=256)
+        load_checkpoint(big, tmp_path / f"{name}.pt")
+        out = capsys.readouterr().out
+        if name == "local_vmamba_tiny":
+            assert out == "" and torch.equal(big.layers[2].blocks[0].op.A_logs, small.layers[2].blocks[0].op.A_logs)
+            assert big.eval()(torch.randn(1, 3, 200, 300)).shape == (1, 3)
+            continue
+        assert out.count("pos_embed resampled from 14×14 to 16×16 tokens (bicubic)") == 1
+        grid = small.pos_embed if small.cls_pos is None else torch.cat(
+            [small.pos_embed[:, :98], small.pos_embed[:, 99:]], 1)
+        want = F.interpolate(grid.reshape(1, 14, 14, -1).permute(0, 3, 1, 2), size=(16, 16), mode="bicubic",
+                             align_corners=False).permute(0, 2, 3, 1).reshape(1, 256, -1)
+        got = big.pos_embed if big.cls_pos is None else torch.cat([big.pos_embed[:, :128], big.pos_embed[:, 129:]], 1)
+        assert torch.allclose(got, want, atol=1e-6)
+        if big.cls_pos is not None:
+            assert torch.equal(big.pos_embed[0, 128], small.pos_embed[0, 98])
+        assert big.eval()(torch.randn(1, 3, 256, 256)).shape == (1, 3)
+
+
+def test_a_short_loop_built_only_from_timm_pieces_trains():
+    """timm's create_model, create_transform (rand-m9-mstd0.5-inc1, random erasing), Mixup,
+    create_optimizer_v2 with layer decay and ModelEmaV3 train a preset for a few steps."""
+    timm = pytest.importorskip("timm")
+    from PIL import Image
+    from timm.data import Mixup, create_transform
+    from timm.loss import SoftTargetCrossEntropy
+    from timm.optim import create_optimizer_v2
+    from timm.utils import ModelEmaV3
+    torch.manual_seed(0)
+    model = timm.create_model("local_vim_nano", num_classes=4, img_size=32, drop_rate=0.1, drop_path_rate=0.1)
+    tf = create_transform(32, is_training=True, auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25,
+                          interpolation="bicubic")
+    images = [Image.fromarray((torch.rand(40, 40, 3) * 255).byte().numpy()) for _ in range(8)]
+    x, y = torch.stack([tf(im) for im in images]), torch.arange(8) % 4
+    mix = Mixup(mixup_alpha=0.2, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=4)
+    opt = create_optimizer_v2(model, "adamw", lr=1e-3, weight_decay=0.05, layer_decay=0.75)
+    ema = ModelEmaV3(model, decay=0.9)
+    before = [p.detach().clone() for p in ema.module.parameters()]
+    for _ in range(3):
+        xm, ym = mix(x, y)
+        loss = SoftTargetCrossEntropy()(model(xm), ym)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        ema.update(model)
+        assert torch.isfinite(loss)
+    assert any(not torch.equal(a, b) for a, b in zip(before, ema.module.parameters()))

@@ -549,8 +549,8 @@ def claim_run_dir(s, is_main, world):
 
 def evaluate_checkpoint(r, ckpt):
     """--eval: the checkpoint's weights (or its EMA) on the validation and test splits, a JSON line each."""
-    weights = "ema" if r.s.eval_ema else "model"
-    if r.s.eval_ema and ckpt.get("ema") is None:
+    weights = "model_ema" if r.s.eval_ema else "model"
+    if r.s.eval_ema and ckpt.get("model_ema") is None:
         raise UserError(f"--eval-ema: {r.s.resume} holds no EMA weights (its run had --ema-decay 0)")
     localmamba.load_state_dict_strict(r.model, ckpt[weights], r.s.resume)
     results = {split: evaluate(r.model, ld, r.device, r.amp_dtype, r.world) for split, ld in r.eval_loaders.items()}
@@ -590,7 +590,7 @@ def save_checkpoint(r, epoch, step, batch_in_epoch):
     states = rng_states(r.world)           # every rank takes part; rank 0 writes
     if r.is_main:
         ckpt = {"model": r.model.state_dict(), "optimizer": r.optimizer.state_dict(), "scaler": r.scaler.state_dict(),
-                "ema": r.ema.module.state_dict() if r.ema else None, "epoch": epoch, "step": step,
+                "model_ema": r.ema.module.state_dict() if r.ema else None, "epoch": epoch, "step": step,
                 "batch_in_epoch": batch_in_epoch, "config": r.config, "rng": states}
         save_atomic(dict(ckpt, checksum=localmamba.tensor_checksum(ckpt)), r.out / "checkpoint.pt")
 
@@ -699,8 +699,8 @@ def train(args):
     r.scaler = torch.amp.GradScaler(device.type, enabled=s.amp == "fp16")
     epoch, step, batch_in_epoch = restore(ckpt, r, steps_per_epoch) if ckpt is not None else (0, 0, 0)
     r.ddp, r.ema = wrap_ddp_and_ema(r.model, s, world, device)
-    if r.ema is not None and ckpt is not None and ckpt.get("ema") is not None:
-        r.ema.module.load_state_dict(ckpt["ema"])  # (a run that had none starts its average at the resumed weights)
+    if r.ema is not None and ckpt is not None and ckpt.get("model_ema") is not None:   # (timm's key for it)
+        r.ema.module.load_state_dict(ckpt["model_ema"])   # (a run that had none starts at the resumed weights)
     n_params = sum(p.numel() for p in r.model.parameters())
     r.config = dict(vars(s), world_size=world, global_batch=s.batch_size * world, lr_used=lr,
                     num_classes=num_classes, in_chans=in_chans, params=n_params, steps_per_epoch=steps_per_epoch,

@@ -701,7 +701,8 @@ class LocalVim(TimmInterface, nn.Module):
     def group_matcher(self, coarse=False):
         """Parameter groups for layer-wise lr decay (timm's param_groups_layer_decay): the stem, one
         group per block, the final norm with the last."""
-        return dict(stem=r"^patch_embed|^pos_embed|^cls_token", blocks=[(r"^layers\.(\d+)", None), (r"^norm_f", (99999,))])
+        return dict(stem=r"^patch_embed|^pos_embed|^cls_token",
+                    blocks=[(r"^layers\.(\d+)", None), (r"^norm_f", (99999,))])
 
     def get_classifier(self):
         return self.head

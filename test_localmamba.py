@@ -1654,6 +1654,81 @@ def test_16_bit_and_float_images_are_scaled_and_loops_not_followed(tmp_path, cap
     assert err.count("skipped 2 files that are not images (.txt: 2)") == 1
 
 
+def test_timm_and_deit_flag_spellings_are_accepted():
+    a = train_mini.parse_args(["-b", "8", "--smoothing", "0.2", "--output", "x", "--model-ema-decay", "0.99",
+                               "--aa", "none", "--reprob", "0.5", "--lr", "0.003"])
+    assert (a.batch_size, a.label_smoothing, a.out, a.ema_decay, a.aa, a.reprob, a.lr) == (8, 0.2, "x", 0.99, "none",
+                                                                                          0.5, 0.003)
+    s = train_mini.resolve_settings(train_mini.parse_args(["--model-ema"]), None, torch.device("cpu"))
+    assert s.ema_decay == 0.9998 and s.blr == 0.128 and s.lr is None          # --lr: the rule unless given
+    with pytest.raises(train_mini.UserError, match="--aa rand9: expected timm's RandAugment spelling"):
+        train_mini.resolve_settings(train_mini.parse_args(["--aa", "rand9"]), None, torch.device("cpu"))
+    vm = train_mini.resolve_settings(train_mini.parse_args(["--model", "local_vmamba_tiny", "--data", "imagenet",
+                                                            "--data-dir", "x"]), None, torch.device("cuda"))
+    vim = train_mini.resolve_settings(train_mini.parse_args(["--data", "imagenet", "--data-dir", "x"]), None,
+                                      torch.device("cuda"))
+    assert (vm.amp, vim.amp) == ("bf16", "off")             # the official recipe: LocalVMamba AMP, LocalVim fp32
+
+
+@pytest.mark.parametrize("use_timm", [False, pytest.param(True, marks=pytest.mark.skipif(
+    not importlib.util.find_spec("timm"), reason="timm is not installed"))])
+def test_imagenet_augmentation_has_the_papers_strength(use_timm):
+    """rand-m9-mstd0.5-inc1 as the official code ran it (timm's scale: level 9 of 10): rotate up to
+    27°, bicubic; torchvision's default RandAugment(magnitude=9) of 31 bins rotates 9°."""
+    from PIL import Image
+    from torchvision.transforms import v2
+    tf = train_mini.imagenet_transforms(224, True, "rand-m9-mstd0.5-inc1", 0.25, use_timm=use_timm)
+    if use_timm:
+        from timm.data.auto_augment import RandAugment
+        ra = next(t for t in tf.transforms if isinstance(t, RandAugment))
+        rot = next(o for o in ra.ops if o.name == "Rotate")
+        assert (rot.magnitude, rot.magnitude_std) == (9, 0.5) and abs(rot.level_fn(9, rot.hparams)[0]) == 27.0
+        assert rot.kwargs["resample"] == Image.Resampling.BICUBIC
+        erase = next(t for t in tf.transforms if type(t).__name__ == "RandomErasing")
+        assert erase.probability == 0.25 and erase.mode == "pixel"
+    else:
+        ra = next(t for t in tf.transforms if isinstance(t, v2.RandAugment))
+        assert ra.magnitude == 9 and ra.interpolation == v2.InterpolationMode.BICUBIC
+        assert ra._AUGMENTATION_SPACE["Rotate"][0](ra.num_magnitude_bins, 224, 224)[9].item() == pytest.approx(27.0)
+        assert next(t for t in tf.transforms if isinstance(t, v2.RandomErasing)).p == 0.25
+    off = train_mini.imagenet_transforms(224, True, "none", 0.0, use_timm=False)
+    assert not any(isinstance(t, v2.RandAugment) for t in off.transforms)
+
+
+@needs_fashion
+def test_finetune_from_official_and_timm_layouts(tmp_path):
+    """--finetune takes weights only, from an official-layout (a DDP prefix, 1000 classes) or a
+    timm-layout checkpoint; the head for 10 classes starts fresh, every other weight is loaded."""
+    torch.manual_seed(0)
+    src = create_model("local_vim_nano", in_chans=1, num_classes=1000)
+    sd = src.state_dict()
+    torch.save({"state_dict": {"module." + k: v for k, v in sd.items()}, "epoch": 299}, tmp_path / "official.pth")
+    torch.save({"state_dict": sd, "arch": "local_vim_nano", "epoch": 3}, tmp_path / "timm.pth.tar")
+    for name in ("official.pth", "timm.pth.tar"):
+        rc, so, se = run_cli(*TINY, "--max-steps", "1", "--lr", "1e-12", "--finetune", tmp_path / name,
+                             "--out", tmp_path / name.split(".")[0])
+        assert rc == 0 and "weights loaded; the head re-initialised for 10 classes" in so, se
+        got = torch.load(tmp_path / name.split(".")[0] / "checkpoint.pt")["model"]
+        assert got["head.weight"].shape == (10, 32)
+        for k, v in sd.items():
+            if not k.startswith("head."):
+                assert torch.allclose(got[k], v, atol=1e-6), k
+    _assert_clean_failure(*run_cli(*TINY, "--finetune", tmp_path / "timm.pth.tar", "--resume",
+                                   tmp_path / "official" / "checkpoint.pt")[::2], "pass one of them")
+
+
+@needs_fashion
+def test_best_checkpoint_and_absolute_lr(tmp_path):
+    rc, so, se = run_cli(*TINY, "--epochs", "2", "--lr", "0.002", "--out", tmp_path / "r")
+    assert rc == 0 and "lr 0.002 (--lr)" in so, se
+    config, evals = read_log(tmp_path / "r", "val")
+    best = torch.load(tmp_path / "r" / "best.pt")
+    assert config["lr_used"] == 0.002 and best["best_top1"] == max(e["top1"] for e in evals)
+    assert best["epoch"] == max(evals, key=lambda e: e["top1"])["epoch"]
+    rc, so, se = run_cli(*TINY, "--max-steps", "1", "--out", tmp_path / "d")
+    assert rc == 0 and "lr 0.00125 (= --blr 0.128 × 10 / 1024)" in so, se
+
+
 def test_weight_decay_groups_follow_the_official_run():
     m = create_model("local_vim_nano_search", in_chans=1)
     names = lambda opt, g: {id(p) for p in opt.param_groups[g]["params"]}

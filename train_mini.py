@@ -30,8 +30,10 @@ Exit codes: 0 done, 2 bad input (one message, no traceback), 3 the loss became n
 import argparse
 import contextlib
 import gzip
+import importlib.util
 import json
 import math
+import re
 import os
 import struct
 import sys
@@ -63,14 +65,14 @@ except ImportError:       # pragma: no cover - Windows: the folder checks hold, 
 
 DEFAULTS = {
     "imagenet": dict(model="local_vim_tiny", search_model="local_vim_tiny_search", img_size=224, epochs=300,
-                     search_epochs=100, batch_size=128, lr=1e-3, weight_decay=0.04, warmup_epochs=20,
+                     search_epochs=100, batch_size=128, blr=1e-3, weight_decay=0.04, warmup_epochs=20,
                      drop_path=0.1, workers=8, label_smoothing=0.1, mixup=0.2, cutmix=1.0,
                      train_per_class=None, checkpoint_every=1000),
     # Fashion-MNIST: 28×28, patch 2 -> a 14×14 token grid, the grid of ImageNet-224 with patch 16.
     # One pass over the first 4000 images of each class (40k of the 55k not held out) fits ~10-20
     # minutes on 2 CPU cores. lr 0.128 at a global batch of 1024 is 8e-3 at the default batch of 64.
     "fashion-mnist": dict(model="local_vim_nano", search_model="local_vim_nano_search", img_size=28, epochs=1,
-                          search_epochs=1, batch_size=64, lr=0.128, weight_decay=0.04, warmup_epochs=0.05,
+                          search_epochs=1, batch_size=64, blr=0.128, weight_decay=0.04, warmup_epochs=0.05,
                           drop_path=0.0, workers=0, label_smoothing=0.1, mixup=0.0, cutmix=0.0,
                           train_per_class=4000, checkpoint_every=200),   # steps: a few minutes of work
 }
@@ -239,15 +241,25 @@ class ImageFolderSubset(ImageFolder):
         raise UserError("no readable image in the dataset")
 
 
-def imagenet_transforms(img_size, train):
-    norm = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+def imagenet_transforms(img_size, train, aa="rand-m9-mstd0.5-inc1", reprob=0.25, use_timm=None):
+    """The paper's ImageNet pipeline. Training: RandomResizedCrop, flip, RandAugment `aa` (timm's
+    spelling; "none" = off), random erasing `reprob` per pixel, bicubic. With timm installed, timm's
+    own create_transform (what the official code ran); else torchvision configured to the same
+    strength: timm's magnitude M of 10 levels is torchvision's M of 11 bins (m9: rotate 27°, not the
+    9° of torchvision's default 31 bins), filled with the mean; only timm's magnitude noise (mstd) is
+    missing there."""
+    bicubic, norm = v2.InterpolationMode.BICUBIC, [v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
+                                                   v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     if not train:
-        return v2.Compose([v2.Resize(int(img_size / 0.875), interpolation=v2.InterpolationMode.BICUBIC),
-                           v2.CenterCrop(img_size)] + norm)
-    # rand-m9-mstd0.5 in timm draws the magnitude from N(9, 0.5); torchvision's RandAugment uses 9 exactly.
-    crop = v2.RandomResizedCrop(img_size, scale=(0.08, 1.0), interpolation=v2.InterpolationMode.BICUBIC)
-    return v2.Compose([crop, v2.RandomHorizontalFlip(), v2.RandAugment(num_ops=2, magnitude=9)] + norm +
-                      [v2.RandomErasing(p=0.25, value="random")])
+        return v2.Compose([v2.Resize(int(img_size / 0.875), interpolation=bicubic), v2.CenterCrop(img_size)] + norm)
+    if use_timm if use_timm is not None else importlib.util.find_spec("timm") is not None:
+        from timm.data import create_transform
+        return create_transform(img_size, is_training=True, auto_augment=None if aa == "none" else aa, re_prob=reprob,
+                                re_mode="pixel", interpolation="bicubic", mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    ra = [] if aa == "none" else [v2.RandAugment(2, int(aa.split("-")[1][1:]), 11, interpolation=bicubic,
+                                                 fill=[round(255 * c) for c in IMAGENET_MEAN])]
+    return v2.Compose([v2.RandomResizedCrop(img_size, scale=(0.08, 1.0), interpolation=bicubic),
+                       v2.RandomHorizontalFlip()] + ra + norm + [v2.RandomErasing(p=reprob, value="random")])
 
 
 def imagenet_splits(s, with_train=True):
@@ -255,8 +267,8 @@ def imagenet_splits(s, with_train=True):
     root = Path(s.data_dir)
     if not root.is_dir():
         raise UserError(f"--data-dir {root} does not exist; give the ImageNet root that holds train/ and val/")
-    make = lambda split, per_class: ImageFolderSubset(root / split, s.classes, per_class,
-                                                      imagenet_transforms(s.img_size, split == "train"), s.bad_images)
+    make = lambda split, per_class: ImageFolderSubset(root / split, s.classes, per_class, imagenet_transforms(
+        s.img_size, split == "train", s.aa, s.reprob), s.bad_images)
     val = make("val", s.val_per_class)
     train = make("train", s.train_per_class) if with_train else None
     if train is not None and train.classes != val.classes:
@@ -359,13 +371,20 @@ FLAGS = [  # (flag, type, help); a default of None is filled in by resolve_setti
      f"Fashion-MNIST: the folder of its 4 IDX .gz files (default {FASHION_DIR})"),
     ("--model", str, "a localmamba.create_model name; with --search the supernet"), ("--img-size", int, "pixels"),
     ("--epochs", float, "(with --search: search_epochs)"), ("--max-steps", int, "stop after N steps (smoke runs)"),
-    ("--batch-size", int, "per process"), ("--lr", float, "peak lr at a global batch of 1024; scaled linearly"),
+    ("--batch-size/-b", int, "per process"), ("--blr", float, "base lr: the peak lr at a global batch of 1024"),
+    ("--lr", float, "the peak lr itself (default: --blr × global batch / 1024, the paper's rule)"),
     ("--weight-decay", float, "AdamW"), ("--warmup-epochs", float, "linear from 1e-7"), ("--drop-path", float, ""),
-    ("--label-smoothing", float, ""), ("--mixup", float, "alpha, 0 = off"), ("--cutmix", float, "alpha, 0 = off"),
+    ("--label-smoothing/--smoothing", float, ""), ("--mixup", float, "alpha, 0 = off"),
+    ("--cutmix", float, "alpha, 0 = off"), ("--aa", str, "ImageNet RandAugment, timm's spelling; none = off"),
+    ("--reprob", float, "ImageNet random erasing probability"),
     ("--clip-grad", float, "max grad norm (off by default, as the paper)"), ("--workers", int, "per process"),
-    ("--ema-decay", float, "e.g. 0.9998; 0 = no EMA (the paper's default)"), ("--classes", int, "the first N"),
+    ("--ema-decay/--model-ema-decay", float, "e.g. 0.9998; 0 = no EMA (the paper's default)"),
+    ("--model-ema", bool, "EMA with decay 0.9998 (timm's spelling)"), ("--classes", int, "the first N"),
     ("--train-per-class", int, "first N"), ("--val-per-class", int, "first N"), ("--test-per-class", int, "first N"),
-    ("--bad-images", str, "skip or stop at an unreadable image"), ("--out", str, "default runs/<model>-<time>"),
+    ("--bad-images", str, "skip or stop at an unreadable image"),
+    ("--out/--output", str, "default: runs/<model>-<time>-<pid>"),
+    ("--finetune", str, "start from these weights (ours, official or timm layout; a head of another size is "
+     "re-initialised, pos_embed resampled)"),
     ("--resume", str, "checkpoint.pt to continue from (or to evaluate with --eval)"),
     ("--checkpoint-every", int, "steps between checkpoints besides each epoch's end, 0 = only there"),
     ("--allow-changed-batch", bool, "--resume with another --batch-size or process count (changes the data order)"),
@@ -378,29 +397,31 @@ FLAGS = [  # (flag, type, help); a default of None is filled in by resolve_setti
     ("--no-scattn", bool, "ablation: no SCAttn"), ("--no-compile", bool, "CPU: run the scan eagerly, not compiled"),
 ]
 CHOICES = {"data": ("fashion-mnist", "imagenet"), "bad_images": ("skip", "stop"), "amp": ("bf16", "fp16", "off")}
-FIXED = dict(data="fashion-mnist", bad_images="skip", ema_decay=0.0, seed=0, print_every=10.0)  # not per --data
+FIXED = dict(data="fashion-mnist", bad_images="skip", ema_decay=0.0, seed=0, print_every=10.0,  # not per --data
+             aa="rand-m9-mstd0.5-inc1", reprob=0.25)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Train LocalMamba models (see the module docstring for commands).")
-    for flag, typ, help in FLAGS:
-        key = flag[2:].replace("-", "_")
+    for flags, typ, help in FLAGS:
+        flags = flags.split("/")                            # the name, then the spellings timm / DeiT users type
+        key = flags[0][2:].replace("-", "_")
         if typ is bool:
-            p.add_argument(flag, action="store_true", help=help)
+            p.add_argument(*flags, action="store_true", help=help)
             continue
         per_data = "default: " + ", ".join(f"{data} {DEFAULTS[data].get(key)}" for data in DEFAULTS)
         default = per_data if key in DEFAULTS["imagenet"] else f"default {FIXED[key]}" if key in FIXED else None
-        p.add_argument(flag, type=typ, default=FIXED.get(key), choices=CHOICES.get(key),
+        p.add_argument(*flags, type=typ, default=FIXED.get(key), choices=CHOICES.get(key), dest=key,
                        help=f"{help} ({default})" if default else help)
     return p.parse_args(argv)
 
 
-POSITIVE = ("lr", "epochs", "batch_size", "max_steps", "classes", "train_per_class", "val_per_class",
+POSITIVE = ("blr", "lr", "epochs", "batch_size", "max_steps", "classes", "train_per_class", "val_per_class",
             "test_per_class", "img_size", "clip_grad")
 RANGES = {"weight_decay": (0, math.inf), "warmup_epochs": (0, math.inf), "mixup": (0, math.inf),
-          "cutmix": (0, math.inf), "drop_path": (0, 0.999), "label_smoothing": (0, 0.999), "ema_decay": (0, 0.999999),
-          "seed": (0, 2 ** 31 - 1),
-          "print_every": (0, math.inf), "workers": (0, 256), "checkpoint_every": (0, math.inf)}   # inclusive
+          "cutmix": (0, math.inf), "reprob": (0, 1), "drop_path": (0, 0.999), "label_smoothing": (0, 0.999),
+          "ema_decay": (0, 0.999999), "seed": (0, 2 ** 31 - 1), "print_every": (0, math.inf), "workers": (0, 256),
+          "checkpoint_every": (0, math.inf)}   # inclusive
 
 
 def check_flags(args):
@@ -441,6 +462,11 @@ def resolve_settings(args, saved, device):
         raise UserError("--search and --directions do not go together: search first, then train with --directions")
     if s.eval and not s.resume:
         raise UserError("--eval needs --resume CKPT (the checkpoint to evaluate)")
+    if s.finetune and s.resume:
+        raise UserError("--finetune starts a new run from weights, --resume continues one: pass one of them")
+    s.ema_decay = s.ema_decay or (0.9998 if s.model_ema else 0.0)
+    if s.aa != "none" and not re.fullmatch(r"rand-m\d+(-(mstd|inc|n|w|mmax|p)[\d.]+)*", s.aa):
+        raise UserError(f"--aa {s.aa}: expected timm's RandAugment spelling, e.g. rand-m9-mstd0.5-inc1, or none")
     s.layer_directions = localmamba.load_directions(s.directions) if s.directions else None
     if saved is not None:
         adopt_checkpoint_settings(s, saved)
@@ -547,6 +573,18 @@ def claim_run_dir(s, is_main, world):
     return out, lock
 
 
+def load_finetune(model, path, log):
+    """--finetune: weights only, from our, the official or timm's checkpoint layout (a DDP prefix
+    dropped); a head for another number of classes keeps its fresh init; pos_embed is resampled."""
+    sd = {k.removeprefix("module."): v for k, v in localmamba.state_dict_of(localmamba.read_checkpoint(path)).items()}
+    own = model.state_dict()
+    head = {n for n, _ in model.named_parameters() if n.startswith(("head.", "classifier.head."))}
+    fresh = [k for k in head if k in sd and sd[k].shape != own[k].shape]
+    localmamba.load_state_dict_strict(model, {**sd, **{k: own[k] for k in fresh}}, path)
+    log(f"--finetune {path}: weights loaded" + (f"; the head re-initialised for {model.num_classes} classes"
+                                                 if fresh else ""))
+
+
 def evaluate_checkpoint(r, ckpt):
     """--eval: the checkpoint's weights (or its EMA) on the validation and test splits, a JSON line each."""
     weights = "model_ema" if r.s.eval_ema else "model"
@@ -586,13 +624,18 @@ def restore(ckpt, r, steps_per_epoch):
     return epoch, step, batch_in_epoch
 
 
-def save_checkpoint(r, epoch, step, batch_in_epoch):
+def save_checkpoint(r, epoch, step, batch_in_epoch, rec=None):
+    """checkpoint.pt; and best.pt too when rec, a validation record, is the best top-1 so far."""
     states = rng_states(r.world)           # every rank takes part; rank 0 writes
+    best = rec is not None and rec["top1"] > r.best_top1
+    r.best_top1 = rec["top1"] if best else r.best_top1
     if r.is_main:
         ckpt = {"model": r.model.state_dict(), "optimizer": r.optimizer.state_dict(), "scaler": r.scaler.state_dict(),
                 "model_ema": r.ema.module.state_dict() if r.ema else None, "epoch": epoch, "step": step,
-                "batch_in_epoch": batch_in_epoch, "config": r.config, "rng": states}
-        save_atomic(dict(ckpt, checksum=localmamba.tensor_checksum(ckpt)), r.out / "checkpoint.pt")
+                "batch_in_epoch": batch_in_epoch, "config": r.config, "rng": states, "best_top1": r.best_top1}
+        ckpt["checksum"] = localmamba.tensor_checksum(ckpt)
+        for name in ("checkpoint.pt", "best.pt") if best else ("checkpoint.pt",):
+            save_atomic(ckpt, r.out / name)
 
 
 def log_json(r, rec):
@@ -687,17 +730,21 @@ def train(args):
         train_loader = make_loader(train_set, s, sampler, device, loader_gen := torch.Generator())
     r.model = localmamba.create_model(s.model, num_classes=num_classes, img_size=s.img_size, in_chans=in_chans,
                                       drop_path_rate=s.drop_path, **({"scattn": False} if s.no_scattn else {}),
-                                      **({"directions": s.layer_directions} if s.layer_directions else {})).to(device)
+                                      **({"directions": s.layer_directions} if s.layer_directions else {}))
+    if s.finetune:
+        load_finetune(r.model, s.finetune, log)
+    r.model.to(device)
     r.eval_loaders = {split: make_loader(ds, s, EpochOrder(len(ds), s.seed, rank, world, False), device)
                       for split, ds in (("val", val_set), ("test", test_set)) if ds is not None}
     if s.eval:               # only the evaluation splits are read: no scan of a 1.28M-image train/
         return evaluate_checkpoint(r, ckpt)
 
     # 2. optimizer, restore, DDP, EMA
-    lr = s.lr * s.batch_size * world / 1024
+    lr = s.lr or s.blr * s.batch_size * world / 1024          # absolute when given, else the paper's rule
     r.optimizer = localmamba.configure_optimizer(r.model, lr, s.weight_decay, s.wd_exempt_ssm, log)
     r.scaler = torch.amp.GradScaler(device.type, enabled=s.amp == "fp16")
     epoch, step, batch_in_epoch = restore(ckpt, r, steps_per_epoch) if ckpt is not None else (0, 0, 0)
+    r.best_top1 = -1.0 if ckpt is None else ckpt.get("best_top1", -1.0)
     r.ddp, r.ema = wrap_ddp_and_ema(r.model, s, world, device)
     if r.ema is not None and ckpt is not None and ckpt.get("model_ema") is not None:   # (timm's key for it)
         r.ema.module.load_state_dict(ckpt["model_ema"])   # (a run that had none starts at the resumed weights)
@@ -709,9 +756,9 @@ def train(args):
                     device=str(device), torch=str(torch.__version__))
     log_json(r, r.config)
     log(f"{s.model}: {n_params:,} params; {len(train_set):,} train / {len(val_set):,} val images, {num_classes} "
-        f"classes; {world} process(es) × batch {s.batch_size}; lr {lr:.3g} (= {s.lr:g} × {s.batch_size * world}"
-        f"/1024); {s.epochs} epochs = {total_steps} steps; amp {s.amp} ({'--amp' if args.amp else 'default'}); "
-        f"{device}")
+        f"classes; {world} process(es) × batch {s.batch_size}; lr {lr:.3g} "
+        f"({'--lr' if s.lr else f'= --blr {s.blr:g} × {s.batch_size * world} / 1024'}); {s.epochs} epochs = "
+        f"{total_steps} steps; amp {s.amp} ({'--amp' if args.amp else 'default'}); {device}")
 
     # 3. the loop: evaluate on the validation split and checkpoint at the end of every epoch, and between
     r.mix = make_mix(s, num_classes)
@@ -731,11 +778,9 @@ def train(args):
                 save_checkpoint(r, epoch, step, batch_in_epoch)     # a crash costs minutes, not the epoch
         if batch_in_epoch >= steps_per_epoch:
             epoch, batch_in_epoch = epoch + 1, 0
-            eval_and_log(r, epoch, step)
-            save_checkpoint(r, epoch, step, 0)
+            save_checkpoint(r, epoch, step, 0, eval_and_log(r, epoch, step))
     if batch_in_epoch:          # stopped inside an epoch (--max-steps)
-        eval_and_log(r, epoch + batch_in_epoch / steps_per_epoch, step)
-        save_checkpoint(r, epoch, step, batch_in_epoch)
+        save_checkpoint(r, epoch, step, batch_in_epoch, eval_and_log(r, epoch + batch_in_epoch / steps_per_epoch, step))
 
     # 4. finish: the test split once, the search's choice
     result = eval_and_log(r, epoch + batch_in_epoch / steps_per_epoch, step, "test") if test_set else None

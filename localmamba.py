@@ -37,7 +37,7 @@ Order of the file: scan orders -> SCAttn -> MultiScan (K directions + the search
 -> shared parts (DropPath, PatchEmbed, the image check, init) -> LocalVimConfig -> the LocalVim
 mixer, block and RoPE -> LocalVim -> LocalVMambaConfig -> SS2D, VSSBlock, PatchMerging2D ->
 LocalVMamba -> presets (published directions, the model table, create_model, derive_directions)
--> checkpoints, FLOPs, timm -> __main__.
+-> checkpoints, MACs, timm -> __main__.
 
 `python localmamba.py` prints the model table and draws the 8 scan orders.
 """
@@ -173,8 +173,8 @@ class SCAttn(nn.Module):
             attn = attn * torch.sigmoid(s)                                       # (..., L, C)
         return x * attn
 
-    def flops(self, L):
-        """Multiply-adds of one direction of one image (convention in `count_flops`)."""
+    def macs(self, L):
+        """Multiply-adds of one direction of one image (convention in `count_macs`)."""
         C, r = self.global_reduce.in_features, self.global_reduce.out_features
         f = 2 * C * r                                                            # global_reduce + channel_select
         return f + (L * C * r + L * 2 * r if self.spatial else 0)                # local_reduce + spatial_select
@@ -519,8 +519,8 @@ class LocalVimMixer(nn.Module):
         y = self.multi_scan.combine(self.attn(ys))                                 # SCAttn per direction, then sum
         return self.out_proj(y)                                                    # (B, L_in, D)
 
-    def flops(self):
-        """Multiply-adds of one image (convention in `count_flops`)."""
+    def macs(self):
+        """Multiply-adds of one image (convention in `count_macs`)."""
         (H, W), cls_pos = self.grid, self.cls_pos
         L_in = H * W + (cls_pos is not None)
         E, N, R, D = self.d_inner, self.d_state, self.dt_rank, self.d_model
@@ -528,7 +528,7 @@ class LocalVimMixer(nn.Module):
         for Lk in self.multi_scan.index(H, W, cls_pos)[2]:
             f += Lk * E * self.d_conv + Lk * E * (R + 2 * N) + Lk * R * E         # conv1d_k, x_proj_k, dt_proj_k
             f += 9 * Lk * E * N + Lk * E                                           # the scan
-            f += self.attn.flops(L_in) if isinstance(self.attn, SCAttn) else 0
+            f += self.attn.macs(L_in) if isinstance(self.attn, SCAttn) else 0
         return f
 
 
@@ -688,10 +688,10 @@ class LocalVim(TimmInterface, nn.Module):
         # x: (B, C, H, W) -> (B, num_classes)
         return self.forward_head(self.forward_features(x))
 
-    def flops(self):
+    def macs(self):
         H, W = self.cfg.grid
         f = H * W * self.embed_dim * self.cfg.in_chans * self.cfg.patch_size ** 2   # patch embed
-        f += sum(layer.mixer.flops() for layer in self.layers)
+        f += sum(layer.mixer.macs() for layer in self.layers)
         return f + self.embed_dim * self.cfg.num_classes                            # head
 
     # timm's classifier interface
@@ -737,7 +737,7 @@ class LocalVMambaConfig:
     mean_std: tuple = IMAGENET_MEAN_STD
 
     def __post_init__(self):
-        # img_size is nominal (FLOPs, pretrained_cfg): no parameter depends on it, any image >= patch runs
+        # img_size is nominal (MACs, pretrained_cfg): no parameter depends on it, any image >= patch runs
         if self.img_size < self.patch_size or self.global_pool != "avg":
             raise BadInput(f"LocalVMamba: img_size {self.img_size} must be at least the patch size {self.patch_size}, "
                            f"and global_pool 'avg' (got {self.global_pool!r})")
@@ -802,13 +802,13 @@ class SS2D(nn.Module):
         y = self.out_norm(y).view(B, H, W, E) * z
         return self.out_proj(y)                                                    # (B, H, W, C)
 
-    def flops(self, H, W):
+    def macs(self, H, W):
         L, C, E, N, R = H * W, self.d_model, self.d_inner, self.d_state, self.dt_rank
         f = L * C * 2 * E + L * E * 9 + L * E * C                                  # in_proj, 3×3 dw conv, out_proj
         attn = self.multi_scan.attn
         for Lk in self.multi_scan.index(H, W)[2]:
             f += Lk * E * (R + 2 * N) + Lk * R * E + 9 * Lk * E * N + Lk * E     # x_proj, dt_proj, scan
-            f += attn.flops(L) if isinstance(attn, SCAttn) else 0
+            f += attn.macs(L) if isinstance(attn, SCAttn) else 0
         return f
 
 
@@ -937,12 +937,12 @@ class LocalVMamba(TimmInterface, nn.Module):
         # x: (B, C, H, W) -> (B, num_classes)
         return self.forward_head(self.forward_features(x))
 
-    def flops(self):
+    def macs(self):
         Hs = Ws = self.cfg.img_size // self.cfg.patch_size
         f = Hs * Ws * self.cfg.dims[0] * self.cfg.in_chans * self.cfg.patch_size ** 2
         for stage in self.layers:
             H, W = Hs, Ws
-            f += sum(b.op.flops(H, W) for b in stage.blocks)
+            f += sum(b.op.macs(H, W) for b in stage.blocks)
             if isinstance(stage.downsample, PatchMerging2D):
                 Hs, Ws = -(-H // 2), -(-W // 2)
                 f += Hs * Ws * stage.downsample.reduction.in_features * stage.downsample.reduction.out_features
@@ -1015,7 +1015,7 @@ SEARCHED_DIRECTIONS = {
 _LOCAL = [["h", "h_flip", "w2", "w2_flip"]]
 _FASHION = dict(mean_std=((0.2860,), (0.3530,)))       # the nano presets' data: Fashion-MNIST, 1 channel
 MODELS = {
-    # name: (config class, fields). Params / GFLOPs at 224 px (count_flops' convention), 1000 classes,
+    # name: (config class, fields). Params / GMACs at 224 px (count_macs' convention), 1000 classes,
     # from `python localmamba.py`; the paper's figures beside them.
     "local_vim_tiny": (LocalVimConfig, dict(  # paper 8M 1.5G 76.2%
         embed_dim=192, directions=SEARCHED_DIRECTIONS["local_vim_tiny"])),
@@ -1045,7 +1045,7 @@ ALIASES = {  # the names the official local_vmamba.py registers (and its checkpo
     "local_vssm_tiny_search": "local_vmamba_tiny_search", "local_vssm_small_search": "local_vmamba_small_search",
 }
 
-PAPER = {  # published ImageNet-1K figures (paper Tables 1-2, official README): top-1 %, params M, GFLOPs
+PAPER = {  # published ImageNet-1K figures (paper Tables 1-2, official README): top-1 %, params M, "GFLOPs"
     "local_vim_tiny": (76.2, 8, 1.5), "local_vim_tiny_middle_cls_token": (77.8, 8, 1.5),
     "local_vim_small": (81.2, 28, 4.8), "local_vmamba_tiny": (82.7, 26, 5.7), "local_vmamba_small": (83.7, 50, 11.4),
 }
@@ -1273,10 +1273,11 @@ def resample_pos_embed(sd, model, source="state_dict"):
 
 
 # -----------------------------------------------------------------------------
-# FLOPs
+# MACs: what papers, the official code and fvcore call "FLOPs" are multiply-accumulates (one per
+# multiply-add); PyTorch's FlopCounterMode counts 2 per multiply-add. Here the unit has its name.
 
-def count_flops(model, img_size=None):
-    """Multiply-adds of one image, our convention: every matmul / conv multiply-add counted
+def count_macs(model, img_size=None):
+    """Multiply-adds (MACs) of one image, our convention: every matmul / conv multiply-add counted
     once, every per-direction projection (conv1d_k, x_proj_k, dt_proj_k) counted per direction,
     SCAttn's two small Linears per direction, the selective scan as 9·L·E·N + L·E per
     direction over that direction's own length (window padding included); norms, activations,
@@ -1286,11 +1287,13 @@ def count_flops(model, img_size=None):
     handle for the selective scan) matches ours but for counting the grouped scan at the longest
     direction's length; LocalVim's hand count (local_vim.py) counts conv1d/x_proj/dt_proj once
     (not per direction) and the scan as 5·L·E·N + 2·L·E per direction, so its 1.5G is lower
-    than what LocalVim-T computes.
+    than what LocalVim-T computes. PyTorch's FlopCounterMode sees the matmuls and convs only (2
+    FLOPs per MAC, over the padded lengths the grouped call runs), not the scan: a test checks
+    FlopCounterMode / 2 + the scan term = count_macs, up to that padding.
     """
     if img_size is not None and img_size != model.cfg.img_size:
         model = type(model)(replace(model.cfg, img_size=img_size))
-    return int(model.flops())
+    return int(model.macs())
 
 
 # -----------------------------------------------------------------------------
@@ -1333,13 +1336,13 @@ def draw_scan_orders(H=4, W=6):
 
 
 if __name__ == "__main__":
-    print("LocalMamba models at 224 px, 1000 classes (FLOPs: count_flops' convention, see its docstring)\n")
-    print(f"| {'model':34s} | params     | GFLOPs | paper top-1 | paper params | paper GFLOPs |")
+    print("LocalMamba models at 224 px, 1000 classes (MACs: count_macs' convention, see its docstring)\n")
+    print(f"| {'model':34s} | params     | GMACs  | paper top-1 | paper params | paper GFLOPs |")
     print(f"|{'-' * 36}|------------|--------|-------------|--------------|--------------|")
     for name in MODELS:
         m = create_model(name)
         n = sum(p.numel() for p in m.parameters())
         top1, pp, pf = PAPER.get(name, ("", "", ""))
-        print(f"| {name:34s} | {n:10,d} | {count_flops(m) / 1e9:6.2f} | {top1!s:>11} | {pp!s:>12} | {pf!s:>12} |")
+        print(f"| {name:34s} | {n:10,d} | {count_macs(m) / 1e9:6.2f} | {top1!s:>11} | {pp!s:>12} | {pf!s:>12} |")
     print("\nThe 8 candidate scan orders on a 4×6 grid (number = step at which a token is visited):\n")
     print(draw_scan_orders())

@@ -1054,15 +1054,44 @@ def test_bad_model_name_and_image_shape():
         m(torch.randn(2, 3, 28, 28))
 
 
-def test_count_flops_convention():
+@pytest.mark.parametrize("name, kw", [
+    ("local_vim_nano", dict(in_chans=1, num_classes=10)),
+    ("local_vim_tiny_middle_cls_token", dict(img_size=64, depth=2, directions=[["h", "v_flip", "w2", "w7"]] * 2)),
+    ("local_vmamba_tiny", dict(img_size=64, depths=(1, 1, 1, 1), directions=[["h", "v", "w2", "w7_flip"]] * 4)),
+])
+def test_count_macs_against_pytorchs_flop_counter(name, kw):
+    """FlopCounterMode counts 2 per multiply-add over the matmuls and convs as they run (grouped,
+    at the padded length Lmax; LocalVim's causal conv1d at Lmax + 3 outputs) and cannot see the
+    scan. So its count / 2 + the scan's term (9·L·E·N + L·E per direction) = count_macs + what the
+    padding adds."""
+    from torch.utils.flop_counter import FlopCounterMode
+    m = create_model(name, **kw).eval()
+    x = torch.randn(1, m.cfg.in_chans, m.cfg.img_size, m.cfg.img_size)
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        m(x)
+    vim, scan, padding = isinstance(m, lm.LocalVim), 0, 0
+    side = m.cfg.img_size // m.cfg.patch_size
+    blocks = [(layer.mixer, layer.mixer.grid) for layer in m.layers] if vim else \
+        [(b.op, (-(-side // 2 ** s),) * 2) for s, st in enumerate(m.layers) for b in st.blocks]
+    for mix, grid in blocks:
+        lengths = mix.multi_scan.index(*grid, getattr(mix, "cls_pos", None))[2]
+        E, N, R, Lmax = mix.d_inner, mix.d_state, mix.dt_rank, max(lengths)
+        scan += sum(9 * Lk * E * N + Lk * E for Lk in lengths)
+        per_token = E * (R + 2 * N) + R * E + (E * mix.d_conv if vim else 0)      # x_proj, dt_proj, conv1d
+        padding += sum((Lmax - Lk) * per_token for Lk in lengths)
+        padding += len(lengths) * E * mix.d_conv * (mix.d_conv - 1) if vim else 0  # the conv1d's 3 extra outputs
+    assert fc.get_total_flops() / 2 + scan == lm.count_macs(m) + padding
+
+
+def test_count_macs_convention():
     """Independent count for LocalVim-nano at 28 px (14×14 grid, K=4, w2 needs no padding)."""
     m = create_model("local_vim_nano", in_chans=1, num_classes=10, depth=4, directions=[["h", "h_flip", "w2", "w2_flip"]] * 4)
     D, E, N, R, L, K, depth = 32, 64, 16, 2, 196, 4, 4
     per_dir = L * E * 4 + L * E * (R + 2 * N) + L * R * E + 9 * L * E * N + L * E + 2 * E * (E // 8)
     want = L * D * 1 * 4 + depth * (L * D * 2 * E + L * E * D + K * per_dir) + D * 10
-    assert lm.count_flops(m) == want
-    assert lm.count_flops(create_model("local_vmamba_tiny")) / 1e9 == pytest.approx(5.7, rel=0.05)
-    assert lm.count_flops(m, img_size=56) > 3.9 * lm.count_flops(m)      # 4x the tokens
+    assert lm.count_macs(m) == want
+    assert lm.count_macs(create_model("local_vmamba_tiny")) / 1e9 == pytest.approx(5.7, rel=0.05)
+    assert lm.count_macs(m, img_size=56) > 3.9 * lm.count_macs(m)      # 4x the tokens
 
 
 # =============================================================================

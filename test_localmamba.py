@@ -1268,6 +1268,8 @@ both = [torch.zeros_like(flat) for _ in range(world)]
 dist.all_gather(both, flat)
 if rank == 0:
     print("EMA_EQUAL", torch.equal(both[0], both[1]))
+del ddp, ema                                  # DDP before its process group, or gloo aborts at exit
+dist.barrier()
 dist.destroy_process_group()
 """
 
@@ -1756,6 +1758,41 @@ def test_best_checkpoint_and_absolute_lr(tmp_path):
     assert best["epoch"] == max(evals, key=lambda e: e["top1"])["epoch"]
     rc, so, se = run_cli(*TINY, "--max-steps", "1", "--out", tmp_path / "d")
     assert rc == 0 and "lr 0.00125 (= --blr 0.128 × 10 / 1024)" in so, se
+
+
+@needs_fashion
+def test_fashion_mnist_is_downloaded_where_debians_package_is_missing(tmp_path, monkeypatch, capsys):
+    """No Debian package and no --data-dir: torchvision's downloader fills a cache folder (faked
+    here, offline, by copying the real files), once; offline, one message names both ways."""
+    import shutil
+    import torchvision.datasets
+    calls = []
+
+    class FakeDownload:                        # torchvision.datasets.FashionMNIST(root, train, download=True)
+        def __init__(self, root, train, download):
+            calls.append(train)
+            raw = Path(root) / "FashionMNIST" / "raw"
+            raw.mkdir(parents=True, exist_ok=True)
+            for f in train_mini.FASHION_FILES["train" if train else "test"]:
+                shutil.copy(FASHION / f, raw / f)
+    monkeypatch.setattr(train_mini, "FASHION_DIR", str(tmp_path / "no-debian"))
+    monkeypatch.setattr(train_mini, "FASHION_CACHE", tmp_path / "cache")
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", FakeDownload)
+    s = argparse.Namespace(data_dir=str(tmp_path / "no-debian"), classes=None, train_per_class=10, val_per_class=2,
+                           test_per_class=2)
+    train, val, test, classes, _ = train_mini.fashion_splits(s)
+    assert (len(train), len(val), len(test), classes) == (100, 20, 20, 10) and calls == [True, False]
+    assert "downloading it with torchvision into" in capsys.readouterr().out
+    train_mini.fashion_splits(s)
+    assert calls == [True, False]                                     # the cache is used the second time
+
+    def offline(*a, **k):
+        raise OSError("no network")
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", offline)
+    monkeypatch.setattr(train_mini, "FASHION_CACHE", tmp_path / "empty-cache")
+    with pytest.raises(train_mini.UserError, match="could not be downloaded .*no network.*apt-get install "
+                                                   "dataset-fashion-mnist, or .* --data-dir"):
+        train_mini.fashion_splits(s)
 
 
 def test_weight_decay_groups_follow_the_official_run():

@@ -77,6 +77,7 @@ DEFAULTS = {
                           train_per_class=4000, checkpoint_every=200),   # steps: a few minutes of work
 }
 FASHION_DIR = "/usr/share/datasets/fashion-mnist"     # Debian's dataset-fashion-mnist
+FASHION_CACHE = Path.home() / ".cache" / "localmamba"  # where torchvision downloads it when that is missing
 FASHION_HOLDOUT = 500                                 # last images per class of the training file: validation
 WARMUP_LR, MIN_LR = 1e-7, 1e-6
 FASHION_MEAN, FASHION_STD = 0.2860, 0.3530
@@ -142,10 +143,29 @@ class FashionMNIST(torch.utils.data.TensorDataset):
         return x[None], self.tensors[1][i]
 
 
+def download_fashion(cache):
+    """Where Debian's package is missing: Fashion-MNIST through torchvision's downloader, once, into
+    cache (its four IDX .gz files land in cache/FashionMNIST/raw). Offline: one message, both ways."""
+    raw = Path(cache) / "FashionMNIST" / "raw"
+    if not all((raw / f).exists() for f in sum(FASHION_FILES.values(), ())):
+        print(f"Fashion-MNIST is not at {FASHION_DIR}: downloading it with torchvision into {cache}", flush=True)
+        try:
+            from torchvision.datasets import FashionMNIST as Download
+            for train in (True, False):
+                Download(str(cache), train=train, download=True)
+        except Exception as e:
+            raise UserError(f"Fashion-MNIST is not at {FASHION_DIR} and could not be downloaded ({type(e).__name__}: "
+                            f"{e}); apt-get install dataset-fashion-mnist, or put its four IDX .gz files in a folder "
+                            f"and pass --data-dir") from None
+    return raw
+
+
 def fashion_splits(s, with_train=True):
     """(train, val, test, classes, channels): train and val from the training file (val = the last
     FASHION_HOLDOUT images of each class, never trained on), test = the t10k file."""
     root = Path(s.data_dir)
+    if not root.is_dir() and s.data_dir == FASHION_DIR:        # no --data-dir and no Debian package
+        root = download_fashion(FASHION_CACHE)
     if not root.is_dir():
         raise UserError(f"--data-dir {root} does not exist; install Debian's dataset-fashion-mnist (apt-get install "
                         f"dataset-fashion-mnist) or point --data-dir at the folder of its four .gz files")
@@ -791,6 +811,8 @@ def train(args):
         print("\n".join(f"  layer {i:2d}: {d}" for i, d in enumerate(chosen)))
     log(f"done in {(time.time() - r.clock['t0']) / 60:.1f} min; outputs in {r.out}")
     if world > 1:
+        r.ddp = None                  # DDP before its process group: gloo can abort at exit otherwise
+        dist.barrier()
         dist.destroy_process_group()
     return result
 

@@ -1710,6 +1710,9 @@ def test_timm_and_deit_flag_spellings_are_accepted():
     vim = train_mini.resolve_settings(train_mini.parse_args(["--data", "imagenet", "--data-dir", "x"]), None,
                                       torch.device("cuda"))
     assert (vm.amp, vim.amp) == ("bf16", "off")             # the official recipe: LocalVMamba AMP, LocalVim fp32
+    alias = train_mini.resolve_settings(train_mini.parse_args(["--model", "local_vssm_tiny", "--data", "imagenet",
+                                                               "--data-dir", "x"]), None, torch.device("cpu"))
+    assert alias.model == "local_vmamba_tiny"                # the official name, as create_model takes it
 
 
 @pytest.mark.parametrize("use_timm", [False, pytest.param(True, marks=pytest.mark.skipif(

@@ -41,6 +41,7 @@ LocalVMamba -> presets (published directions, the model table, create_model, der
 
 `python localmamba.py` prints the model table and draws the 8 scan orders.
 """
+import argparse
 import functools
 import hashlib
 import json
@@ -1132,7 +1133,10 @@ def load_directions(path):
 # -----------------------------------------------------------------------------
 # Checkpoints. A checkpoint is data, never code: read with torch.load(weights_only=True), which
 # unpickles only tensors and plain Python containers. `unsafe=True` is the explicit escape hatch
-# for a file you trust that holds other objects (it runs whatever the pickle holds).
+# for a file you trust that holds other objects (it runs whatever the pickle holds). One class is
+# let through, as timm's own loader does: argparse.Namespace, the `args` that timm's train.py and
+# DeiT's / Vim's main.py save beside the weights (a plain attribute holder; its values are still
+# only tensors and plain containers).
 
 STATE_DICT_KEYS = ("model", "state_dict", "state_dict_ema", "model_ema")   # where checkpoints keep weights
 
@@ -1163,7 +1167,8 @@ def read_checkpoint(path, unsafe=False):
     missing, unreadable, corrupted (its tensors no longer match the checksum saved with them), or
     holding more than tensors and plain containers (then the message names the escape hatch)."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=not unsafe)
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            ckpt = torch.load(path, map_location="cpu", weights_only=not unsafe)
     except FileNotFoundError:
         raise BadInput(f"no file at {path}") from None
     except Exception as e:

@@ -1490,6 +1490,11 @@ def test_hostile_checkpoint_runs_nothing(tmp_path):
         rc, _, se = run_cli(*flags)
         _assert_clean_failure(rc, se, "evil.pt", "could run code")
         assert len(se.strip().splitlines()) == 1
+    import argparse                                # the one class let through still holds only plain data
+    torch.save({"state_dict": m.state_dict(), "args": argparse.Namespace(lr=_Hostile(str(marker)))},
+               tmp_path / "evil_args.pth.tar")
+    with pytest.raises(lm.BadInput, match="could run code"):
+        load_checkpoint(m, tmp_path / "evil_args.pth.tar")
     assert not marker.exists()
     load_checkpoint(m, tmp_path / "evil.pt", unsafe=True)       # the escape hatch, typed on purpose, runs it
     assert marker.exists()
@@ -1742,14 +1747,23 @@ def test_imagenet_augmentation_has_the_papers_strength(use_timm):
 
 @needs_fashion
 def test_finetune_from_official_and_timm_layouts(tmp_path):
-    """--finetune takes weights only, from an official-layout (a DDP prefix, 1000 classes) or a
-    timm-layout checkpoint; the head for 10 classes starts fresh, every other weight is loaded."""
+    """--finetune takes weights only, from an official-layout (a DDP prefix, 1000 classes), a
+    timm-layout or a DeiT/Vim-layout checkpoint; the head for 10 classes starts fresh, every other
+    weight is loaded. timm's train.py (utils.CheckpointSaver) and DeiT's / Vim's main.py save their
+    argparse `args` beside the weights: that one class is let through the weights-only load."""
+    import argparse
     torch.manual_seed(0)
     src = create_model("local_vim_nano", in_chans=1, num_classes=1000)
     sd = src.state_dict()
+    opt = torch.optim.AdamW(src.parameters()).state_dict()
+    args = argparse.Namespace(model="local_vim_nano", lr=5e-4, aa="rand-m9-mstd0.5-inc1", input_size=None)
     torch.save({"state_dict": {"module." + k: v for k, v in sd.items()}, "epoch": 299}, tmp_path / "official.pth")
-    torch.save({"state_dict": sd, "arch": "local_vim_nano", "epoch": 3}, tmp_path / "timm.pth.tar")
-    for name in ("official.pth", "timm.pth.tar"):
+    torch.save({"epoch": 3, "arch": "local_vim_nano", "optimizer": opt, "version": 2, "args": args,
+                "state_dict": sd, "state_dict_ema": sd, "metric": 12.5,
+                "saver": {"epoch": 3, "metric": 12.5}}, tmp_path / "timm.pth.tar")
+    torch.save({"model": sd, "optimizer": opt, "lr_scheduler": {"t_initial": 300}, "epoch": 3,
+                "model_ema": sd, "scaler": {"scale": 65536.0}, "args": args}, tmp_path / "deit.pth")
+    for name in ("official.pth", "timm.pth.tar", "deit.pth"):
         rc, so, se = run_cli(*TINY, "--max-steps", "1", "--lr", "1e-12", "--finetune", tmp_path / name,
                              "--out", tmp_path / name.split(".")[0])
         assert rc == 0 and "weights loaded; the head re-initialised for 10 classes" in so, se

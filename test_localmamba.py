@@ -1745,6 +1745,28 @@ def test_imagenet_augmentation_has_the_papers_strength(use_timm):
     assert not any(isinstance(t, v2.RandAugment) for t in off.transforms)
 
 
+@pytest.mark.skipif(not importlib.util.find_spec("timm"), reason="timm is not installed")
+def test_timm_randaugment_posterize_at_level_10_does_not_stop_the_run():
+    """timm's magnitude noise (mstd0.5 around 9) is clipped to level 10 in ~2% of draws, where
+    PosterizeIncreasing keeps 0 bits; Pillow 13 raises on that (Pillow < 13 made the image black),
+    which stopped ImageNet runs in their first epoch. The trainer's transform gives the black image."""
+    import random
+    import numpy as np
+    from PIL import Image
+    from timm.data.auto_augment import RandAugment
+    tf = train_mini.imagenet_transforms(32, True, "rand-m9-mstd0.5-inc1", 0.0, use_timm=True)
+    ra = next(t for t in tf.transforms if isinstance(t, RandAugment))
+    post = next(o for o in ra.ops if o.name == "PosterizeIncreasing")
+    post.prob, post.magnitude, post.magnitude_std = 1.0, 10, 0.0       # the level the noise reaches
+    img = Image.fromarray(np.random.default_rng(0).integers(1, 256, (32, 32, 3), dtype=np.uint8))
+    out = post(img)
+    assert out.size == img.size and out.mode == "RGB" and not np.asarray(out).any()
+    assert np.array_equal(np.asarray(train_mini.posterize_any_bits(img, 2)), np.asarray(img) & 0xC0)
+    ra.ops, ra.num_layers, ra.choice_weights = [post], 1, None          # the whole pipeline through it
+    random.seed(0)
+    assert tf(img).shape == (3, 32, 32)
+
+
 @needs_fashion
 def test_finetune_from_official_and_timm_layouts(tmp_path):
     """--finetune takes weights only, from an official-layout (a DDP prefix, 1000 classes), a

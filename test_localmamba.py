@@ -1796,6 +1796,8 @@ def test_finetune_from_official_and_timm_layouts(tmp_path):
                 assert torch.allclose(got[k], v, atol=1e-6), k
     _assert_clean_failure(*run_cli(*TINY, "--finetune", tmp_path / "timm.pth.tar", "--resume",
                                    tmp_path / "official" / "checkpoint.pt")[::2], "pass one of them")
+    _assert_clean_failure(*run_cli(*TINY, "--resume", tmp_path / "timm.pth.tar", "--out", tmp_path / "x")[::2],
+                          "not a checkpoint of this trainer", "--finetune")     # the way to use it is named
 
 
 @needs_fashion

@@ -399,7 +399,7 @@ def read_run_checkpoint(path):
     ckpt = localmamba.read_checkpoint(path)
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise UserError(f"--resume {path} is not a checkpoint of this trainer (no 'model' and 'config'); "
-                        f"load official weights with localmamba.load_checkpoint")
+                        f"to start a new run from its weights (official, timm or DeiT layout), pass it as --finetune")
     return ckpt
 
 

@@ -1490,7 +1490,7 @@ def test_hostile_checkpoint_runs_nothing(tmp_path):
         rc, _, se = run_cli(*flags)
         _assert_clean_failure(rc, se, "evil.pt", "could run code")
         assert len(se.strip().splitlines()) == 1
-    import argparse                                # the one class let through still holds only plain data
+    # the one class let through (argparse.Namespace) still holds only plain data
     torch.save({"state_dict": m.state_dict(), "args": argparse.Namespace(lr=_Hostile(str(marker)))},
                tmp_path / "evil_args.pth.tar")
     with pytest.raises(lm.BadInput, match="could run code"):
@@ -1773,7 +1773,6 @@ def test_finetune_from_official_and_timm_layouts(tmp_path):
     timm-layout or a DeiT/Vim-layout checkpoint; the head for 10 classes starts fresh, every other
     weight is loaded. timm's train.py (utils.CheckpointSaver) and DeiT's / Vim's main.py save their
     argparse `args` beside the weights: that one class is let through the weights-only load."""
-    import argparse
     torch.manual_seed(0)
     src = create_model("local_vim_nano", in_chans=1, num_classes=1000)
     sd = src.state_dict()

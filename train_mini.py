@@ -742,6 +742,65 @@ def progress(r, loss, step, stop_at, epoch, n_images):
 
 # -----------------------------------------------------------------------------
 # the run: a table of contents, then the loop
+def log_run_config(r, lr, sets, num_classes, in_chans, amp_flag):
+    """Line 1 of log.jsonl (the resolved config, what --resume and --eval rebuild the run from) and
+    the run's one-line summary."""
+    s, world, (train_set, val_set, test_set) = r.s, r.world, sets
+    n_params = sum(p.numel() for p in r.model.parameters())
+    r.config = dict(vars(s), world_size=world, global_batch=s.batch_size * world, lr_used=lr,
+                    num_classes=num_classes, in_chans=in_chans, params=n_params, steps_per_epoch=r.steps_per_epoch,
+                    total_steps=r.total_steps, train_images=len(train_set), val_images=len(val_set),
+                    test_images=len(test_set) if test_set else 0, directions=r.model.directions,
+                    device=str(r.device), torch=str(torch.__version__))
+    log_json(r, r.config)
+    r.log(f"{s.model}: {n_params:,} params; {len(train_set):,} train / {len(val_set):,} val images, {num_classes} "
+          f"classes; {world} process(es) × batch {s.batch_size}; lr {lr:.3g} "
+          f"({'--lr' if s.lr else f'= --blr {s.blr:g} × {s.batch_size * world} / 1024'}); {s.epochs} epochs = "
+          f"{r.total_steps} steps; amp {s.amp} ({'--amp' if amp_flag else 'default'}); {r.device}")
+
+
+def train_loop(r, sampler, train_loader, loader_gen, lr, epoch, step, batch_in_epoch):
+    """Steps to the end (or --max-steps): evaluate on the validation split and checkpoint at the end
+    of every epoch, and every --checkpoint-every steps between. Returns where it stopped."""
+    s, per_epoch = r.s, r.steps_per_epoch
+    stop_at = min(r.total_steps, s.max_steps) if s.max_steps else r.total_steps
+    r.clock = dict(t0=time.time(), seen=0, last_print=0.0, first=True)
+    r.model.train()
+    while step < stop_at:
+        sampler.set_epoch(epoch, skip=batch_in_epoch * s.batch_size)
+        loader_gen.manual_seed(s.seed * 1000 + r.rank * 100 + epoch)
+        for x, y in train_loader:
+            loss = train_step(r, x, y, get_lr(step, lr, r.warmup_steps, r.total_steps), (epoch, step))
+            step, batch_in_epoch = step + 1, batch_in_epoch + 1
+            progress(r, loss, step, stop_at, epoch, len(x) * r.world)
+            if step >= stop_at:
+                break
+            if s.checkpoint_every and step % s.checkpoint_every == 0 and batch_in_epoch < per_epoch:
+                save_checkpoint(r, epoch, step, batch_in_epoch)     # a crash costs minutes, not the epoch
+        if batch_in_epoch >= per_epoch:
+            epoch, batch_in_epoch = epoch + 1, 0
+            save_checkpoint(r, epoch, step, 0, eval_and_log(r, epoch, step))
+    if batch_in_epoch:          # stopped inside an epoch (--max-steps)
+        save_checkpoint(r, epoch, step, batch_in_epoch, eval_and_log(r, epoch + batch_in_epoch / per_epoch, step))
+    return epoch + batch_in_epoch / per_epoch, step
+
+
+def finish(r, has_test, epoch, step):
+    """The test split once, the search's choice, and the process group closed."""
+    result = eval_and_log(r, epoch, step, "test") if has_test else None
+    if r.s.search and r.is_main:
+        chosen, probs = localmamba.save_directions(r.model, r.out / "directions.json")
+        print("\nsearch: softmax(α) per layer\n" + localmamba.draw_search_probabilities(probs))
+        print(f"\nchosen directions (top-4 per layer) written to {r.out / 'directions.json'}:")
+        print("\n".join(f"  layer {i:2d}: {d}" for i, d in enumerate(chosen)))
+    r.log(f"done in {(time.time() - r.clock['t0']) / 60:.1f} min; outputs in {r.out}")
+    if r.world > 1:
+        r.ddp = None                  # DDP before its process group: gloo can abort at exit otherwise
+        dist.barrier()
+        dist.destroy_process_group()
+    return result
+
+
 def train(args):
     rank, world, device = setup_distributed()
     log = (lambda msg: print(msg, flush=True)) if rank == 0 else (lambda msg: None)
@@ -760,9 +819,9 @@ def train(args):
                                                            fashion_splits)(s, with_train=not s.eval)
     if not s.eval:
         sampler = EpochOrder(len(train_set), s.seed, rank, world, shuffle=True)
-        steps_per_epoch = len(sampler) // s.batch_size
-        total_steps, warmup_steps = int(s.epochs * steps_per_epoch), int(s.warmup_epochs * steps_per_epoch)
-        if total_steps == 0:
+        r.steps_per_epoch = len(sampler) // s.batch_size
+        r.total_steps, r.warmup_steps = int(s.epochs * r.steps_per_epoch), int(s.warmup_epochs * r.steps_per_epoch)
+        if r.total_steps == 0:
             raise UserError(f"{s.epochs} epoch(s) of {len(sampler)} images per process at --batch-size {s.batch_size} "
                             f"is not one step; lower --batch-size, or raise --epochs or the data")
         # re-seeded every epoch: --resume continues exactly (with --workers > 0 the augmentation draws differ)
@@ -782,58 +841,17 @@ def train(args):
     lr = s.lr or s.blr * s.batch_size * world / 1024          # absolute when given, else the paper's rule
     r.optimizer = localmamba.configure_optimizer(r.model, lr, s.weight_decay, s.wd_exempt_ssm, log)
     r.scaler = torch.amp.GradScaler(device.type, enabled=s.amp == "fp16")
-    epoch, step, batch_in_epoch = restore(ckpt, r, steps_per_epoch) if ckpt is not None else (0, 0, 0)
+    epoch, step, batch_in_epoch = restore(ckpt, r, r.steps_per_epoch) if ckpt is not None else (0, 0, 0)
     r.best_top1 = -1.0 if ckpt is None else ckpt.get("best_top1", -1.0)
     r.ddp, r.ema = wrap_ddp_and_ema(r.model, s, world, device)
     if r.ema is not None and ckpt is not None and ckpt.get("model_ema") is not None:   # (timm's key for it)
         r.ema.module.load_state_dict(ckpt["model_ema"])   # (a run that had none starts at the resumed weights)
-    n_params = sum(p.numel() for p in r.model.parameters())
-    r.config = dict(vars(s), world_size=world, global_batch=s.batch_size * world, lr_used=lr,
-                    num_classes=num_classes, in_chans=in_chans, params=n_params, steps_per_epoch=steps_per_epoch,
-                    total_steps=total_steps, train_images=len(train_set), val_images=len(val_set),
-                    test_images=len(test_set) if test_set else 0, directions=r.model.directions,
-                    device=str(device), torch=str(torch.__version__))
-    log_json(r, r.config)
-    log(f"{s.model}: {n_params:,} params; {len(train_set):,} train / {len(val_set):,} val images, {num_classes} "
-        f"classes; {world} process(es) × batch {s.batch_size}; lr {lr:.3g} "
-        f"({'--lr' if s.lr else f'= --blr {s.blr:g} × {s.batch_size * world} / 1024'}); {s.epochs} epochs = "
-        f"{total_steps} steps; amp {s.amp} ({'--amp' if args.amp else 'default'}); {device}")
+    log_run_config(r, lr, (train_set, val_set, test_set), num_classes, in_chans, args.amp)
 
-    # 3. the loop: evaluate on the validation split and checkpoint at the end of every epoch, and between
+    # 3. the loop, 4. the test split once and the search's choice
     r.mix = make_mix(s, num_classes)
-    stop_at = min(total_steps, s.max_steps) if s.max_steps else total_steps
-    r.clock = dict(t0=time.time(), seen=0, last_print=0.0, first=True)
-    r.model.train()
-    while step < stop_at:
-        sampler.set_epoch(epoch, skip=batch_in_epoch * s.batch_size)
-        loader_gen.manual_seed(s.seed * 1000 + rank * 100 + epoch)
-        for x, y in train_loader:
-            loss = train_step(r, x, y, get_lr(step, lr, warmup_steps, total_steps), (epoch, step))
-            step, batch_in_epoch = step + 1, batch_in_epoch + 1
-            progress(r, loss, step, stop_at, epoch, len(x) * world)
-            if step >= stop_at:
-                break
-            if s.checkpoint_every and step % s.checkpoint_every == 0 and batch_in_epoch < steps_per_epoch:
-                save_checkpoint(r, epoch, step, batch_in_epoch)     # a crash costs minutes, not the epoch
-        if batch_in_epoch >= steps_per_epoch:
-            epoch, batch_in_epoch = epoch + 1, 0
-            save_checkpoint(r, epoch, step, 0, eval_and_log(r, epoch, step))
-    if batch_in_epoch:          # stopped inside an epoch (--max-steps)
-        save_checkpoint(r, epoch, step, batch_in_epoch, eval_and_log(r, epoch + batch_in_epoch / steps_per_epoch, step))
-
-    # 4. finish: the test split once, the search's choice
-    result = eval_and_log(r, epoch + batch_in_epoch / steps_per_epoch, step, "test") if test_set else None
-    if s.search and r.is_main:
-        chosen, probs = localmamba.save_directions(r.model, r.out / "directions.json")
-        print("\nsearch: softmax(α) per layer\n" + localmamba.draw_search_probabilities(probs))
-        print(f"\nchosen directions (top-4 per layer) written to {r.out / 'directions.json'}:")
-        print("\n".join(f"  layer {i:2d}: {d}" for i, d in enumerate(chosen)))
-    log(f"done in {(time.time() - r.clock['t0']) / 60:.1f} min; outputs in {r.out}")
-    if world > 1:
-        r.ddp = None                  # DDP before its process group: gloo can abort at exit otherwise
-        dist.barrier()
-        dist.destroy_process_group()
-    return result
+    epoch, step = train_loop(r, sampler, train_loader, loader_gen, lr, epoch, step, batch_in_epoch)
+    return finish(r, bool(test_set), epoch, step)
 
 
 def main(argv=None):

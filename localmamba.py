@@ -34,21 +34,22 @@ Glossary (code name -> paper):
                  stored as `multi_scan.weights` (the official name, for checkpoint compatibility)
 
 Order of the file: scan orders -> SCAttn -> MultiScan (K directions + the search relaxation)
--> shared parts (DropPath, PatchEmbed, the image check, init) -> LocalVimConfig -> the LocalVim
-mixer, block and RoPE -> LocalVim -> LocalVMambaConfig -> SS2D, VSSBlock, PatchMerging2D ->
-LocalVMamba -> presets (published directions, the model table, create_model, derive_directions)
--> checkpoints, MACs, timm -> __main__.
+-> shared parts -> LocalVim (config, mixer, block, RoPE, model) -> LocalVMamba (config, SS2D,
+VSSBlock, PatchMerging2D, model) -> presets and create_model -> derive / search helpers -> the
+pictures and __main__. Generic plumbing (timm's interface, checkpoint files, the optimizer's
+groups, MAC drivers) is in localmamba_helpers.py; its user-facing functions are re-exported here.
 
-`python localmamba.py` prints the model table and draws the 8 scan orders.
+`python localmamba.py` prints the model table and the 8 scan orders; `--draw-orders FILE.png`
+draws them as paths.
 """
 import argparse
 import functools
-import hashlib
 import json
 import math
 import re
+import sys
 from collections import OrderedDict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence
 
@@ -57,12 +58,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from scan_kernel import selective_scan
+# the generic plumbing (timm's interface, checkpoint files, MAC counting) lives beside this file;
+# what a user calls from it is re-exported here, so `from localmamba import ...` is the one import
+from localmamba_helpers import (FASHION_MEAN_STD, IMAGENET_MEAN_STD, BadInput, DropPath, FeatureInfo, FeatureMaps,
+                                TimmInterface, check_fields, check_image, count_macs, draw_scan_orders_png,
+                                maybe_checkpoint, model_table, register_with_timm, take_indices)
+from localmamba_helpers import (configure_optimizer, count_flops_fvcore, draw_search_probabilities,  # noqa: F401
+                                load_checkpoint, load_directions, load_state_dict_strict, read_checkpoint,
+                                resample_pos_embed, state_dict_of, tensor_checksum, STATE_DICT_KEYS)
 
-IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-
-
-class BadInput(ValueError):
-    """A wrong name, option, shape or file given to localmamba; the message says what to fix."""
 
 
 # -----------------------------------------------------------------------------
@@ -265,24 +269,7 @@ class MultiScan(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# Shared parts: DropPath, PatchEmbed, the image check, init
-
-class DropPath(nn.Module):
-    """Stochastic depth per sample (Huang et al. 2016): drop the whole branch with prob p."""
-
-    def __init__(self, p=0.0):
-        super().__init__()
-        self.p = p
-
-    def forward(self, x):
-        if self.p == 0.0 or not self.training:
-            return x
-        keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1 - self.p)
-        return x * keep / (1 - self.p)
-
-    def extra_repr(self):
-        return f"p={self.p}"
-
+# Shared parts: PatchEmbed, the direction lists' check, init (DropPath and the image check: helpers)
 
 class PatchEmbed(nn.Module):
     """Conv2d(in_chans, D, p, stride p): (B, C, H, W) -> (B, H/p * W/p, D)."""
@@ -293,80 +280,6 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x):
         return self.proj(x).flatten(2).transpose(1, 2)
-
-
-def _check_image(x, cfg, any_size=False):
-    """LocalVim is built for one image size (its pos embed and RoPE); LocalVMamba takes any size."""
-    size_ok = x.dim() == 4 and (min(x.shape[2:]) >= cfg.patch_size if any_size else
-                                tuple(x.shape[2:]) == (cfg.img_size, cfg.img_size))
-    if not size_ok or x.shape[1] != cfg.in_chans:
-        want = f"(B, {cfg.in_chans}, H, W) with H, W >= {cfg.patch_size}" if any_size else \
-            f"(B, {cfg.in_chans}, {cfg.img_size}, {cfg.img_size})"
-        raise BadInput(f"expected images of shape {want}, got {tuple(x.shape)}; build the model for your images "
-                       f"with create_model(name, img_size=..., in_chans=...) (a checkpoint of another size loads, "
-                       f"its pos_embed resampled)")
-
-
-class FeatureInfo(list):
-    """What each feature map of a backbone is (timm's feature_info): dicts of num_chs, reduction
-    (its stride in pixels) and module (where it is taken)."""
-
-    def channels(self):
-        return [f["num_chs"] for f in self]
-
-    def reduction(self):
-        return [f["reduction"] for f in self]
-
-
-def _take_indices(n, indices):
-    """timm's convention: None = all n, an int k = the last k, a list = those (negative from the end)."""
-    take = list(range(n) if indices is None else range(n - indices, n) if isinstance(indices, int) else indices)
-    if not take or any(not -n <= i < n for i in take) or (isinstance(indices, int) and not 0 < indices <= n):
-        raise BadInput(f"feature indices {indices!r} do not fit {n} feature levels")
-    return sorted({i % n for i in take})
-
-
-def _maybe_checkpoint(model, fn, *args):
-    """fn(*args), or with activation checkpointing (recomputed in backward, the same RNG draws)
-    when the model's set_grad_checkpointing is on and it trains."""
-    if model.grad_checkpointing and model.training and torch.is_grad_enabled():
-        return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
-    return fn(*args)
-
-
-class TimmInterface:
-    """The part of timm's model interface both families share: pretrained_cfg (its data config),
-    set_grad_checkpointing, and features_only through forward_intermediates (FeatureMaps)."""
-    grad_checkpointing = False
-
-    @property
-    def pretrained_cfg(self):
-        """What timm's data pipeline reads: input size, mean/std, interpolation, crop_pct, classes."""
-        c = self.cfg
-        mean, std = c.mean_std if c.in_chans == len(c.mean_std[0]) else ((0.5,) * c.in_chans, (0.5,) * c.in_chans)
-        vim = isinstance(c, LocalVimConfig)
-        return dict(input_size=(c.in_chans, c.img_size, c.img_size), mean=mean, std=std, num_classes=self.num_classes,
-                    interpolation="bicubic", crop_pct=0.875, first_conv="patch_embed.proj" if vim else "patch_embed.0",
-                    classifier="head" if vim else "classifier.head")
-
-    default_cfg = pretrained_cfg
-
-    def set_grad_checkpointing(self, enable=True):
-        self.grad_checkpointing = enable
-
-
-class FeatureMaps(nn.Module):
-    """create_model(..., features_only=True): a backbone for detection / segmentation necks, timm's
-    FeatureGetterNet contract. forward(x) returns the NCHW maps at out_indices; feature_info says
-    their channels and strides."""
-
-    def __init__(self, model, out_indices):
-        super().__init__()
-        self.model, self.out_indices = model, _take_indices(len(model.feature_info), out_indices)
-        self.feature_info = FeatureInfo([model.feature_info[i] for i in self.out_indices])
-
-    def forward(self, x):
-        return self.model.forward_intermediates(x, self.out_indices, intermediates_only=True)
 
 
 def _check_directions(directions, n_layers, name):
@@ -384,6 +297,8 @@ def _check_directions(directions, n_layers, name):
                              f"got {layer!r}")
         for d in layer:
             parse_direction(d)
+        if len(set(layer)) < len(layer):
+            raise BadInput(f"{name}: directions[{i}] = {list(layer)} lists a direction twice (two identical scans)")
         out.append(list(layer))
     return out
 
@@ -435,13 +350,14 @@ class LocalVimConfig:
     spatial_attn: bool = False        # SCAttn's spatial branch (paper Fig. 3b; off in the released code)
     scattn: bool = True               # False: no SCAttn at all (an ablation, paper Table 5)
     drop_rate: float = 0.0            # dropout before the head (timm's / DeiT's --drop)
-    global_pool: str = "avg"          # "avg" over tokens, or "token": the middle cls token (the cls variant)
+    global_pool: str = "avg"          # "avg" over tokens, or "token": the middle cls token (the cls variant's)
     mean_std: tuple = IMAGENET_MEAN_STD   # the input normalisation (pretrained_cfg)
 
     def __post_init__(self):
-        if self.global_pool not in ("avg", "token") or (self.global_pool == "token") != self.middle_cls_token:
-            raise BadInput(f"global_pool {self.global_pool!r}: LocalVim pools with 'avg', its middle-cls-token "
-                           f"variant with 'token'")
+        check_fields(self, "LocalVim")
+        if self.global_pool not in ("avg", "token") or (self.global_pool == "token" and not self.middle_cls_token):
+            raise BadInput(f"global_pool {self.global_pool!r}: LocalVim pools with 'avg' (the mean over tokens), "
+                           f"its middle-cls-token variant with 'token' too")
         if self.img_size % self.patch_size:
             raise BadInput(f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}: "
                              f"use an img_size that is a multiple of {self.patch_size}")
@@ -585,6 +501,7 @@ class LocalVim(TimmInterface, nn.Module):
     Patch embed -> + learnable pos embed -> depth × [RoPE on hidden and residual -> block] ->
     add -> RMSNorm -> mean pool (or the middle cls token) -> Linear head.
     """
+    timm_names = dict(first_conv="patch_embed.proj", classifier="head", final_norm="norm_f")
 
     def __init__(self, cfg: LocalVimConfig):
         super().__init__()
@@ -635,7 +552,7 @@ class LocalVim(TimmInterface, nn.Module):
 
     def _embed(self, x):
         # x: (B, C, H, W) image -> hidden (B, L_in, D), and no residual stream yet
-        _check_image(x, self.cfg)
+        check_image(x, self.cfg)
         x = self.patch_embed(x)                                                   # (B, L, D)
         if self.cls_pos is not None:
             cls = self.cls_token.expand(x.shape[0], -1, -1)
@@ -647,7 +564,7 @@ class LocalVim(TimmInterface, nn.Module):
         if self.cfg.rope:
             hidden = self.rope(hidden)
             residual = None if residual is None else self.rope(residual)
-        return _maybe_checkpoint(self, layer, hidden, residual)
+        return maybe_checkpoint(self, layer, hidden, residual)
 
     def _final(self, hidden, residual):
         # the last add and the final norm: (B, L_in, D)
@@ -661,12 +578,28 @@ class LocalVim(TimmInterface, nn.Module):
             hidden, residual = self._layer(layer, hidden, residual)
         return self._final(hidden, residual)
 
+    def forward_head(self, x, pre_logits=False):
+        # x: (B, L_in, D) -> (B, num_classes), or (B, D) with pre_logits
+        c = self.cls_pos
+        if self.global_pool == "token":
+            x = x[:, c]                                                            # (B, D) the middle cls token
+        else:                                                                      # the grid tokens' mean (B, D),
+            x = (x if c is None else torch.cat([x[:, :c], x[:, c + 1:]], 1)).mean(1)   # a cls token left out (timm)
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x):
+        # x: (B, C, H, W) -> (B, num_classes)
+        return self.forward_head(self.forward_features(x))
+
+    # --- what the outside world calls: timm's feature and classifier API, MACs, weight decay -----
+
     def forward_intermediates(self, x, indices=None, norm=False, stop_early=False, output_fmt="NCHW",
                               intermediates_only=False):
         """timm's feature API: after each chosen block, the stream the next block reads (residual +
         block output; with norm, through the final norm), cls token dropped, as (B, D, H/p, W/p)
         maps (output_fmt "NHWC": (B, H/p, W/p, D)). Returns (final features, maps), or the maps."""
-        take, (H, W) = _take_indices(len(self.layers), indices), self.cfg.grid
+        take, (H, W) = take_indices(len(self.layers), indices), self.cfg.grid
         hidden, residual = self._embed(x)
         maps = []
         for i, layer in enumerate(self.layers[:max(take) + 1] if stop_early or intermediates_only else self.layers):
@@ -679,40 +612,20 @@ class LocalVim(TimmInterface, nn.Module):
                 maps.append(t.permute(0, 3, 1, 2) if output_fmt == "NCHW" else t)
         return maps if intermediates_only else (self._final(hidden, residual), maps)
 
-    def forward_head(self, x, pre_logits=False):
-        # x: (B, L_in, D) -> (B, num_classes), or (B, D) with pre_logits
-        x = x[:, self.cls_pos] if self.global_pool == "token" else x.mean(1)     # (B, D)
-        x = self.head_drop(x)
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x):
-        # x: (B, C, H, W) -> (B, num_classes)
-        return self.forward_head(self.forward_features(x))
-
     def macs(self):
         H, W = self.cfg.grid
         f = H * W * self.embed_dim * self.cfg.in_chans * self.cfg.patch_size ** 2   # patch embed
         f += sum(layer.mixer.macs() for layer in self.layers)
-        return f + self.embed_dim * self.cfg.num_classes                            # head
+        return f + self.embed_dim * self.num_classes                            # head
 
-    # timm's classifier interface
     def no_weight_decay(self):
-        return {"pos_embed", "cls_token"}   # the official set; the trainer's grouping is in train_mini.py
+        return {"pos_embed", "cls_token"}   # the official set; configure_optimizer groups by it
 
     def group_matcher(self, coarse=False):
         """Parameter groups for layer-wise lr decay (timm's param_groups_layer_decay): the stem, one
         group per block, the final norm with the last."""
         return dict(stem=r"^patch_embed|^pos_embed|^cls_token",
                     blocks=[(r"^layers\.(\d+)", None), (r"^norm_f", (99999,))])
-
-    def get_classifier(self):
-        return self.head
-
-    def reset_classifier(self, num_classes, global_pool=None):
-        if global_pool is not None:
-            self.global_pool = replace(self.cfg, global_pool=global_pool).global_pool     # (checked there)
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 
 
 # -----------------------------------------------------------------------------
@@ -738,6 +651,7 @@ class LocalVMambaConfig:
     mean_std: tuple = IMAGENET_MEAN_STD
 
     def __post_init__(self):
+        check_fields(self, "LocalVMamba")
         # img_size is nominal (MACs, pretrained_cfg): no parameter depends on it, any image >= patch runs
         if self.img_size < self.patch_size or self.global_pool != "avg":
             raise BadInput(f"LocalVMamba: img_size {self.img_size} must be at least the patch size {self.patch_size}, "
@@ -858,6 +772,7 @@ class LocalVMamba(TimmInterface, nn.Module):
     Stem: Conv2d(3, C0, 4, stride 4) -> channels-last -> LayerNorm; 4 stages of VSS blocks at
     H/4, H/8, H/16, H/32 with patch merging between them; LayerNorm -> avg pool -> Linear.
     """
+    timm_names = dict(first_conv="patch_embed.0", classifier="classifier.head", final_norm="classifier.norm")
 
     def __init__(self, cfg: LocalVMambaConfig):
         super().__init__()
@@ -902,12 +817,12 @@ class LocalVMamba(TimmInterface, nn.Module):
     def _stages(self, x, take=()):
         # x: (B, C, H, W) image -> (B, H/32, W/32, C3) before the final norm, and the stage outputs in
         # take (after their blocks, before the downsample: (B, H/4·2^-s, W/4·2^-s, C_s) channels-last)
-        _check_image(x, self.cfg, any_size=True)
+        check_image(x, self.cfg, any_size=True)
         x = self.patch_embed(x)                                                   # (B, H/4, W/4, C0)
         outs = []
         for s, stage in enumerate(self.layers):
             for block in stage.blocks:
-                x = _maybe_checkpoint(self, block, x)
+                x = maybe_checkpoint(self, block, x)
             outs += [x] if s in take else []
             x = stage.downsample(x)
         return x, outs
@@ -915,18 +830,6 @@ class LocalVMamba(TimmInterface, nn.Module):
     def forward_features(self, x):
         # x: (B, C, H, W) image, any H, W -> (B, H/32, W/32, C3) after the final norm
         return self.classifier.norm(self._stages(x)[0])
-
-    def forward_intermediates(self, x, indices=None, norm=False, stop_early=False, output_fmt="NCHW",
-                              intermediates_only=False):
-        """timm's feature API: the output of each chosen stage (strides 4, 8, 16, 32; with norm, the
-        last through the final norm: the official backbone's extra per-stage norms are not in the
-        classification weights), as NCHW maps. Returns (final features, maps), or the maps."""
-        take = _take_indices(len(self.layers), indices)
-        x, outs = self._stages(x, take)
-        if norm and len(self.layers) - 1 in take:
-            outs[-1] = self.classifier.norm(outs[-1])
-        maps = [o.permute(0, 3, 1, 2) if output_fmt == "NCHW" else o for o in outs]
-        return maps if intermediates_only else (self.classifier.norm(x), maps)
 
     def forward_head(self, x, pre_logits=False):
         # x: (B, H/32, W/32, C3) -> (B, num_classes), or (B, C3) with pre_logits
@@ -938,6 +841,20 @@ class LocalVMamba(TimmInterface, nn.Module):
         # x: (B, C, H, W) -> (B, num_classes)
         return self.forward_head(self.forward_features(x))
 
+    # --- what the outside world calls: timm's feature and classifier API, MACs, weight decay -----
+
+    def forward_intermediates(self, x, indices=None, norm=False, stop_early=False, output_fmt="NCHW",
+                              intermediates_only=False):
+        """timm's feature API: the output of each chosen stage (strides 4, 8, 16, 32; with norm, the
+        last through the final norm: the official backbone's extra per-stage norms are not in the
+        classification weights), as NCHW maps. Returns (final features, maps), or the maps."""
+        take = take_indices(len(self.layers), indices)
+        x, outs = self._stages(x, take)
+        if norm and len(self.layers) - 1 in take:
+            outs[-1] = self.classifier.norm(outs[-1])
+        maps = [o.permute(0, 3, 1, 2) if output_fmt == "NCHW" else o for o in outs]
+        return maps if intermediates_only else (self.classifier.norm(x), maps)
+
     def macs(self):
         Hs = Ws = self.cfg.img_size // self.cfg.patch_size
         f = Hs * Ws * self.cfg.dims[0] * self.cfg.in_chans * self.cfg.patch_size ** 2
@@ -947,28 +864,20 @@ class LocalVMamba(TimmInterface, nn.Module):
             if isinstance(stage.downsample, PatchMerging2D):
                 Hs, Ws = -(-H // 2), -(-W // 2)
                 f += Hs * Ws * stage.downsample.reduction.in_features * stage.downsample.reduction.out_features
-        return f + self.num_features * self.cfg.num_classes
+        return f + self.num_features * self.num_classes
 
     def no_weight_decay(self):
         return set()   # the official VSSM's set
 
     def group_matcher(self, coarse=False):
         """Parameter groups for layer-wise lr decay: the stem, then per stage (coarse) or per block,
-        each downsample with the stage after it, the final norm with the last."""
+        each downsample after its stage's blocks (it runs there, so decays no more than they do),
+        the final norm with the last."""
         if coarse:
             return dict(stem=r"^patch_embed", blocks=[(r"^layers\.(\d+)", None), (r"^classifier\.norm", (99999,))])
-        return dict(stem=r"^patch_embed", blocks=[(r"^layers\.(\d+)\.downsample", (0,)),
+        return dict(stem=r"^patch_embed", blocks=[(r"^layers\.(\d+)\.downsample", (99999,)),
                                                   (r"^layers\.(\d+)\.blocks\.(\d+)", None),
                                                   (r"^classifier\.norm", (99999,))])
-
-    def get_classifier(self):
-        return self.classifier.head
-
-    def reset_classifier(self, num_classes, global_pool=None):
-        if global_pool is not None:
-            self.global_pool = replace(self.cfg, global_pool=global_pool).global_pool     # (checked there)
-        self.num_classes = num_classes
-        self.classifier.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
 
 # -----------------------------------------------------------------------------
@@ -1014,7 +923,7 @@ SEARCHED_DIRECTIONS = {
 }
 
 _LOCAL = [["h", "h_flip", "w2", "w2_flip"]]
-_FASHION = dict(mean_std=((0.2860,), (0.3530,)))       # the nano presets' data: Fashion-MNIST, 1 channel
+_FASHION = dict(mean_std=FASHION_MEAN_STD)   # the nano presets' data: Fashion-MNIST (grey; in_chans=1 to match)
 MODELS = {
     # name: (config class, fields). Params / GMACs at 224 px (count_macs' convention), 1000 classes,
     # from `python localmamba.py`; the paper's figures beside them.
@@ -1093,17 +1002,6 @@ def search_probabilities(model):
     return torch.stack([ms.probabilities() for ms in model.multi_scans()])
 
 
-def draw_search_probabilities(probs, directions=DIRECTIONS):
-    """Per-layer softmax(α) as a text heat map: one row per layer, one column per candidate."""
-    shades = " .:-=+*#%@"
-    lo, hi = probs.min().item(), probs.max().item()
-    lines = ["layer  " + " ".join(f"{d:>7s}" for d in directions) + "   (darker = more probable)"]
-    for i, row in enumerate(probs.tolist()):
-        level = lambda p: shades[int((p - lo) / max(hi - lo, 1e-12) * (len(shades) - 1))] * 2
-        lines.append(f"{i:5d}  " + " ".join(f"{level(p)}{p:5.3f}" for p in row))
-    return "\n".join(lines)
-
-
 def save_directions(model, path, k=4):
     """After a search: write the chosen per-layer directions (derive_directions) and softmax(α)
     as JSON, the file `create_model(name, directions=load_directions(path))` reads back."""
@@ -1114,245 +1012,13 @@ def save_directions(model, path, k=4):
     return chosen, probs
 
 
-def load_directions(path):
-    """Per-layer direction lists from a JSON file: a list of lists, or {"directions": [...]} as
-    save_directions writes it. Raises one ValueError naming the file."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise BadInput(f"{path} does not exist") from None
-    except (OSError, ValueError) as e:
-        raise BadInput(f"{path} is not valid JSON ({e})") from None
-    dirs = data.get("directions") if isinstance(data, dict) else data
-    if not isinstance(dirs, list) or not all(isinstance(d, list) for d in dirs):
-        raise BadInput(f"{path} must hold a list of per-layer lists of direction names "
-                         f"(or {{\"directions\": [...]}} as save_directions writes it)")
-    return dirs
+# -----------------------------------------------------------------------------
+# timm (optional): `import timm, localmamba` makes timm.create_model("local_vim_tiny") work
+register_with_timm(list(MODELS) + list(ALIASES), create_model, __name__)
 
 
 # -----------------------------------------------------------------------------
-# Checkpoints. A checkpoint is data, never code: read with torch.load(weights_only=True), which
-# unpickles only tensors and plain Python containers. `unsafe=True` is the explicit escape hatch
-# for a file you trust that holds other objects (it runs whatever the pickle holds). One class is
-# let through, as timm's own loader does: argparse.Namespace, the `args` that timm's train.py and
-# DeiT's / Vim's main.py save beside the weights (a plain attribute holder; its values are still
-# only tensors and plain containers).
-
-STATE_DICT_KEYS = ("model", "state_dict", "state_dict_ema", "model_ema")   # where checkpoints keep weights
-
-
-def tensor_checksum(obj):
-    """sha256 of every tensor in a checkpoint (nested dicts, lists; keys in sorted order; the
-    "checksum" entry itself left out): what train_mini.py saves under "checksum", so that a file
-    corrupted after it was written is refused instead of loaded."""
-    h = hashlib.sha256()
-
-    def walk(o):
-        if isinstance(o, torch.Tensor):
-            t = o.detach().cpu().contiguous()
-            h.update(f"{t.dtype}{tuple(t.shape)}".encode() + t.reshape(-1).view(torch.uint8).numpy().tobytes())
-        elif isinstance(o, dict):
-            for k in sorted((k for k in o if k != "checksum"), key=str):
-                h.update(str(k).encode())
-                walk(o[k])
-        elif isinstance(o, (list, tuple)):
-            for v in o:
-                walk(v)
-    walk(obj)
-    return h.hexdigest()
-
-
-def read_checkpoint(path, unsafe=False):
-    """The object in a checkpoint file, loaded on the CPU. Raises one BadInput naming the file:
-    missing, unreadable, corrupted (its tensors no longer match the checksum saved with them), or
-    holding more than tensors and plain containers (then the message names the escape hatch)."""
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            ckpt = torch.load(path, map_location="cpu", weights_only=not unsafe)
-    except FileNotFoundError:
-        raise BadInput(f"no file at {path}") from None
-    except Exception as e:
-        if "GLOBAL" in str(e):        # the pickle names a Python object: weights_only refused to build it
-            raise BadInput(f"{path} holds Python objects other than tensors, and loading them could run code "
-                             f"from the file; if you trust it, load it with unsafe=True "
-                             f"(load_checkpoint(model, path, unsafe=True))") from None
-        raise BadInput(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from None
-    if isinstance(ckpt, dict) and "checksum" in ckpt and ckpt["checksum"] != tensor_checksum(ckpt):
-        raise BadInput(f"{path} is corrupted: its tensors no longer match the checksum saved with them; "
-                       f"use an earlier copy of it")
-    return ckpt
-
-
-def state_dict_of(ckpt):
-    """A bare state_dict, or the one under "model", "state_dict", "state_dict_ema" or "model_ema"."""
-    if isinstance(ckpt, dict):
-        for key in STATE_DICT_KEYS:
-            if isinstance(ckpt.get(key), dict):
-                return ckpt[key]
-    return ckpt
-
-
-def load_checkpoint(model, path, unsafe=False):
-    """Load an official or our checkpoint strictly. Accepts a bare state_dict or one under
-    "model", "state_dict", "state_dict_ema" or "model_ema", and a DDP "module." prefix. Raises
-    one ValueError listing missing / unexpected / mis-shaped keys. Returns the whole checkpoint."""
-    try:
-        ckpt = read_checkpoint(path, unsafe)
-    except ValueError as e:
-        raise BadInput(f"load_checkpoint: {e}") from None
-    load_state_dict_strict(model, state_dict_of(ckpt), str(path))
-    return ckpt
-
-
-def load_state_dict_strict(model, sd, source="state_dict"):
-    """model.load_state_dict(sd, strict=True) with a DDP "module." prefix dropped, and one
-    ValueError naming `source` and listing missing / unexpected / mis-shaped keys."""
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise BadInput(f"load_checkpoint: {source} holds no state_dict (looked at the top level and under "
-                         f"{', '.join(map(repr, STATE_DICT_KEYS))})")
-    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
-    own = model.state_dict()
-    if isinstance(model, LocalVim) and "pos_embed" in sd and sd["pos_embed"].shape != own["pos_embed"].shape:
-        sd = resample_pos_embed(sd, model, source)
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    shapes = sorted(f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-                    for k in set(sd) & set(own) if sd[k].shape != own[k].shape)
-    if missing or unexpected or shapes:
-        show = lambda xs: ", ".join(xs[:8]) + (f" (+{len(xs) - 8} more)" if len(xs) > 8 else "")
-        parts = [f"{len(missing)} missing: {show(missing)}" if missing else "",
-                 f"{len(unexpected)} unexpected: {show(unexpected)}" if unexpected else "",
-                 f"{len(shapes)} with other shapes: {show(shapes)}" if shapes else ""]
-        raise BadInput(f"load_checkpoint: {source} does not fit this model ({'; '.join(p for p in parts if p)}). "
-                         f"Build the model the checkpoint was trained as (name, num_classes, img_size, directions).")
-    model.load_state_dict(sd, strict=True)
-
-
-# -----------------------------------------------------------------------------
-# Training: the weight-decay groups (paper §4.1's AdamW, as the official optimizer built them)
-
-def configure_optimizer(model, lr, weight_decay, exempt_ssm=False, log=print):
-    """AdamW with two groups. As the official run: every tensor with >= 2 dims is decayed
-    except the names in model.no_weight_decay() (pos_embed, cls_token); 1-D tensors (biases,
-    norms, D) are not. The official optimizer ignored the `_no_weight_decay` flags, so A_log
-    and the search logits α were decayed; exempt_ssm=True (train_mini.py --wd-exempt-ssm) exempts A_log, D
-    and α as Mamba intends. The nanoGPT habit: the grouping is visible, counted and checked."""
-    skip = model.no_weight_decay()
-    ssm = lambda n: n.split(".")[-1].startswith(("A_log", "D_", "Ds")) or n.endswith("multi_scan.weights")
-    decay, no_decay = [], []
-    for n, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if p.dim() < 2 or n in skip or (exempt_ssm and ssm(n)):
-            no_decay.append((n, p))
-        else:
-            decay.append((n, p))
-    names = [n for n, _ in decay] + [n for n, _ in no_decay]
-    assert len(names) == len(set(names)) == sum(1 for p in model.parameters() if p.requires_grad), \
-        "a parameter in two groups"
-    log(f"optimizer: AdamW, {len(decay)} tensors ({sum(p.numel() for _, p in decay):,} params) with weight decay "
-        f"{weight_decay}, {len(no_decay)} tensors ({sum(p.numel() for _, p in no_decay):,} params) without")
-    return torch.optim.AdamW([{"params": [p for _, p in decay], "weight_decay": weight_decay},
-                              {"params": [p for _, p in no_decay], "weight_decay": 0.0}],
-                             lr=lr, betas=(0.9, 0.999), eps=1e-8)
-
-
-def resample_pos_embed(sd, model, source="state_dict"):
-    """A LocalVim state_dict of another image size, fitted to model: pos_embed resampled to the
-    model's grid (bicubic, as timm does for ViT; the middle cls token's entry moved to the new
-    middle), the RoPE tables taken from the model (they are a function of the grid). Says so."""
-    pe, D = sd["pos_embed"], model.embed_dim
-    cls_old = None if model.cls_pos is None else (pe.shape[1] - 1) // 2
-    grid = pe if cls_old is None else torch.cat([pe[:, :cls_old], pe[:, cls_old + 1:]], 1)    # (1, h*w, D)
-    side = math.isqrt(grid.shape[1])
-    if side * side != grid.shape[1] or pe.shape[-1] != D:
-        raise BadInput(f"load_checkpoint: {source} has pos_embed {tuple(pe.shape)}, not a square grid of width {D}")
-    H, W = model.cfg.grid
-    new = F.interpolate(grid.reshape(1, side, side, D).permute(0, 3, 1, 2).float(), size=(H, W), mode="bicubic",
-                        align_corners=False).permute(0, 2, 3, 1).reshape(1, H * W, D).to(pe.dtype)
-    if cls_old is not None:
-        new = torch.cat([new[:, :model.cls_pos], pe[:, cls_old:cls_old + 1], new[:, model.cls_pos:]], 1)
-    print(f"load_checkpoint: {source}: pos_embed resampled from {side}×{side} to {H}×{W} tokens (bicubic)")
-    own = model.state_dict()
-    return dict(sd, pos_embed=new, **{k: own[k] for k in ("rope.freqs_cos", "rope.freqs_sin") if k in sd and k in own})
-
-
-# -----------------------------------------------------------------------------
-# MACs: what papers, the official code and fvcore call "FLOPs" are multiply-accumulates (one per
-# multiply-add); PyTorch's FlopCounterMode counts 2 per multiply-add. Here the unit has its name.
-
-def count_macs(model, img_size=None):
-    """Multiply-adds (MACs) of one image, our convention: every matmul / conv multiply-add counted
-    once, every per-direction projection (conv1d_k, x_proj_k, dt_proj_k) counted per direction,
-    SCAttn's two small Linears per direction, the selective scan as 9·L·E·N + L·E per
-    direction over that direction's own length (window padding included); norms, activations,
-    gates and softplus not counted.
-
-    The official code used two conventions: LocalVMamba's fvcore count (local_vmamba.py, with a
-    handle for the selective scan) matches ours but for counting the grouped scan at the longest
-    direction's length; LocalVim's hand count (local_vim.py) counts conv1d/x_proj/dt_proj once
-    (not per direction) and the scan as 5·L·E·N + 2·L·E per direction, so its 1.5G is lower
-    than what LocalVim-T computes. PyTorch's FlopCounterMode sees the matmuls and convs only (2
-    FLOPs per MAC, over the padded lengths the grouped call runs), not the scan: a test checks
-    FlopCounterMode / 2 + the scan term = count_macs, up to that padding.
-    """
-    if img_size is not None and img_size != model.cfg.img_size:
-        model = type(model)(replace(model.cfg, img_size=img_size))
-    return int(model.macs())
-
-
-def count_flops_fvcore(model, img_size=None):
-    """The official LocalVMamba figure, the way local_vmamba.py's VSSM.flops computes it: fvcore's
-    flop_count (an optional dependency: pip install fvcore) of one image, every matmul / conv /
-    einsum multiply-add once, LayerNorms by fvcore's rule, the selective scan by the official
-    handle (9·L·D·N + L·D over the grouped call, at its padded length), SiLU / exp / flip free.
-    LocalVMamba-T gives 5.73 G, -S 11.37 G: the paper's 5.7 and 11.4. (The official LocalVim
-    figure is a hand count instead; see count_macs.)"""
-    try:
-        from fvcore.nn import flop_count
-    except ImportError:
-        raise BadInput("count_flops_fvcore needs fvcore: pip install fvcore") from None
-
-    def scan(inputs, outputs):                     # u: (batch, D, L), A: (D, N)
-        (batch, D, L), N = inputs[0].type().sizes(), inputs[2].type().sizes()[1]
-        return 9 * batch * L * D * N + batch * D * L
-    ops = {"aten::silu": None, "aten::neg": None, "aten::exp": None, "aten::flip": None,
-           "prim::PythonOp._SelectiveScanTorch": scan, "prim::PythonOp._SelectiveScanTriton": scan}
-    size = img_size or model.cfg.img_size
-    x = torch.zeros(1, model.cfg.in_chans, size, size, device=next(model.parameters()).device)
-    was_training = model.training
-    with torch.no_grad():
-        gflops, _ = flop_count(model.eval(), (x,), supported_ops=ops)
-    model.train(was_training)
-    return sum(gflops.values()) * 1e9
-
-
-# -----------------------------------------------------------------------------
-# timm (an optional dependency): register every constructor, so that
-# timm.create_model("local_vim_tiny") works where timm is installed.
-
-def _register_with_timm():
-    try:
-        from timm.models import register_model
-    except ImportError:
-        return False                      # timm is not installed: nothing to register
-    for name in list(MODELS) + list(ALIASES):
-        def ctor(pretrained=False, _name=name, **kwargs):
-            if pretrained:
-                raise BadInput("localmamba: no weights are downloaded; load them with load_checkpoint(model, path)")
-            for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):   # timm's own kwargs
-                kwargs.pop(key, None)
-            return create_model(_name, **kwargs)
-        ctor.__name__ = name
-        ctor.__module__ = __name__
-        register_model(ctor)
-    return True
-
-
-HAS_TIMM = _register_with_timm()
-
-
-# -----------------------------------------------------------------------------
+# The 8 orders as pictures: text (`python localmamba.py`), or paths in a PNG (--draw-orders)
 
 def draw_scan_orders(H=4, W=6):
     """Text pictures of the 8 scan orders: each cell shows the step at which it is visited."""
@@ -1361,19 +1027,24 @@ def draw_scan_orders(H=4, W=6):
         order = scan_order(d, H, W)
         pos = inverse_order(order, H * W).view(H, W)
         lines.append(f"{d}  (sequence length {len(order)}{', padded' if len(order) > H * W else ''})")
-        lines += ["   " + " ".join(f"{int(v):3d}" for v in row) for row in pos]
-        lines.append("")
+        lines += ["   " + " ".join(f"{int(v):3d}" for v in row) for row in pos] + [""]
     return "\n".join(lines)
 
 
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="LocalMamba: the model table and the 8 scan orders")
+    ap.add_argument("--draw-orders", metavar="FILE.png", help="draw the 8 orders as paths (needs matplotlib)")
+    ap.add_argument("--grid", type=int, nargs=2, default=(8, 8), metavar=("H", "W"), help="for --draw-orders")
+    args = ap.parse_args(argv)
+    if args.draw_orders:
+        try:
+            draw_scan_orders_png(args.draw_orders, {d: scan_order(d, *args.grid) for d in DIRECTIONS}, *args.grid)
+        except (BadInput, OSError) as e:
+            sys.exit(f"error: {e}")
+        return print(f"the 8 scan orders on a {args.grid[0]}×{args.grid[1]} grid: {args.draw_orders}")
+    print(model_table(MODELS, create_model, PAPER) + "\n\nThe 8 candidate scan orders on a 4×6 grid (number = "
+          "step at which a token is visited):\n\n" + draw_scan_orders())
+
+
 if __name__ == "__main__":
-    print("LocalMamba models at 224 px, 1000 classes (MACs: count_macs' convention, see its docstring)\n")
-    print(f"| {'model':34s} | params     | GMACs  | paper top-1 | paper params | paper GFLOPs |")
-    print(f"|{'-' * 36}|------------|--------|-------------|--------------|--------------|")
-    for name in MODELS:
-        m = create_model(name)
-        n = sum(p.numel() for p in m.parameters())
-        top1, pp, pf = PAPER.get(name, ("", "", ""))
-        print(f"| {name:34s} | {n:10,d} | {count_macs(m) / 1e9:6.2f} | {top1!s:>11} | {pp!s:>12} | {pf!s:>12} |")
-    print("\nThe 8 candidate scan orders on a 4×6 grid (number = step at which a token is visited):\n")
-    print(draw_scan_orders())
+    main()

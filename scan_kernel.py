@@ -170,7 +170,7 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None,
 # previous state (exp(ΔA), ΔBu, the contractions with C, every gradient) is one op over the
 # chunk, and only the multiply-add of the recurrence loops over the T steps. The forward keeps
 # the state at the start of each chunk; the backward walks the chunks in reverse, recomputes
-# each chunk's states from that checkpoint and runs the reverse scan. So autograd saves
+# each chunk's states from its chunk start and runs the reverse scan. So autograd saves
 # O(batch·D·L), not O(batch·D·L·N).
 #
 # The two chunk functions have static shapes (the last chunk is padded with Δ = 0 and the
@@ -182,7 +182,7 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None,
 # this on CPU unless --no-compile). `selective_scan_torch(..., compile=...)` chooses per call.
 
 LOG2E = 1.4426950408889634
-TORCH_CHUNK = 8            # steps per chunk (and per checkpoint) of the torch path
+TORCH_CHUNK = 8            # steps per chunk of the torch path (one saved chunk start each)
 BLOCK_ELEMS = 1 << 19      # (TORCH_CHUNK, block, D, N) temporaries of about 2 MB
 COMPILE_TORCH_PATH = os.environ.get("LOCALMAMBA_COMPILE", "0") == "1"
 
@@ -296,17 +296,17 @@ class _SelectiveScanTorch(torch.autograd.Function):
         p = _torch_layout(u, delta, A, B, C, delta_bias, delta_softplus)
         G, N = p["A"].shape[0], p["A"].shape[2]
         x = u.new_zeros(batch, G, dim // G, N, dtype=f)                       # (batch, G, Dg, N)
-        ys, ckpts = [], []
+        ys, starts = [], []
         for c0 in range(0, L, TORCH_CHUNK):
             sl = slice(c0, c0 + TORCH_CHUNK)
-            ckpts.append(x)
+            starts.append(x)
             y, x = fns[0](p["dt"][sl], p["u"][sl], p["A2"], p["B"][sl], p["C"][sl], x)
             ys.append(y)
         y = torch.cat(ys)[:L].reshape(L, batch, dim).permute(1, 2, 0)          # (batch, D, L)
         if D is not None:
             y = y + D.to(f)[None, :, None] * u.to(f)
         out = y if z is None else y * F.silu(z.to(f))
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, torch.stack(ckpts))
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, torch.stack(starts))
         ctx.delta_softplus, ctx.fns = delta_softplus, fns
         last = x.reshape(batch, dim, N).clone()
         ctx.mark_non_differentiable(last)
@@ -315,7 +315,7 @@ class _SelectiveScanTorch(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dout, _dlast):
-        u, delta, A, B, C, D, z, delta_bias, ckpts = ctx.saved_tensors
+        u, delta, A, B, C, D, z, delta_bias, starts = ctx.saved_tensors
         f = _compute_dtype(u)
         batch, dim, L = u.shape
         p = _torch_layout(u, delta, A, B, C, delta_bias, ctx.delta_softplus)
@@ -332,12 +332,12 @@ class _SelectiveScanTorch(torch.autograd.Function):
         ddt, du, y = (torch.empty(Lp, batch, G, dim // G, dtype=f, device=u.device) for _ in range(3))
         dB, dC = (torch.empty(Lp, batch, G, N, dtype=f, device=u.device) for _ in range(2))
         dA_grad = torch.zeros_like(p["A"])                                    # (G, Dg, N)
-        dh_next = torch.zeros_like(ckpts[0])                                  # dh after the last chunk: 0
-        dA_next = torch.zeros_like(ckpts[0])
-        for i in reversed(range(len(ckpts))):
+        dh_next = torch.zeros_like(starts[0])                                  # dh after the last chunk: 0
+        dA_next = torch.zeros_like(starts[0])
+        for i in reversed(range(len(starts))):
             sl = slice(i * TORCH_CHUNK, (i + 1) * TORCH_CHUNK)
             ddt[sl], du[sl], dA_part, dB[sl], dC[sl], y[sl], dh_next, dA_next = ctx.fns[1](
-                p["dt"][sl], p["u"][sl], p["A"], p["A2"], p["B"][sl], p["C"][sl], ckpts[i], gT[sl],
+                p["dt"][sl], p["u"][sl], p["A"], p["A2"], p["B"][sl], p["C"][sl], starts[i], gT[sl],
                 dh_next, dA_next)
             dA_grad += dA_part
         to_bdl = lambda t: t[:L].reshape(L, batch, dim).permute(1, 2, 0)     # -> (batch, D, L)
@@ -397,8 +397,8 @@ def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None,
 # x_l = a_l x_{l-1} + b_l is a `tl.associative_scan` over the chunk axis with the combine
 # (a1, b1) ∘ (a2, b2) = (a1 a2, a2 b1 + b2): CHUNK steps in parallel, and the (BLOCK_D, N)
 # state carried between chunks in registers. The forward writes the state at the start of
-# every chunk (a checkpoint, (batch, D, n_chunks, N) fp32); the backward reloads it,
-# recomputes the chunk's states (`_load_and_scan_chunk`, the same code as the forward) and runs the
+# every chunk (the chunk starts, (batch, D, n_chunks, N) fp32); the backward reloads it,
+# recomputes the chunk's states (`_load_chunk`, `_scan_chunk`: the same code as the forward) and runs the
 # reverse scan for dh in the same registers. Nothing of size (batch, D, L, N) ever touches
 # memory. Offsets are int32: the wrapper refuses shapes whose largest offset reaches 2^31.
 
@@ -441,15 +441,12 @@ if HAS_TRITON:
         return b, offs_d, mask_d, offs_n, mask_n, mask_dn, A, Dskip, bias, row, bc_row
 
     @triton.jit
-    def _load_and_scan_chunk(u_ptr, dt_ptr, B_ptr, C_ptr, row, bc_row, offs_l, mask_d, mask_n, L, A, bias, x0,
-                      HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
-        # one chunk: load u, Δ (+ bias, softplus), B, C; scan x_l = exp(Δ_l A) x_{l-1} + Δ_l B_l u_l
-        # from x0. Returns the loads, their mask/pointers, and exp(ΔA), ΔBu, x_l, each (BD, BN, T)
-        mask_l = offs_l < L
-        m2 = mask_d[:, None] & mask_l[None, :]
-        ptrs = row[:, None] + offs_l[None, :]
-        u = tl.load(u_ptr + ptrs, mask=m2, other=0.0).to(tl.float32)               # (BD, T)
-        dt_raw = tl.load(dt_ptr + ptrs, mask=m2, other=0.0).to(tl.float32)         # (BD, T)
+    def _load_chunk(u_ptr, dt_ptr, B_ptr, C_ptr, ptrs, m2, bc_ptrs, mbc, bias,
+                    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+        # one chunk's inputs, fp32: u (BD, T); Δ before softplus (dt_raw, for the backward's softplus
+        # derivative) and Δ itself, 0 on padding steps (BD, T); B and C (BN, T)
+        u = tl.load(u_ptr + ptrs, mask=m2, other=0.0).to(tl.float32)
+        dt_raw = tl.load(dt_ptr + ptrs, mask=m2, other=0.0).to(tl.float32)
         if HAS_BIAS:
             dt_raw += bias[:, None]
         if SOFTPLUS:
@@ -457,21 +454,25 @@ if HAS_TRITON:
         else:
             dt = dt_raw
         dt = tl.where(m2, dt, 0.0)            # padding steps must leave the state unchanged
-        mbc = mask_n[:, None] & mask_l[None, :]
-        Bc = tl.load(B_ptr + bc_row[:, None] + offs_l[None, :], mask=mbc, other=0.0).to(tl.float32)  # (BN, T)
-        Cc = tl.load(C_ptr + bc_row[:, None] + offs_l[None, :], mask=mbc, other=0.0).to(tl.float32)  # (BN, T)
+        Bc = tl.load(B_ptr + bc_ptrs, mask=mbc, other=0.0).to(tl.float32)
+        Cc = tl.load(C_ptr + bc_ptrs, mask=mbc, other=0.0).to(tl.float32)
+        return u, dt_raw, dt, Bc, Cc
+
+    @triton.jit
+    def _scan_chunk(u, dt, Bc, A, x0):
+        # x_l = exp(Δ_l A) x_{l-1} + Δ_l B_l u_l over the chunk from x0 (BD, BN): one associative scan.
+        # Returns ΔBu and the states x_l, each (BD, BN, T)
         dA = tl.exp(dt[:, None, :] * A[:, :, None])                                # (BD, BN, T)
         dBu = (dt * u)[:, None, :] * Bc[None, :, :]                                # (BD, BN, T)
         P, h = tl.associative_scan((dA, dBu), 2, _recurrence_combine)              # (BD, BN, T) x2
-        xs = h + P * x0[:, :, None]                                                # states of the chunk
-        return u, dt_raw, dt, Bc, Cc, m2, mbc, ptrs, dA, dBu, xs
+        return dBu, h + P * x0[:, :, None]
 
     @triton.jit
     def _scan_fwd_kernel(
         u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr,  # inputs: (batch, D, L) x2, (D, N), (batch, G, N, L) x2
         D_ptr, z_ptr, bias_ptr,             # optional: (D,), (batch, D, L), (D,)
         out_ptr,            # (batch, D, L), u's dtype
-        ckpt_ptr,           # (batch, D, n_chunks, N) fp32: the state before each chunk
+        starts_ptr,         # (batch, D, n_chunks, N) fp32: the chunk starts, the state before each chunk
         last_ptr,           # (batch, D, N) fp32: x_{L-1}
         dim, L, N, G, n_chunks,
         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
@@ -480,13 +481,19 @@ if HAS_TRITON:
         b, offs_d, mask_d, offs_n, mask_n, mask_dn, A, Dskip, bias, row, bc_row = _tile(
             A_ptr, D_ptr, bias_ptr, dim, L, N, G, HAS_D, HAS_BIAS, BLOCK_D, BLOCK_N)
         offs_t = tl.arange(0, CHUNK)
-        x = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+        x = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)                 # the state, carried across chunks
         for c in range(0, n_chunks):
-            tl.store(ckpt_ptr + (((b * dim + offs_d[:, None]) * n_chunks + c) * N + offs_n[None, :]), x,
+            offs_l = c * CHUNK + offs_t
+            ptrs, m2 = row[:, None] + offs_l[None, :], mask_d[:, None] & (offs_l[None, :] < L)         # (BD, T)
+            bc_ptrs, mbc = bc_row[:, None] + offs_l[None, :], mask_n[:, None] & (offs_l[None, :] < L)  # (BN, T)
+            # 1. save the chunk start (the state before this chunk) for the backward
+            tl.store(starts_ptr + (((b * dim + offs_d[:, None]) * n_chunks + c) * N + offs_n[None, :]), x,
                      mask=mask_dn)
-            u, dt_raw, dt, Bc, Cc, m2, mbc, ptrs, dA, dBu, xs = _load_and_scan_chunk(
-                u_ptr, dt_ptr, B_ptr, C_ptr, row, bc_row, c * CHUNK + offs_t, mask_d, mask_n, L, A, bias, x,
-                HAS_BIAS, SOFTPLUS)
+            # 2. load the chunk's inputs and scan its states from the carried state
+            u, _, dt, Bc, Cc = _load_chunk(u_ptr, dt_ptr, B_ptr, C_ptr, ptrs, m2, bc_ptrs, mbc, bias,
+                                           HAS_BIAS, SOFTPLUS)
+            _, xs = _scan_chunk(u, dt, Bc, A, x)
+            # 3. the output y_l = sum_n x_l C_l + D u_l, gated by silu(z_l)
             y = tl.sum(xs * Cc[None, :, :], axis=1)                                    # (BD, T)
             if HAS_D:
                 y += Dskip[:, None] * u
@@ -494,13 +501,15 @@ if HAS_TRITON:
                 zz = tl.load(z_ptr + ptrs, mask=m2, other=0.0).to(tl.float32)
                 y = y * zz * tl.sigmoid(zz)
             tl.store(out_ptr + ptrs, y.to(out_ptr.dtype.element_ty), mask=m2)
-            x = tl.sum(tl.where(offs_t[None, None, :] == CHUNK - 1, xs, 0.0), axis=2)  # carry (BD, BN)
+            # 4. carry the chunk's last state into the next chunk (BD, BN)
+            x = tl.sum(tl.where(offs_t[None, None, :] == CHUNK - 1, xs, 0.0), axis=2)
 
+        # x_{L-1}, for return_last_state
         tl.store(last_ptr + (b * dim + offs_d[:, None]) * N + offs_n[None, :], x, mask=mask_dn)
 
     @triton.jit
     def _scan_bwd_kernel(
-        u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, ckpt_ptr,  # as in the forward
+        u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, starts_ptr,  # as in the forward
         dim, L, N, G, n_chunks,
         dout_ptr,           # (batch, D, L)
         du_ptr, ddt_ptr, dz_ptr,    # (batch, D, L) fp32
@@ -520,12 +529,14 @@ if HAS_TRITON:
         for i in range(0, n_chunks):
             c = n_chunks - 1 - i
             offs_l = c * CHUNK + offs_t
-            # 1. recompute this chunk's states from its checkpoint
-            x0 = tl.load(ckpt_ptr + (((b * dim + offs_d[:, None]) * n_chunks + c) * N + offs_n[None, :]),
+            ptrs, m2 = row[:, None] + offs_l[None, :], mask_d[:, None] & (offs_l[None, :] < L)         # (BD, T)
+            bc_ptrs, mbc = bc_row[:, None] + offs_l[None, :], mask_n[:, None] & (offs_l[None, :] < L)  # (BN, T)
+            # 1. recompute this chunk's states from its chunk start (the same code as the forward)
+            x0 = tl.load(starts_ptr + (((b * dim + offs_d[:, None]) * n_chunks + c) * N + offs_n[None, :]),
                          mask=mask_dn, other=0.0)
-            u, dt_raw, dt, Bc, Cc, m2, mbc, ptrs, dA, dBu, xs = _load_and_scan_chunk(
-                u_ptr, dt_ptr, B_ptr, C_ptr, row, bc_row, offs_l, mask_d, mask_n, L, A, bias, x0,
-                HAS_BIAS, SOFTPLUS)
+            u, dt_raw, dt, Bc, Cc = _load_chunk(u_ptr, dt_ptr, B_ptr, C_ptr, ptrs, m2, bc_ptrs, mbc, bias,
+                                                HAS_BIAS, SOFTPLUS)
+            dBu, xs = _scan_chunk(u, dt, Bc, A, x0)
             a = xs - dBu                                                               # exp(Δ_l A) x_{l-1}
             # Δ at l+1, for the factor exp(Δ_{l+1} A) of the reverse scan
             m2n = mask_d[:, None] & (offs_l[None, :] + 1 < L)
@@ -567,8 +578,8 @@ if HAS_TRITON:
                 dD_acc += tl.sum(tl.where(m2, gy * u, 0.0), axis=1)
             dB = tl.sum(dhdt * u[:, None, :], axis=0)                                  # (BN, T) over the tile
             dC = tl.sum(xs * gy[:, None, :], axis=0)                                   # (BN, T)
-            tl.atomic_add(dB_ptr + bc_row[:, None] + offs_l[None, :], dB, mask=mbc)
-            tl.atomic_add(dC_ptr + bc_row[:, None] + offs_l[None, :], dC, mask=mbc)
+            tl.atomic_add(dB_ptr + bc_ptrs, dB, mask=mbc)
+            tl.atomic_add(dC_ptr + bc_ptrs, dC, mask=mbc)
             if SOFTPLUS:
                 ddt = ddt * tl.where(dt_raw <= 20.0, tl.sigmoid(dt_raw), 1.0)
             ddt = tl.where(m2, ddt, 0.0)
@@ -599,7 +610,7 @@ INT32_LIMIT = 2 ** 31
 
 def triton_largest_offset(batch, dim, L, N, G):
     """The largest element offset the kernels compute for this shape: over the (batch, D, L)
-    rows, the (batch, G, N, L) B/C rows and the (batch, D, n_chunks, N) checkpoints."""
+    rows, the (batch, G, N, L) B/C rows and the (batch, D, n_chunks, N) chunk starts."""
     n_chunks = -(-L // _triton_config(N, dim // G)[2])
     return max(batch * dim * L, batch * G * N * L, batch * dim * n_chunks * N, batch * dim * N)
 
@@ -636,13 +647,13 @@ class _SelectiveScanTriton(torch.autograd.Function):
         G = Bg.shape[1]
         grid, n_chunks, flags = _launch_meta(D, z, delta_bias, delta_softplus, dim, L, N, G, batch)
         out = torch.empty_like(u)
-        ckpt = torch.empty(batch, dim, n_chunks, N, device=u.device, dtype=torch.float32)
+        starts = torch.empty(batch, dim, n_chunks, N, device=u.device, dtype=torch.float32)
         last = torch.empty(batch, dim, N, device=u.device, dtype=torch.float32)
         with torch.cuda.device(u.device) if u.is_cuda else contextlib.nullcontext():   # launch on u's GPU
             _scan_fwd_kernel[grid](
-                u, delta, A, Bg, Cg, _or_dummy(D, u), _or_dummy(z, u), _or_dummy(delta_bias, u), out, ckpt, last,
+                u, delta, A, Bg, Cg, _or_dummy(D, u), _or_dummy(z, u), _or_dummy(delta_bias, u), out, starts, last,
                 dim, L, N, G, n_chunks, **flags)
-        ctx.save_for_backward(u, delta, A, Bg, Cg, D, z, delta_bias, ckpt)
+        ctx.save_for_backward(u, delta, A, Bg, Cg, D, z, delta_bias, starts)
         ctx.meta = (delta_softplus, B.dim() == 3, C.dim() == 3, B.dtype, C.dtype)
         ctx.mark_non_differentiable(last)
         return out, last
@@ -650,7 +661,7 @@ class _SelectiveScanTriton(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dout, _dlast):
-        u, delta, A, Bg, Cg, D, z, delta_bias, ckpt = ctx.saved_tensors
+        u, delta, A, Bg, Cg, D, z, delta_bias, starts = ctx.saved_tensors
         delta_softplus, squeeze_B, squeeze_C, B_dtype, C_dtype = ctx.meta
         batch, dim, L = u.shape
         N = A.shape[1]
@@ -666,7 +677,7 @@ class _SelectiveScanTriton(torch.autograd.Function):
         dbias = torch.empty(batch, dim, **f32) if delta_bias is not None else None
         with torch.cuda.device(u.device) if u.is_cuda else contextlib.nullcontext():
             _scan_bwd_kernel[grid](
-                u, delta, A, Bg, Cg, _or_dummy(D, u), _or_dummy(z, u), _or_dummy(delta_bias, u), ckpt,
+                u, delta, A, Bg, Cg, _or_dummy(D, u), _or_dummy(z, u), _or_dummy(delta_bias, u), starts,
                 dim, L, N, G, n_chunks,
                 dout, du, ddt, _or_dummy(dz, du), dA, dB, dC, _or_dummy(dD, du), _or_dummy(dbias, du), **flags)
         dB = dB.squeeze(1) if squeeze_B else dB
@@ -773,13 +784,10 @@ def _bench_inputs(batch, dim, N, L, G, dtype, device):
     return {k: v.to(device).requires_grad_() for k, v in t.items()}
 
 
-def _min_bytes(batch, dim, N, L, G, dtype):
-    """Bytes a fused call must move at least: each input read once, each output written once."""
+def _min_bytes_fwd(batch, dim, N, L, G, dtype):
+    """Bytes a fused forward must move at least: u, delta, z, B, C read once, out written once."""
     e = torch.finfo(dtype).bits // 8
-    bdl, bgnl = batch * dim * L * e, batch * G * N * L * e
-    fwd = 3 * bdl + 2 * bgnl + bdl                       # u, delta, z, B, C in; out
-    bwd = 4 * bdl + 2 * bgnl + 3 * bdl + 2 * bgnl        # u, delta, z, dout, B, C in; du, ddelta, dz, dB, dC out
-    return fwd, bwd
+    return 4 * batch * dim * L * e + 2 * batch * G * N * L * e
 
 
 def _time_cpu(fn, reps):
@@ -848,7 +856,7 @@ def bench(reps=5):
             for dtype in ([torch.float32] if dev == "cpu" else [torch.float32, torch.bfloat16]):
                 t_f, t_fb = _bench_row(be, dev, dtype, (batch, dim, N, L, G), reps)
                 base = t_fb if be == "ref" and dtype == torch.float32 else base
-                bf = _min_bytes(batch, dim, N, L, G, dtype)[0]
+                bf = _min_bytes_fwd(batch, dim, N, L, G, dtype)
                 gbs = f"{bf / t_f / 1e6:.0f} GB/s fwd (floor {bf / 3.0e9 * 1e3:.3f} ms at 3 TB/s)" * (dev == "cuda")
                 rows.append((name, f"{be} {dev} {str(dtype).replace('torch.', '')}", f"{t_f:.2f}", f"{t_fb:.2f}",
                              f"{base / t_fb:.1f}x" if base else "", gbs))

@@ -204,7 +204,8 @@ def report(results, found, comparison, seeds):
     table = "\n".join(lines)
     print("\n" + table)
     probs = torch.tensor(found["probabilities"])
-    print("\nsearch (softmax(α) per layer):\n" + localmamba.draw_search_probabilities(probs))
+    print("\nsearch (softmax(α) per layer):\n" + localmamba.draw_search_probabilities(
+        probs, localmamba.DIRECTIONS))
     for row in comparison["per_layer"]:
         print(f"  layer {row['layer']}: ours {row['ours']}, mean overlap with LocalVim-T layers "
               f"{row['published_layers']}: {row['mean_overlap_of_4']} of 4; the same 4 as {row['same_set_as']} of them")
@@ -219,18 +220,22 @@ def report(results, found, comparison, seeds):
 
 def run_study(args):
     out = Path(args.out or f"runs/study-{time.strftime('%Y%m%d-%H%M%S')}")
-    out.mkdir(parents=True, exist_ok=True)
     base = ["--data", "fashion-mnist", "--print-every", str(args.print_every)]   # models: train_mini's defaults
     for k in PASSED_ON:
         base += [f"--{k.replace('_', '-')}", str(getattr(args, k))] if getattr(args, k) is not None else []
+    train_mini.check_flags(train_mini.parse_args(base))        # the trainer's checks, before any run starts
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise train_mini.UserError(f"--out {out} cannot be created ({e.strerror or e}); choose another --out") from None
     t_start = time.time()
     print(f"study: {len(ARMS)} arms × {args.seeds} seeds (+ one search) into {out}", flush=True)
     results, search_rec, seconds, n_reused = run_arms(args, out, base)
     found = json.loads((out / "search" / "directions.json").read_text())
     png = save_heat_map_png(found["probabilities"], out / "search_heat_map.png",
                             "LocalVim-nano search on Fashion-MNIST: softmax(α)")
-    (out / "search_heat_map.txt").write_text(localmamba.draw_search_probabilities(torch.tensor(found["probabilities"]))
-                                             + "\n")
+    heat = localmamba.draw_search_probabilities(torch.tensor(found["probabilities"]), localmamba.DIRECTIONS)
+    (out / "search_heat_map.txt").write_text(heat + "\n")
     comparison = compare_with_published(found["directions"])
     table = report(results, found, comparison, args.seeds)
     bars = save_results_png(results, out / "results.png", f"LocalVim-nano on Fashion-MNIST, {args.seeds} seeds per arm")
@@ -266,11 +271,8 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    try:
-        run_study(parse_args(argv))
-    except train_mini.UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    train_mini.exit_with_message(lambda: run_study(parse_args(argv)), "run the same command again to continue "
+                                 "(finished runs are reused, the interrupted one resumes from its checkpoint)")
 
 
 if __name__ == "__main__":

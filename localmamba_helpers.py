@@ -26,11 +26,14 @@ import argparse
 import contextlib
 import dataclasses
 import hashlib
+import io
 import json
 import math
 import os
+import pickletools
 import random
 import warnings
+import zipfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
@@ -278,6 +281,26 @@ def tensor_checksum(obj, everything=False):
     return h.hexdigest()
 
 
+def _builds_objects(path):
+    """Whether a file's pickles (a plain or legacy torch file, or data.pkl in torch's zip format) name
+    or build Python objects: read with pickletools, which runs nothing. False for a file that is no
+    pickle at all."""
+    ops = set()
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                data = z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))
+        else:
+            data = Path(path).read_bytes()
+        f = io.BytesIO(data)
+        while f.tell() < len(data):                   # torch's legacy format: several pickles in a row
+            for op, _, _ in pickletools.genops(f):
+                ops.add(op.name)
+    except Exception:                                 # not a pickle (any more): what it held so far counts
+        pass
+    return bool(ops & {"GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "REDUCE", "NEWOBJ", "NEWOBJ_EX", "BUILD"})
+
+
 def read_checkpoint(path, unsafe=False):
     """The object in a checkpoint file, loaded on the CPU. Raises one BadInput naming the file:
     missing, unreadable, corrupted (its tensors no longer match the checksum saved with them), or
@@ -292,11 +315,13 @@ def read_checkpoint(path, unsafe=False):
         raise BadInput(f"{path} is a folder, not a checkpoint file") from None
     except Exception as e:
         # the pickle names a Python object (GLOBAL), or builds one in an older protocol's opcodes: refused
-        if "GLOBAL" in str(e) or str(e).startswith("Weights only load failed"):
+        if "GLOBAL" in str(e) or (str(e).startswith("Weights only load failed") and _builds_objects(path)):
             raise BadInput(f"{path} holds Python objects other than tensors, and loading them could run code "
                              f"from the file; if you trust it, load it with unsafe=True "
                              f"(load_checkpoint(model, path, unsafe=True))") from None
-        raise BadInput(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from None
+        why = str(e).split("WeightsUnpickler error:")[-1].split("Check the documentation")[0]   # not torch's advice
+        raise BadInput(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: "
+                       f"{' '.join(why.split())[:300]})") from None
     if isinstance(ckpt, dict) and "checksum" in ckpt and ckpt["checksum"] != tensor_checksum(
             ckpt, everything=ckpt.get("checksum_covers") == "everything"):
         raise BadInput(f"{path} is corrupted: its tensors no longer match the checksum saved with them; "

@@ -357,8 +357,8 @@ def claim_run_dir(s, is_main, world):
             raise UserError(f"--resume {s.resume} would continue in {out} and replace its checkpoint.pt; "
                             f"resume {out / 'checkpoint.pt'}, or pass --out NEW_FOLDER to continue from "
                             f"{Path(s.resume).name} there")
-        for tmp in out.glob("*.tmp-*"):       # a writer that died mid-write (the folder is ours now: locked)
-            tmp.unlink(missing_ok=True)
+        for tmp in [*out.glob("checkpoint.pt.tmp-*"), *out.glob("best.pt.tmp-*")]:   # save_atomic's, left by a
+            tmp.unlink(missing_ok=True)                      # writer that died mid-write (the folder is locked now)
         if not s.resume and has_ckpt:   # never overwrite a run the user made
             raise UserError(f"{out} already holds a run (checkpoint.pt); pass --resume {out / 'checkpoint.pt'} "
                             f"to continue it, or choose another --out")

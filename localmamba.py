@@ -53,6 +53,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -61,14 +62,14 @@ from scan_kernel import selective_scan
 # the generic plumbing (timm's interface, checkpoint files, MAC counting) lives beside this file;
 # what a user calls from it is re-exported here, so `from localmamba import ...` is the one import
 from localmamba_helpers import (FASHION_MEAN_STD, IMAGENET_MEAN_STD, BadInput, DropPath, FeatureInfo, FeatureMaps,
-                                TimmInterface, check_fields, check_image, count_macs, draw_scan_orders_png,
+                                RMSNorm, TimmInterface, check_fields, check_image, count_macs, draw_scan_orders_png,
                                 maybe_checkpoint, model_table, register_with_timm, take_indices)
 from localmamba_helpers import (configure_optimizer, count_flops_fvcore, draw_search_probabilities,  # noqa: F401
                                 load_checkpoint, load_directions, load_state_dict_strict, read_checkpoint,
-                                resample_pos_embed, state_dict_of, tensor_checksum, STATE_DICT_KEYS)
+                                resample_pos_embed, state_dict_of, tensor_checksum, weights_of, STATE_DICT_KEYS,
+                                DetectionBackbone)
 
-
-
+__version__ = "0.2.0"          # the package's version (pyproject.toml reads it from here)
 # -----------------------------------------------------------------------------
 # Scan orders (paper §3.2, Fig. 2). Tokens are row-major: token (i, j) of an H×W grid is i*W + j.
 # order[s] = the row-major index of the s-th token of the scanned sequence, -1 for padding.
@@ -90,18 +91,19 @@ def parse_direction(name):
 
 @functools.lru_cache(maxsize=None)
 def _scan_order(direction, H, W):
+    # numpy, cached as a tuple: plain data, also while torch.export traces with fake tensors
     kind, k, flip = parse_direction(direction)
-    grid = torch.arange(H * W).view(H, W)
+    grid = np.arange(H * W).reshape(H, W)
     if kind == "h":                                   # row by row, left to right
         order = grid.flatten()
     elif kind == "v":                                 # column by column, top to bottom
-        order = grid.t().flatten()
+        order = grid.T.flatten()
     else:                                             # k×k windows, row-major over windows and inside each
         Hp, Wp = -(-H // k) * k, -(-W // k) * k       # zero-pad bottom/right to multiples of k
-        padded = torch.full((Hp, Wp), -1, dtype=torch.long)
+        padded = np.full((Hp, Wp), -1)
         padded[:H, :W] = grid
-        order = padded.view(Hp // k, k, Wp // k, k).permute(0, 2, 1, 3).flatten()  # (win_i, win_j, i, j)
-    return order.flip(0) if flip else order           # *_flip: the whole (padded) sequence reversed
+        order = padded.reshape(Hp // k, k, Wp // k, k).transpose(0, 2, 1, 3).flatten()  # (win_i, win_j, i, j)
+    return tuple((order[::-1] if flip else order).tolist())   # *_flip: the whole (padded) sequence reversed
 
 
 def scan_order(direction, H, W):
@@ -110,7 +112,7 @@ def scan_order(direction, H, W):
     code does). Length H*W, or Hp*Wp for a window scan."""
     if H < 1 or W < 1:
         raise BadInput(f"scan_order: the grid must be at least 1×1, got {H}×{W}")
-    return _scan_order(direction, int(H), int(W)).clone()
+    return torch.tensor(_scan_order(direction, int(H), int(W)), dtype=torch.long)
 
 
 def inverse_order(order, L):
@@ -238,8 +240,11 @@ class MultiScan(nn.Module):
         cache = self.__dict__.setdefault("_index_cache", {})
         if key not in cache:
             orders, lengths = self._orders(H, W, cls_pos)
-            inv = inverse_order(orders, H * W + (cls_pos is not None))
-            cache[key] = (orders.to(device), inv.to(device), lengths)
+            inv = inverse_order(orders, H * W + int(cls_pos is not None))
+            built = (orders.to(device), inv.to(device), lengths)
+            if torch.compiler.is_compiling() or torch.compiler.is_exporting():   # (fake tensors: never cached)
+                return built
+            cache[key] = built
         return cache[key]
 
     def scan(self, x, H, W, cls_pos=None):
@@ -439,7 +444,7 @@ class LocalVimMixer(nn.Module):
     def macs(self):
         """Multiply-adds of one image (convention in `count_macs`)."""
         (H, W), cls_pos = self.grid, self.cls_pos
-        L_in = H * W + (cls_pos is not None)
+        L_in = H * W + int(cls_pos is not None)
         E, N, R, D = self.d_inner, self.d_state, self.dt_rank, self.d_model
         f = L_in * D * 2 * E + L_in * E * D                                        # in_proj, out_proj
         for Lk in self.multi_scan.index(H, W, cls_pos)[2]:
@@ -457,7 +462,7 @@ class LocalVimBlock(nn.Module):
     def __init__(self, d_model, mixer, drop_path=0.0):
         super().__init__()
         self.mixer = mixer
-        self.norm = nn.RMSNorm(d_model, eps=1e-5)
+        self.norm = RMSNorm(d_model, eps=1e-5)
         self.drop_path = DropPath(drop_path)
 
     def forward(self, hidden, residual):
@@ -518,14 +523,14 @@ class LocalVim(TimmInterface, nn.Module):
         if cfg.rope:
             self.rope = RoPE2D(D, H, W, pt_seq_len=cfg.pt_hw_seq_len)
         dirs = cfg.layer_directions()
-        dpr = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
+        dpr = torch.linspace(0, cfg.drop_path_rate, cfg.depth, device="cpu").tolist()   # (also under a meta device)
         inter_dpr = [0.0] + dpr      # official: layer i drops the PREVIOUS layer's output with rate [0]+dpr at i
         mixer = lambda i: LocalVimMixer(D, dirs[i], (H, W), self.cls_pos, cfg.d_state, cfg.expand, cfg.d_conv,
                                         search=cfg.directions is None, spatial_attn=cfg.spatial_attn,
                                         scattn=cfg.scattn)
         self.layers = nn.ModuleList([LocalVimBlock(D, mixer(i), drop_path=inter_dpr[i]) for i in range(cfg.depth)])
         self.drop_path = DropPath(cfg.drop_path_rate)                               # the final add: full rate
-        self.norm_f = nn.RMSNorm(D, eps=1e-5)
+        self.norm_f = RMSNorm(D, eps=1e-5)
         self.global_pool, self.head_drop = cfg.global_pool, nn.Dropout(cfg.drop_rate)
         self.head = nn.Linear(D, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
         self.feature_info = FeatureInfo(dict(num_chs=D, reduction=p, module=f"layers.{i}") for i in range(cfg.depth))
@@ -784,7 +789,7 @@ class LocalVMamba(TimmInterface, nn.Module):
             nn.Conv2d(cfg.in_chans, dims[0], cfg.patch_size, stride=cfg.patch_size), Permute(0, 2, 3, 1),
             nn.LayerNorm(dims[0]))
         dirs = cfg.layer_directions()
-        dpr = torch.linspace(0, cfg.drop_path_rate, sum(cfg.depths)).tolist()
+        dpr = torch.linspace(0, cfg.drop_path_rate, sum(cfg.depths), device="cpu").tolist()
         ss2d = dict(d_state=cfg.d_state, ssm_ratio=cfg.ssm_ratio, d_conv=cfg.d_conv, search=cfg.directions is None,
                     spatial_attn=cfg.spatial_attn, scattn=cfg.scattn)
         self.layers = nn.ModuleList()

@@ -9,20 +9,24 @@ plumbing around it, and `localmamba.py` re-exports what a user calls (`load_chec
 Nothing here imports localmamba.py: it receives the models (and `create_model`, for timm's
 registry) as arguments.
 
-    layers and checks           DropPath (stochastic depth), check_fields (a config's values), check_image
+    layers and checks           DropPath (stochastic depth), RMSNorm, check_fields (a config's values), check_image
     timm's model interface      FeatureInfo, take_indices, TimmInterface (pretrained_cfg,
-                                grad checkpointing), FeatureMaps (features_only backbones)
+                                grad checkpointing), FeatureMaps (features_only backbones),
+                                DetectionBackbone (for torchvision's detectors: FPN, or ViTDet's pyramid)
     checkpoint files            save_atomic, rng_state / set_rng_state / seed_everything (what a
-                                resume restores), tensor_checksum, read_checkpoint, state_dict_of,
-                                load_checkpoint, load_state_dict_strict, resample_pos_embed
+                                resume restores), tensor_checksum, read_checkpoint, weights_of (raw or
+                                EMA), load_checkpoint, load_state_dict_strict, adapt_input_conv,
+                                resample_pos_embed
     the optimizer               configure_optimizer (the official run's weight-decay groups)
     direction files             load_directions (the JSON a search writes), draw_search_probabilities
     MAC counting                count_macs, count_flops_fvcore (the per-module formulas live
                                 with their modules in localmamba.py, as `macs()`)
     timm's registry             register_with_timm
-    pictures and tables         draw_scan_orders_png (the 8 orders as paths, paper Fig. 2), model_table
+    pictures and tables         draw_scan_orders_png (the 8 orders as paths, paper Fig. 2), model_table,
+                                draw_run_curves (a run's loss and top-1, train_mini.py --plot)
 """
 import argparse
+import collections
 import contextlib
 import dataclasses
 import hashlib
@@ -71,6 +75,23 @@ class DropPath(nn.Module):
 
     def extra_repr(self):
         return f"p={self.p}"
+
+
+class RMSNorm(nn.Module):
+    """Mamba's RMSNorm (Zhang & Sennrich 2019): x / sqrt(mean(x^2) + eps) * weight over the last
+    dimension. nn.RMSNorm's math and state_dict ("weight"), written out because the legacy ONNX
+    exporter has no aten::rms_norm."""
+
+    def __init__(self, dim, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+    def extra_repr(self):
+        return f"{self.weight.shape[0]}, eps={self.eps}"
 
 
 def check_fields(cfg, name):
@@ -195,6 +216,53 @@ class FeatureMaps(nn.Module):
         return self.model.forward_intermediates(x, self.out_indices, intermediates_only=True)
 
 
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of an NCHW map (ViTDet's, ConvNeXt's)."""
+
+    def forward(self, x):
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class DetectionBackbone(nn.Module):
+    """A FeatureMaps backbone as torchvision's detection models take it (FasterRCNN, MaskRCNN,
+    RetinaNet): `out_channels`, and forward(x) -> an OrderedDict of maps "0".."3" at strides 4, 8,
+    16, 32 and "pool" (a max pool of "3"), as torchvision's resnet_fpn_backbone gives (LocalVim
+    with patch 16; a patch-p LocalVim's strides are p/4 .. 2p).
+    - maps at distinct strides (LocalVMamba's 4 stages): torchvision's FeaturePyramidNetwork;
+    - maps all at one stride (LocalVim, stride 16): ViTDet's simple feature pyramid (Li et al. 2022,
+      "Exploring Plain Vision Transformer Backbones for Object Detection", §3) from the last map:
+      up x4 (two 2x2 transposed convs), up x2, identity, down x2 (max pool), each then 1x1 and 3x3
+      convs with LayerNorm, then the same "pool" level."""
+
+    def __init__(self, backbone, out_channels=256):
+        super().__init__()
+        from torchvision.ops import FeaturePyramidNetwork
+        from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+        self.body, self.out_channels = backbone, out_channels
+        chans, strides = backbone.feature_info.channels(), backbone.feature_info.reduction()
+        self.simple = len(set(strides)) == 1
+        if not self.simple:
+            self.fpn = FeaturePyramidNetwork(chans, out_channels, extra_blocks=LastLevelMaxPool())
+            return
+        D = chans[-1]
+        up = lambda i, o: nn.ConvTranspose2d(i, o, 2, stride=2)
+        self.scales = nn.ModuleList([nn.Sequential(up(D, D // 2), LayerNorm2d(D // 2), nn.GELU(), up(D // 2, D // 4)),
+                                     up(D, D // 2), nn.Identity(), nn.MaxPool2d(2)])
+        self.outs = nn.ModuleList(nn.Sequential(nn.Conv2d(c, out_channels, 1, bias=False), LayerNorm2d(out_channels),
+                                                nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
+                                                LayerNorm2d(out_channels)) for c in (D // 4, D // 2, D, D))
+        self.pool = LastLevelMaxPool()
+
+    def forward(self, x):
+        maps = self.body(x)
+        if not self.simple:
+            return self.fpn(collections.OrderedDict((str(i), m) for i, m in enumerate(maps)))
+        ps = [out(scale(maps[-1])) for scale, out in zip(self.scales, self.outs)]
+        names = [str(i) for i in range(len(ps))]
+        ps, names = self.pool(ps, ps, names)
+        return collections.OrderedDict(zip(names, ps))
+
+
 # -----------------------------------------------------------------------------
 # Checkpoint files. A checkpoint is data, never code: read with torch.load(weights_only=True), which
 # unpickles only tensors and plain Python containers. `unsafe=True` is the explicit escape hatch
@@ -203,7 +271,10 @@ class FeatureMaps(nn.Module):
 # DeiT's / Vim's main.py save beside the weights (a plain attribute holder; its values are still
 # only tensors and plain containers).
 
-STATE_DICT_KEYS = ("model", "state_dict", "state_dict_ema", "model_ema")   # where checkpoints keep weights
+# where checkpoints keep weights: raw (ours and the official "model", timm's "state_dict") and EMA
+# (timm's "state_dict_ema", ours and the official "model_ema"; None in ours when the run had no EMA)
+RAW_KEYS, EMA_KEYS = ("model", "state_dict"), ("state_dict_ema", "model_ema")
+STATE_DICT_KEYS = RAW_KEYS + EMA_KEYS
 
 
 def save_atomic(obj, path, write=torch.save):
@@ -329,31 +400,64 @@ def read_checkpoint(path, unsafe=False):
     return ckpt
 
 
-def state_dict_of(ckpt):
-    """A bare state_dict, or the one under "model", "state_dict", "state_dict_ema" or "model_ema"."""
+def weights_of(ckpt, use_ema=False):
+    """(key, state_dict) of a checkpoint: with use_ema the EMA weights where the file has them,
+    else (or without use_ema) the raw ones, as timm's load_state_dict picks; (None, ckpt) for a
+    bare state_dict."""
     if isinstance(ckpt, dict):
-        for key in STATE_DICT_KEYS:
+        for key in (EMA_KEYS if use_ema else ()) + RAW_KEYS + EMA_KEYS:
             if isinstance(ckpt.get(key), dict):
-                return ckpt[key]
-    return ckpt
+                return key, ckpt[key]
+    return None, ckpt
 
 
-def load_checkpoint(model, path, unsafe=False):
-    """Load an official or our checkpoint strictly. Accepts a bare state_dict or one under
-    "model", "state_dict", "state_dict_ema" or "model_ema", and a DDP "module." prefix. Raises
-    one ValueError listing missing / unexpected / mis-shaped keys. Returns the whole checkpoint."""
+def state_dict_of(ckpt, use_ema=False):
+    """The state_dict weights_of picks: a bare one, or the one under a key of STATE_DICT_KEYS."""
+    return weights_of(ckpt, use_ema)[1]
+
+
+Loaded = collections.namedtuple("Loaded", "weights missing_keys unexpected_keys")
+
+
+def load_checkpoint(model, path, use_ema=True, strict=True, unsafe=False):
+    """Load an official, timm or our checkpoint into model. use_ema=True (timm's default) takes the
+    EMA weights where the file has them (timm's "state_dict_ema", ours and the official
+    "model_ema"), else the raw ones; use_ema=False always the raw ones ("model" / "state_dict").
+    A DDP "module." prefix is dropped, a LocalVim pos_embed of another grid resampled, a 3-channel
+    first conv adapted to the model's in_chans. strict=True raises one BadInput listing missing /
+    unexpected / mis-shaped keys; strict=False loads what fits and reports the rest. Returns
+    Loaded(weights: the key read, or None for a bare state_dict; missing_keys; unexpected_keys)."""
     try:
         ckpt = read_checkpoint(path, unsafe)
     except ValueError as e:
         raise BadInput(f"load_checkpoint: {e}") from None
-    load_state_dict_strict(model, state_dict_of(ckpt), str(path))
-    return ckpt
+    key, sd = weights_of(ckpt, use_ema)
+    missing, unexpected = load_state_dict_strict(model, sd, f"{path}" + (f" [{key!r}]" if key else ""), strict)
+    return Loaded(key, missing, unexpected)
 
 
-def load_state_dict_strict(model, sd, source="state_dict"):
-    """model.load_state_dict(sd, strict=True) with a DDP "module." prefix dropped, and one
-    ValueError naming `source` and listing missing / unexpected / mis-shaped keys. A LocalVim
-    pos_embed of another grid is resampled (resample_pos_embed)."""
+def adapt_input_conv(sd, model, source, log=print):
+    """A first conv trained on 3 channels, fitted to the model's in_chans as timm's
+    adapt_input_conv does: summed over RGB for 1 channel, else RGB repeated and scaled by 3/in_chans."""
+    key = model.timm_names["first_conv"] + ".weight"
+    own = model.state_dict().get(key)
+    w = sd.get(key)
+    if own is None or w is None or w.dim() != 4 or w.shape[1] != 3 or own.shape[1] == 3 or \
+            (w.shape[0], *w.shape[2:]) != (own.shape[0], *own.shape[2:]):
+        return sd
+    n = own.shape[1]
+    new = w.sum(1, keepdim=True) if n == 1 else w.repeat(1, -(-n // 3), 1, 1)[:, :n] * (3 / n)
+    log(f"load_checkpoint: {source}: {key} adapted from 3 input channels to {n} "
+        f"({'summed over RGB' if n == 1 else 'RGB repeated, scaled by 3/' + str(n)}, as timm's adapt_input_conv)")
+    return dict(sd, **{key: new.to(w.dtype)})
+
+
+def load_state_dict_strict(model, sd, source="state_dict", strict=True):
+    """model.load_state_dict(sd) with a DDP "module." prefix dropped, and one BadInput naming
+    `source` and listing missing / unexpected / mis-shaped keys (with strict=False only the
+    mis-shaped ones; the others are returned). A LocalVim pos_embed of another grid is resampled
+    (resample_pos_embed), a 3-channel first conv adapted (adapt_input_conv). Returns (missing,
+    unexpected) key lists."""
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise BadInput(f"load_checkpoint: {source} holds no state_dict (looked at the top level and under "
                          f"{', '.join(map(repr, STATE_DICT_KEYS))})")
@@ -363,18 +467,21 @@ def load_state_dict_strict(model, sd, source="state_dict"):
     own = model.state_dict()
     if "pos_embed" in own and "pos_embed" in sd and sd["pos_embed"].shape != own["pos_embed"].shape:
         sd = resample_pos_embed(sd, model, source)
+    if hasattr(model, "timm_names"):
+        sd = adapt_input_conv(sd, model, source)
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
     shapes = sorted(f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
                     for k in set(sd) & set(own) if sd[k].shape != own[k].shape)
-    if missing or unexpected or shapes:
+    if shapes or (strict and (missing or unexpected)):
         show = lambda xs: ", ".join(xs[:8]) + (f" (+{len(xs) - 8} more)" if len(xs) > 8 else "")
         parts = [f"{len(missing)} missing: {show(missing)}" if missing else "",
                  f"{len(unexpected)} unexpected: {show(unexpected)}" if unexpected else "",
                  f"{len(shapes)} with other shapes: {show(shapes)}" if shapes else ""]
         raise BadInput(f"load_checkpoint: {source} does not fit this model ({'; '.join(p for p in parts if p)}). "
                          f"Build the model the checkpoint was trained as (name, num_classes, img_size, directions).")
-    model.load_state_dict(sd, strict=True)
+    model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
+    return missing, unexpected
 
 
 def resample_pos_embed(sd, model, source="state_dict"):
@@ -544,17 +651,54 @@ def model_table(models, create_model, paper):
     return "\n".join(rows)
 
 
-def draw_scan_orders_png(path, orders, H, W):
-    """The scan orders as paths on an H×W grid, one panel each, the way the paper's Fig. 2 draws
-    them: `orders` maps a direction name to its scan_order (row-major token indices, -1 for
-    window padding, which the path skips). Needs matplotlib."""
+def _pyplot(what):
+    """matplotlib's pyplot without a display, or one BadInput saying how to get it."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise BadInput("drawing the scan orders needs matplotlib: pip install matplotlib "
-                       "(`python localmamba.py` prints them as text without it)") from None
+        raise BadInput(f"{what} needs matplotlib: pip install matplotlib") from None
+    return plt
+
+
+def draw_run_curves(run_dir, path=None):
+    """A run's log.jsonl as curves (train_mini.py --plot RUN_DIR): the training loss (the mean since
+    the previous record, what every record carries) and validation top-1 against steps, the test
+    split's top-1 as a marker where it was read. Writes RUN_DIR/curves.png (or path); returns it."""
+    log = Path(run_dir) / "log.jsonl"
+    try:
+        recs = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    except FileNotFoundError:
+        raise BadInput(f"--plot {run_dir}: no log.jsonl there; name a run folder of train_mini.py") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BadInput(f"--plot {run_dir}: {log} is not a readable log ({type(e).__name__}: {e})") from None
+    loss = [(r["step"], r["train_loss"]) for r in recs if isinstance(r, dict) and "train_loss" in r]
+    split = lambda s: [(r["step"], r["top1"]) for r in recs if isinstance(r, dict) and r.get("split") == s]
+    if not loss and not split("val"):
+        raise BadInput(f"--plot {run_dir}: its log holds no training or validation records yet")
+    plt = _pyplot("--plot")
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    if loss:
+        a.plot(*zip(*loss), "-", lw=1.2)
+    a.set_xlabel("step"), a.set_ylabel("training loss (mean since the previous record)"), a.grid(True, color="0.9")
+    for s, style in (("val", "o-"), ("test", "r*")):
+        if split(s):
+            b.plot(*zip(*split(s)), style, ms=8 if s == "test" else 4, label=s)
+    b.set_xlabel("step"), b.set_ylabel("top-1 %"), b.grid(True, color="0.9"), b.legend()
+    fig.suptitle(str(run_dir), fontsize=9)
+    fig.tight_layout()
+    path = Path(path or Path(run_dir) / "curves.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def draw_scan_orders_png(path, orders, H, W):
+    """The scan orders as paths on an H×W grid, one panel each, the way the paper's Fig. 2 draws
+    them: `orders` maps a direction name to its scan_order (row-major token indices, -1 for
+    window padding, which the path skips). Needs matplotlib."""
+    plt = _pyplot("drawing the scan orders (`python localmamba.py` prints them as text without it)")
     n = len(orders)
     cols = min(4, n)
     rows = -(-n // cols)

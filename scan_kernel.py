@@ -1,5 +1,5 @@
 """
-scan_kernel.py: the selective scan (S6) of Mamba, three ways, one contract.
+scan_kernel.py: the selective scan (S6) of Mamba, four ways (a loop, PyTorch, Triton, export), one contract.
 
 Reading guide
 -------------
@@ -48,7 +48,10 @@ Backends, switched by one readable condition in `selective_scan`:
               a hand-written backward (optionally torch.compile'd); the path for CPU and MPS.
     "triton"  `_SelectiveScanTriton`: chunked Triton kernels, forward and backward. On CUDA,
               or on the CPU under TRITON_INTERPRET=1 (how CI tests it).
-    "auto"    "triton" for CUDA tensors when Triton imports, else "torch".
+    "export"  `selective_scan_export`: the "ref" math with its loop as torch's `scan` op, which
+              torch.export and torch.onnx keep as one loop (an ONNX `Scan`). Forward only.
+    "auto"    "export" while exporting ("ref" under the legacy ONNX exporter, which traces); "triton"
+              for CUDA tensors when Triton imports; else "torch".
 
 `python scan_kernel.py --bench` times the backends available here (see README.md).
 """
@@ -69,7 +72,7 @@ except ImportError:  # pragma: no cover - depends on the install
 
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-__all__ = ["selective_scan", "selective_scan_ref", "selective_scan_torch", "HAS_TRITON"]
+__all__ = ["selective_scan", "selective_scan_ref", "selective_scan_torch", "selective_scan_export", "HAS_TRITON"]
 
 
 # -----------------------------------------------------------------------------
@@ -89,7 +92,7 @@ def _check_inputs(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
     need(delta.shape == u.shape, f"delta must be (batch, D, L) = {tuple(u.shape)} like u, got {tuple(delta.shape)}")
     need(A.dim() == 2 and A.shape[0] == dim, f"A must be (D, N) with D = {dim}, got {tuple(A.shape)}")
     N = A.shape[1]
-    need(min(batch, dim, L, N) >= 1, f"every dimension must be at least 1, got u {tuple(u.shape)} and A "
+    need(all(n >= 1 for n in (batch, dim, L, N)), f"every dimension must be at least 1, got u {tuple(u.shape)} and A "
                                      f"{tuple(A.shape)} (batch, D, L, N = {batch}, {dim}, {L}, {N})")
     for name, t in (("B", B), ("C", C)):
         ok = t.shape == (batch, N, L) if t.dim() == 3 else (t.dim() == 4 and t.shape[0] == batch
@@ -707,9 +710,50 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None,
 
 
 # -----------------------------------------------------------------------------
+# "export": the recurrence as ONE loop that exporters keep (torch.export, torch.onnx's dynamo
+# path): torch's `scan` higher-order op, which becomes a single ONNX `Scan` node. The "torch"
+# path's Python chunk loop would be unrolled into ~100 nodes per chunk (tens of thousands per
+# model). Chosen by "auto" while torch.compiler.is_exporting(); forward (inference) only.
+
+try:
+    from torch._higher_order_ops.scan import scan as _torch_scan
+except ImportError:  # pragma: no cover - torch < 2.6: exporters unroll the "torch" path instead
+    _torch_scan = None
+
+
+def selective_scan_export(u, delta, A, B, C, D=None, z=None, delta_bias=None,
+                          delta_softplus=False, return_last_state=False):
+    """The "ref" math with its loop over L as torch's `scan` op: one step per token, the state
+    (batch, G, Dg, N) carried. For exporting (no hand-written backward)."""
+    _check_inputs(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    out_dtype, f = u.dtype, _compute_dtype(u)
+    batch, dim, L = u.shape
+    Bg, Cg = _as_groups(B).to(f), _as_groups(C).to(f)                        # (batch, G, N, L)
+    G, N = Bg.shape[1], A.shape[1]
+    dt = delta.to(f) if delta_bias is None else delta.to(f) + delta_bias.to(f)[None, :, None]
+    dt = F.softplus(dt) if delta_softplus else dt                             # (batch, D, L)
+    A_g = A.to(f).reshape(G, dim // G, N)                                     # (G, Dg, N)
+    lbgk = lambda t: t.to(f).permute(2, 0, 1).reshape(L, batch, G, dim // G)  # (L, batch, G, Dg)
+
+    def step(x, xs):                                                          # x: (batch, G, Dg, N)
+        dt_l, u_l, B_l, C_l = xs                                              # (batch, G, Dg) x2, (batch, G, N) x2
+        x = torch.exp(dt_l[..., None] * A_g) * x + (dt_l * u_l)[..., None] * B_l[:, :, None, :]
+        return x, (x * C_l[:, :, None, :]).sum(-1)                            # y_l: (batch, G, Dg)
+
+    x0 = torch.zeros(batch, G, dim // G, N, dtype=f, device=u.device)
+    x, ys = _torch_scan(step, x0, (lbgk(dt), lbgk(u), Bg.permute(3, 0, 1, 2), Cg.permute(3, 0, 1, 2)))
+    y = ys.reshape(L, batch, dim).permute(1, 2, 0)                            # (batch, D, L)
+    if D is not None:
+        y = y + D.to(f)[None, :, None] * u.to(f)
+    out = (y if z is None else y * F.silu(z.to(f))).to(out_dtype)
+    return (out, x.reshape(batch, dim, N).detach()) if return_last_state else out
+
+
+# -----------------------------------------------------------------------------
 # the one entry point
 
-_BACKENDS = {"ref": selective_scan_ref, "torch": selective_scan_torch, "triton": selective_scan_triton}
+_BACKENDS = {"ref": selective_scan_ref, "torch": selective_scan_torch, "triton": selective_scan_triton,
+             "export": selective_scan_export}
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None,
@@ -721,7 +765,9 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     """
     if backend == "auto":
         use_triton = HAS_TRITON and isinstance(u, torch.Tensor) and u.is_cuda
-        backend = "triton" if use_triton else "torch"
+        exporting = _torch_scan is not None and torch.compiler.is_exporting()
+        legacy_onnx = torch.onnx.is_in_onnx_export() and not exporting   # TorchScript-based: no scan op
+        backend = "export" if exporting else "ref" if legacy_onnx else "triton" if use_triton else "torch"
     if backend not in _BACKENDS:
         raise ValueError(f"selective_scan: backend must be one of 'auto', {', '.join(map(repr, _BACKENDS))}; "
                          f"got {backend!r}")

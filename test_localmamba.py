@@ -530,6 +530,37 @@ def test_scan_mixed_dtypes_compute_in_fp32(backend):
     assert_scan_close(got, want, 2 * 2 ** -8, f"{backend} mixed dtypes")   # bf16 rounding of out and du/dB
 
 
+@pytest.mark.parametrize("flags", [(False, False, False, False), (True, True, True, True), (True, False, True, True)])
+@pytest.mark.parametrize("grouped", [True, False])
+def test_export_backend_matches_the_float64_loop(flags, grouped):
+    """backend "export" (the loop as torch's `scan` op, what exporters keep): out and last state."""
+    inp = scan_inputs(L=37, grouped=grouped, seed=21)
+    use_D, use_z, use_bias, softplus = flags
+    args = dict(D=inp["D"] if use_D else None, z=inp["z"] if use_z else None,
+                delta_bias=inp["delta_bias"] if use_bias else None, delta_softplus=softplus)
+    out, last = selective_scan(inp["u"], inp["delta"], inp["A"], inp["B"], inp["C"], **args,
+                               return_last_state=True, backend="export")
+    out_w, last_w = loop_float64(inp["u"], inp["delta"], inp["A"], inp["B"], inp["C"], **args)
+    assert rel_err(out, out_w) < 1e-5 and rel_err(last, last_w) < 1e-5
+
+
+def test_auto_picks_the_export_backend_while_exporting():
+    """Under torch.export, "auto" runs the recurrence as ONE `scan` node (not a chunk loop unrolled
+    into thousands of nodes), the program takes another batch size, and matches eager."""
+    class Scan(torch.nn.Module):
+        def forward(self, u, delta, A, B, C):
+            return selective_scan(u, delta, A, B, C, delta_softplus=True)
+    inp = scan_inputs(L=40, seed=22)
+    args = (inp["u"], inp["delta"], inp["A"], inp["B"], inp["C"])
+    b = torch.export.Dim("batch", min=1, max=64)
+    ep = torch.export.export(Scan(), args, dynamic_shapes=({0: b}, {0: b}, None, {0: b}, {0: b}))
+    nodes = [n for n in ep.graph.nodes if n.op == "call_function"]
+    assert sum("scan" in str(n.target) for n in nodes) == 1 and len(nodes) < 60, [str(n.target) for n in nodes]
+    more = scan_inputs(batch=5, L=40, seed=23)
+    args5 = (more["u"], more["delta"], more["A"], more["B"], more["C"])
+    assert rel_err(ep.module()(*args5), loop_float64(*args5, delta_softplus=True)[0]) < 1e-5
+
+
 # =============================================================================
 # 2. Scan orders, SCAttn, the search relaxation (localmamba.py against the paper)
 
@@ -1242,6 +1273,34 @@ print("copy set ok")
 
 
 @pytest.mark.slow
+def test_pip_install_into_a_fresh_venv_imports_from_any_folder(tmp_path):
+    """`pip install <clone>` (pyproject.toml) into a fresh venv: `import localmamba` works from
+    another folder, prints __version__, builds a model, and the trainer's console script exists.
+    The venv sees this machine's torch (--system-site-packages): nothing is downloaded."""
+    import venv
+    src = tmp_path / "clone"
+    src.mkdir()
+    for f in ("pyproject.toml", "README.md", "localmamba.py", "localmamba_helpers.py", "localmamba_data.py",
+              "scan_kernel.py", "train_mini.py"):
+        (src / f).write_bytes((HERE / f).read_bytes())
+    venv.create(tmp_path / "venv", system_site_packages=True, with_pip=False)   # the system pip, setuptools
+    py = tmp_path / "venv" / "bin" / "python"
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TRITON_INTERPRET")}
+    p = subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", str(src)],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    code = ("import localmamba, scan_kernel; print(localmamba.__version__, localmamba.__file__); "
+            "m = localmamba.create_model('local_vim_nano', in_chans=1); print(type(m).__name__)")
+    p = subprocess.run([str(py), "-c", code], capture_output=True, text=True, cwd=elsewhere, env=env, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    version, where, cls = p.stdout.split()
+    assert version == lm.__version__ and "site-packages" in where and cls == "LocalVim"
+    assert (tmp_path / "venv" / "bin" / "localmamba-train").exists()
+
+
+@pytest.mark.slow
 def test_the_copy_set_builds_trains_and_loads_alone(tmp_path, published):
     """README's copy set, in an empty folder, without timm or the trainer: every published model
     builds, runs forward and backward, and an official-layout checkpoint loads strictly."""
@@ -1480,6 +1539,120 @@ def test_a_short_loop_built_only_from_timm_pieces_trains():
     assert any(not torch.equal(a, b) for a, b in zip(before, ema.module.parameters()))
 
 
+# ----- 4b. Export, tracing, meta construction, detection
+
+SMALL_VIM = dict(in_chans=1, depth=2, embed_dim=32, directions=[["h", "v_flip", "w2", "w7_flip"]] * 2)
+SMALL_VMAMBA = dict(img_size=32, dims=(16, 32, 32, 64), depths=(1, 1, 1, 1),
+                    directions=[["h", "v_flip", "w2", "w7_flip"]] * 4)
+EXPORTED = [("local_vim_nano", SMALL_VIM, (1, 28, 28)), ("local_vmamba_tiny", SMALL_VMAMBA, (3, 40, 48))]
+needs_onnx = pytest.mark.skipif(not all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime", "onnxscript")),
+                                reason="onnx, onnxruntime and onnxscript are not installed")
+
+
+def _small(name, kw, seed=0):
+    torch.manual_seed(seed)
+    return create_model(name, num_classes=7, **kw).eval()
+
+
+def test_rms_norm_is_torchs_and_mambas():
+    """The written-out RMSNorm (every exporter reads it) computes nn.RMSNorm's result with its state_dict."""
+    torch.manual_seed(0)
+    ours, theirs = lm.RMSNorm(24, eps=1e-5), torch.nn.RMSNorm(24, eps=1e-5)
+    with torch.no_grad():
+        ours.weight.normal_()
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(3, 5, 24) * 1e-3                                     # small: eps matters
+    assert torch.allclose(ours(x), theirs(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name,kw,shape", EXPORTED)
+def test_a_model_built_on_the_meta_device_loads_real_weights(name, kw, shape):
+    """`with torch.device("meta")`: no memory, no init; to_empty + load_state_dict gives the model."""
+    real = _small(name, kw)
+    with torch.device("meta"):
+        ghost = create_model(name, num_classes=7, **kw)
+    assert all(p.is_meta for p in ghost.parameters())
+    ghost = ghost.to_empty(device="cpu").eval()
+    ghost.load_state_dict(real.state_dict())
+    x = torch.randn(2, *shape)
+    with torch.no_grad():
+        assert torch.equal(ghost(x), real(x))        # nothing computed at init lives outside the state_dict
+
+
+@pytest.mark.parametrize("name,kw,shape", [EXPORTED[0], pytest.param(*EXPORTED[1], marks=pytest.mark.slow)])
+def test_torch_export_takes_a_dynamic_batch_and_jit_trace_works(name, kw, shape):
+    m = _small(name, kw)
+    x, x5 = torch.randn(2, *shape), torch.randn(5, *shape)
+    ep = torch.export.export(m, (x,), dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=256)},))
+    with torch.no_grad():
+        want5 = m(x5)
+        assert (ep.module()(x5) - want5).abs().max() < 1e-5
+        traced = torch.jit.trace(m, (x,), check_trace=False)     # (LocalVMamba once added a bool to a traced size)
+        assert (traced(x) - m(x)).abs().max() < 1e-5
+
+
+@pytest.mark.slow
+@needs_onnx
+@pytest.mark.parametrize("dynamo", [True, False])
+@pytest.mark.parametrize("name,kw,shape", EXPORTED)
+def test_onnx_export_runs_in_onnxruntime_to_the_pytorch_outputs(tmp_path, name, kw, shape, dynamo):
+    """torch.onnx.export (dynamo: the recommended path, the scan one ONNX Scan node, a dynamic
+    batch; legacy: the TorchScript exporter, which once died on aten::rms_norm), run by
+    onnxruntime, within 1e-4 of PyTorch."""
+    import onnx
+    import onnxruntime as ort
+    m, path = _small(name, kw), tmp_path / "m.onnx"
+    x = torch.randn(2, *shape)
+    if dynamo:
+        torch.onnx.export(m, (x,), path, dynamo=True, dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=64)},))
+        assert sum(n.op_type == "Scan" for n in onnx.load(path).graph.node) >= 1
+        assert len(onnx.load(path).graph.node) < 2000                         # not the chunk loop unrolled
+    else:
+        torch.onnx.export(m, (x,), path, dynamo=False, opset_version=17)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for xb in (x, torch.randn(3, *shape)) if dynamo else (x,):
+        got = sess.run(None, {sess.get_inputs()[0].name: xb.numpy()})[0]
+        with torch.no_grad():
+            assert np.abs(got - m(xb).numpy()).max() < 1e-4
+
+
+@pytest.mark.parametrize("name,kw", [("local_vmamba_tiny", SMALL_VMAMBA),
+                                     ("local_vim_tiny", dict(img_size=64, depth=2, embed_dim=32,
+                                                             directions=[["h", "v", "w2", "w7"]] * 2))])
+def test_detection_backbone_gives_torchvision_its_pyramid(name, kw):
+    """DetectionBackbone: torchvision's contract (out_channels, an ordered mapping "0".."3", "pool")
+    at strides 4, 8, 16, 32, 64 of a non-square input: LocalVMamba through an FPN, LocalVim (one
+    stride, 16) through ViTDet's simple feature pyramid."""
+    torch.manual_seed(0)
+    H, W = (64, 64) if "vim" in name else (64, 128)
+    bb = lm.DetectionBackbone(create_model(name, features_only=True, **kw), out_channels=24)
+    out = bb(torch.randn(2, 3, H, W))
+    assert list(out) == ["0", "1", "2", "3", "pool"] and bb.out_channels == 24
+    assert [tuple(v.shape) for v in out.values()] == [(2, 24, H // s, W // s) for s in (4, 8, 16, 32, 64)]
+    sum(v.float().mean() for v in out.values()).backward()
+    assert all(p.grad is not None for p in bb.parameters())                  # no unused parameter (DDP)
+
+
+@pytest.mark.slow
+def test_faster_rcnn_on_local_vmamba_tiny_trains_a_step():
+    """torchvision's FasterRCNN built on features_only LocalVMamba-T (the published config) at 64 px:
+    one training step gives finite losses and moves the backbone."""
+    from torchvision.models.detection import FasterRCNN
+    torch.manual_seed(0)
+    det = FasterRCNN(lm.DetectionBackbone(create_model("local_vmamba_tiny", features_only=True), 64), num_classes=3,
+                     min_size=64, max_size=64).train()
+    w = det.backbone.body.model.patch_embed[0].weight
+    before = w.detach().clone()
+    opt = torch.optim.SGD(det.parameters(), lr=0.01)
+    images = [torch.rand(3, 64, 64) for _ in range(2)]
+    targets = [dict(boxes=torch.tensor([[4.0, 6.0, 40.0, 50.0]]), labels=torch.tensor([1])) for _ in range(2)]
+    losses = det(images, targets)
+    assert set(losses) == {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
+    sum(losses.values()).backward()
+    opt.step()
+    assert all(torch.isfinite(v) for v in losses.values()) and not torch.equal(w, before)
+
+
 # =============================================================================
 # 5. Checkpoints: layouts, weights-only loading, checksums, other sizes
 
@@ -1517,6 +1690,76 @@ def test_state_dict_round_trip_and_load_checkpoint(tmp_path):
     with pytest.raises(ValueError, match="not a readable PyTorch checkpoint") as e:
         load_checkpoint(m, tmp_path / "junk.pt")
     assert "\n" not in str(e.value) and "weights_only" not in str(e.value)   # torch's advice to load unsafely: not passed on
+
+
+def _raw_and_ema(name="local_vim_nano", **kw):
+    """A model's state_dict and a perturbed copy of it (the 'EMA'), and a fresh model to load into."""
+    torch.manual_seed(0)
+    m = create_model(name, **kw)
+    raw = m.state_dict()
+    ema = {k: v + 0.5 if v.is_floating_point() else v for k, v in raw.items()}
+    return raw, ema, create_model(name, **kw)
+
+
+def test_load_checkpoint_chooses_raw_or_ema_weights_in_every_layout(tmp_path):
+    """use_ema picks the EMA weights (default True, as timm's load_checkpoint) or the raw ones, in
+    ours, timm's (state_dict / state_dict_ema) and the official (model / model_ema) layout; a file
+    without EMA weights gives the raw ones; the result names what was read."""
+    raw, ema, fresh = _raw_and_ema(in_chans=1)
+    key = "layers.0.mixer.A_log_0"
+    layouts = {"ours": {"model": raw, "model_ema": ema, "config": {"model": "local_vim_nano"}, "step": 3},
+               "timm": {"state_dict": raw, "state_dict_ema": ema, "epoch": 2},
+               "official": {"model": raw, "model_ema": ema, "epoch": 2, "args": argparse.Namespace(lr=1e-3)}}
+    for name, ckpt in layouts.items():
+        torch.save(ckpt, tmp_path / f"{name}.pt")
+        ema_key, raw_key = ("state_dict_ema", "state_dict") if name == "timm" else ("model_ema", "model")
+        for use_ema, want, where in ((True, ema, ema_key), (False, raw, raw_key), (None, ema, ema_key)):
+            res = load_checkpoint(fresh, tmp_path / f"{name}.pt", **({} if use_ema is None else {"use_ema": use_ema}))
+            assert torch.equal(fresh.state_dict()[key], want[key]), (name, use_ema)
+            assert res == (where, [], []), (name, use_ema, res)
+    torch.save({"model": raw, "model_ema": None}, tmp_path / "no_ema.pt")        # ours, a run without EMA
+    assert load_checkpoint(fresh, tmp_path / "no_ema.pt", use_ema=True).weights == "model"
+    assert torch.equal(fresh.state_dict()[key], raw[key])
+    if importlib.util.find_spec("timm"):                                          # the same choice as timm's loader
+        from timm.models import load_checkpoint as timm_load
+        for name in ("timm", "official"):
+            for use_ema, want in ((True, ema), (False, raw)):
+                timm_load(fresh, str(tmp_path / f"{name}.pt"), use_ema=use_ema)
+                assert torch.equal(fresh.state_dict()[key], want[key]), (name, use_ema)
+
+
+def test_load_checkpoint_strict_false_reports_what_it_could_not_load(tmp_path):
+    raw, _, fresh = _raw_and_ema(in_chans=1)
+    sd = dict(raw, **{"extra.weight": torch.zeros(1)})
+    sd.pop("head.bias")
+    torch.save(sd, tmp_path / "partial.pt")
+    with pytest.raises(ValueError, match="1 missing: head.bias; 1 unexpected: extra.weight"):
+        load_checkpoint(fresh, tmp_path / "partial.pt")
+    res = load_checkpoint(fresh, tmp_path / "partial.pt", strict=False)
+    assert res == (None, ["head.bias"], ["extra.weight"])
+    assert torch.equal(fresh.head.weight, raw["head.weight"])
+
+
+@pytest.mark.parametrize("name,first", [("local_vim_nano", "patch_embed.proj.weight"),
+                                        ("local_vmamba_tiny", "patch_embed.0.weight")])
+def test_a_3_channel_checkpoint_adapts_its_first_conv_as_timm(tmp_path, capsys, name, first):
+    """A 3-channel checkpoint into a 1- (or 2-) channel model: the first conv summed over RGB (or RGB
+    repeated and scaled by 3/in_chans), as timm's adapt_input_conv, said in one line."""
+    torch.manual_seed(0)
+    rgb = create_model(name, num_classes=4)
+    torch.save({"model": rgb.state_dict()}, tmp_path / "rgb.pt")
+    w = rgb.state_dict()[first]
+    for in_chans, want in ((1, w.sum(1, keepdim=True)), (2, torch.cat([w[:, :2]], 1) * 1.5)):
+        m = create_model(name, num_classes=4, in_chans=in_chans)
+        load_checkpoint(m, tmp_path / "rgb.pt")
+        assert torch.allclose(m.state_dict()[first], want)
+        out = capsys.readouterr().out
+        assert out.count("\n") == 1 and f"adapted from 3 input channels to {in_chans}" in out
+        if importlib.util.find_spec("timm"):
+            from timm.models import adapt_input_conv
+            assert torch.allclose(m.state_dict()[first], adapt_input_conv(in_chans, w.clone()))
+        rest = [k for k in m.state_dict() if k != first]
+        assert all(torch.equal(m.state_dict()[k], rgb.state_dict()[k]) for k in rest)
 
 
 def test_other_input_sizes_load_224_checkpoints(tmp_path, capsys):
@@ -1747,6 +1990,32 @@ def test_ema_update_follows_the_formula():
     assert not any(p.requires_grad for p in ema.parameters())
 
 
+@pytest.mark.parametrize("mixup,cutmix", [(0.8, 0.0), (0.0, 1.0), (0.2, 1.0)])
+def test_label_smoothing_applies_to_mixed_targets_as_timms_mixup(mixup, cutmix):
+    """The recipe trains with label smoothing 0.1 AND mixup/cutmix. timm's Mixup(label_smoothing=ε)
+    mixes smoothed one-hots: λ·smooth(y_a) + (1-λ)·smooth(y_b) = (1-ε)·mixed + ε/C. train_step's loss
+    must be the soft-target cross-entropy against exactly that (smoothing neither dropped nor doubled)."""
+    C, eps = 5, 0.1
+    s = argparse.Namespace(mixup=mixup, cutmix=cutmix, label_smoothing=eps, clip_grad=None)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, C))
+    r = train_mini.Run(s=s, rank=0, world=1, device=torch.device("cpu"), log=print, amp_dtype=None, model=model,
+                       ddp=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
+                       scaler=torch.amp.GradScaler("cpu", enabled=False), mix=train_mini.make_mix(s, C))
+    x, y = torch.randn(6, 3, 8, 8), torch.tensor([0, 1, 2, 3, 4, 0])
+    with torch.no_grad():
+        torch.manual_seed(1)
+        xm, mixed = r.mix(x, y)                                   # the draw train_step will make
+        assert mixed.shape == (6, C) and not torch.equal(mixed, F.one_hot(y, C).float())
+        target = (1 - eps) * mixed + eps / C
+        want = -(target * F.log_softmax(model(xm), -1)).sum(-1).mean()
+    torch.manual_seed(1)
+    got = train_mini.train_step(r, x, y, 0.0, (0, 0))
+    assert got.item() == pytest.approx(want.item(), rel=1e-6)
+    plain = -(mixed * F.log_softmax(model(xm), -1)).sum(-1).mean()
+    assert abs(got.item() - plain.item()) > 1e-3                  # the smoothing is visible at this size
+
+
 def test_ddp_ranks_see_disjoint_shards_that_cover_the_epoch():
     n, world = 103, 2
     shards = [list(localmamba_data.EpochOrder(n, seed=3, rank=r, world=world, shuffle=True)) for r in range(world)]
@@ -1826,6 +2095,7 @@ def test_imagenet_augmentation_has_the_papers_strength(use_timm):
         from timm.data.auto_augment import RandAugment
         ra = next(t for t in tf.transforms if isinstance(t, RandAugment))
         rot = next(o for o in ra.ops if o.name == "Rotate")
+        assert rot.kwargs["fillcolor"] == (124, 116, 104)          # the ImageNet mean × 255, as timm fills
         assert (rot.magnitude, rot.magnitude_std) == (9, 0.5) and abs(rot.level_fn(9, rot.hparams)[0]) == 27.0
         assert rot.kwargs["resample"] == Image.Resampling.BICUBIC
         erase = next(t for t in tf.transforms if type(t).__name__ == "RandomErasing")
@@ -1833,6 +2103,10 @@ def test_imagenet_augmentation_has_the_papers_strength(use_timm):
     else:
         ra = next(t for t in tf.transforms if isinstance(t, v2.RandAugment))
         assert ra.magnitude == 9 and ra.interpolation == v2.InterpolationMode.BICUBIC
+        assert ra.fill == [124, 116, 104]        # the mean × 255 (timm's fill), not black, not the 0-1 mean
+        img = Image.fromarray(np.full((64, 64, 3), 255, np.uint8))     # rotated white: the corners are the fill
+        rot = v2.RandomRotation((45, 45), interpolation=ra.interpolation, fill=ra.fill)
+        assert tuple(np.asarray(rot(img))[0, 0]) == (124, 116, 104)
         assert ra._AUGMENTATION_SPACE["Rotate"][0](ra.num_magnitude_bins, 224, 224)[9].item() == pytest.approx(27.0)
         assert next(t for t in tf.transforms if isinstance(t, v2.RandomErasing)).p == 0.25
     off = localmamba_data.imagenet_transforms(224, True, "none", 0.0, use_timm=False)
@@ -2037,6 +2311,48 @@ def test_every_bad_flag_is_refused_before_any_setup(flag, value, needle, monkeyp
     assert not (tmp_path / "o").exists()
 
 
+def test_finetune_takes_the_raw_weights_or_with_finetune_ema_the_ema(tmp_path, monkeypatch, capsys):
+    """--finetune reads the raw weights (DeiT's --finetune), --finetune-ema the EMA ones, in every
+    layout; --finetune-ema from a file without EMA weights, or without --finetune, is refused
+    before any setup."""
+    raw, ema, dst = _raw_and_ema(in_chans=1, num_classes=10)
+    key = "layers.1.mixer.in_proj.weight"
+    for ckpt in ({"model": raw, "model_ema": ema}, {"state_dict": raw, "state_dict_ema": ema}):
+        for use_ema, want in ((False, raw), (True, ema)):
+            msgs = []
+            train_mini.load_finetune(dst, ckpt, "f.pt", msgs.append, "its directions", use_ema)
+            assert torch.equal(dst.state_dict()[key], want[key])
+            assert ("EMA weights" if use_ema else "raw weights") in msgs[0]
+    torch.save({"model": raw, "model_ema": None}, tmp_path / "no_ema.pt")
+    monkeypatch.setattr(train_mini, "fashion_splits", lambda *a, **k: pytest.fail("set up despite bad flags"))
+    for argv, needle in ((["--finetune", str(tmp_path / "no_ema.pt"), "--finetune-ema"], "holds no EMA weights"),
+                         (["--finetune-ema"], "pass --finetune too")):
+        with pytest.raises(SystemExit) as e:
+            train_mini.main(argv + ["--out", str(tmp_path / "o")])
+        _assert_clean_failure(e.value.code, capsys.readouterr().err, needle)
+        assert not (tmp_path / "o").exists()
+
+
+def test_plot_draws_a_runs_curves_or_says_why_not(tmp_path, capsys, monkeypatch):
+    """--plot RUN_DIR reads log.jsonl (training records carry train_loss and lr) and writes
+    curves.png; a folder without a log, or no matplotlib, is one message."""
+    run = tmp_path / "run"
+    run.mkdir()
+    recs = [{"total_steps": 4}] + [{"epoch": s / 4, "step": s, "train_loss": 2.3 - s / 10, "lr": 1e-3} for s in (1, 2)] \
+        + [{"split": "val", "step": 4, "top1": 30.0, "train_loss": 2.0, "lr": 1e-4}, {"split": "test", "step": 4, "top1": 29.0}]
+    (run / "log.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    if importlib.util.find_spec("matplotlib"):
+        train_mini.main(["--plot", str(run)])
+        assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "curves.png" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        train_mini.main(["--plot", str(tmp_path / "empty")])
+    _assert_clean_failure(e.value.code, capsys.readouterr().err, "no log.jsonl there")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(SystemExit) as e:
+        train_mini.main(["--plot", str(run)])
+    _assert_clean_failure(e.value.code, capsys.readouterr().err, "needs matplotlib: pip install matplotlib")
+
+
 # =============================================================================
 # 7. train_mini.py end to end (subprocesses on the CPU, tiny data)
 
@@ -2126,14 +2442,20 @@ def test_resume_continues_exactly(tmp_path):
 @pytest.mark.slow
 @needs_fashion
 def test_default_fashion_mnist_path_runs(tmp_path):
-    rc, so, se = run_cli("--max-steps", "3", "--train-per-class", "20", "--val-per-class", "10", "--test-per-class", "5",
+    rc, so, se = run_cli("--max-steps", "2", "--train-per-class", "20", "--val-per-class", "10", "--test-per-class", "5",
                          "--out", tmp_path / "f")
     assert rc == 0, se
     cfg, evals = read_log(tmp_path / "f")
     assert cfg["model"] == "local_vim_nano" and cfg["in_chans"] == 1 and cfg["amp"] == "off"
     assert (cfg["train_images"], cfg["val_images"], cfg["test_images"]) == (200, 100, 50)
-    assert [(e["split"], e["step"]) for e in evals] == [("val", 3), ("test", 3)]     # the test set once, at the end
+    assert cfg["total_steps"] > 2                                    # so the --max-steps stop is a pause:
+    assert [(e["split"], e["step"]) for e in evals] == [("val", 2)]  # the test split is read at a run's end only
+    assert "stopped by --max-steps at step 2" in so and "--test-at-stop" in so
     assert "training in all: ~" in so                                                  # the first progress line
+    rc, so, se = run_cli("--max-steps", "2", "--train-per-class", "20", "--val-per-class", "10", "--test-per-class", "5",
+                         "--test-at-stop", "--out", tmp_path / "g")       # a smoke run whose stop is its end
+    assert rc == 0, se
+    assert [(e["split"], e["step"]) for e in read_log(tmp_path / "g")[1]] == [("val", 2), ("test", 2)]
 
 
 def run_torchrun(script, *args, port=29533):
@@ -2214,7 +2536,7 @@ def test_search_writes_directions_that_train_accepts(tmp_path):
     assert len(evals[-1]["search_probs"]) == NANO_DEPTH
     small = ["--train-per-class", "5", "--val-per-class", "2", "--test-per-class", "2", "--batch-size", "10"]
     rc, so, se = run_cli("--directions", tmp_path / "s" / "directions.json", "--max-steps", "1", *small,
-                         "--ema-decay", "0.5", "--out", tmp_path / "t")
+                         "--ema-decay", "0.5", "--test-at-stop", "--out", tmp_path / "t")
     assert rc == 0, se
     cfg, evals = read_log(tmp_path / "t", "val")
     assert cfg["directions"] == found["directions"]
@@ -2343,6 +2665,19 @@ def test_default_out_cannot_collide():
     args = train_mini.parse_args([])
     s = train_mini.resolve_settings(args, None, torch.device("cpu"))
     assert s.out.endswith(f"-{os.getpid()}") and s.out.startswith("runs/local_vim_nano-")
+
+
+@pytest.mark.slow
+@pytest.mark.slow
+def test_every_log_record_carries_the_training_loss_and_lr(finished_tiny_run):
+    """Progress records (every --print-every seconds; TINY prints every step after the first) and
+    evaluation records carry the mean training loss since the previous record (where steps ran
+    since) and the lr."""
+    lines = [json.loads(l) for l in (finished_tiny_run / "log.jsonl").read_text().splitlines()]
+    cfg, train, val = lines[0], [r for r in lines if "split" not in r][1:], [r for r in lines if r.get("split") == "val"]
+    assert [r["step"] for r in train] == [2] and val and "train_loss" not in val[-1]   # the step-2 record took it
+    lr = train_mini.get_lr(1, cfg["lr_used"], cfg["warmup_steps"], cfg["total_steps"])
+    assert train[0]["lr"] == pytest.approx(lr) and 0 < train[0]["train_loss"] < 10
 
 
 @pytest.mark.slow

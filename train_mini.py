@@ -20,6 +20,7 @@ are per step (the official GradualWarmupScheduler is a per-epoch staircase). The
         --model local_vmamba_tiny --batch-size 128        # the paper's 8 × 128
     python train_mini.py --data imagenet --data-dir /data/imagenet --eval --resume runs/x/checkpoint.pt
     python experiments/study_scans.py                      # the small-scale study (README "Results")
+    python train_mini.py --plot runs/x                     # its loss and top-1 curves -> runs/x/curves.png
 
 Reading order: the recipe table -> the command line and its one resolution into settings -> the
 run's state (`Run`) and its pieces (processes, the run folder, checkpoints, evaluation, the step)
@@ -29,8 +30,10 @@ localmamba.configure_optimizer.
 
 Fashion-MNIST protocol: the last 500 images of each class of its training file are the
 validation split (every logged evaluation, and whatever chooses settings); training draws from
-the rest; the 10k test set is evaluated once, at the end. Outputs in --out: log.jsonl (line 1:
-the resolved config, then one line per evaluation), checkpoint.pt (written to a temporary file,
+the rest; the 10k test set is evaluated once, at the run's end (not at a --max-steps stop, unless
+--test-at-stop). Outputs in --out: log.jsonl (line 1: the resolved config, then one line per
+evaluation and one per progress line; each carries the mean training loss since the previous
+line and the lr), checkpoint.pt (written to a temporary file,
 then renamed: a crash never destroys the last good one), best.pt (the checkpoint of the best
 validation top-1 so far), directions.json after --search.
 Exit codes: 0 done, 2 bad input (one message, no traceback), 3 the loss became non-finite,
@@ -56,7 +59,8 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 import localmamba
 import scan_kernel
 from localmamba_data import FASHION_DIR, EpochOrder, fashion_splits, imagenet_splits, parse_aa, seed_worker
-from localmamba_helpers import rng_state, save_atomic, seed_everything, set_rng_state
+import localmamba_helpers
+from localmamba_helpers import EMA_KEYS, rng_state, save_atomic, seed_everything, set_rng_state
 
 try:
     import fcntl          # POSIX: one writer per run folder (an flock the kernel drops when the process ends)
@@ -102,7 +106,8 @@ FLAGS = [  # (flag, type, help); a default of None is filled in by resolve_setti
      f"Fashion-MNIST: the folder of its 4 IDX .gz files (default {FASHION_DIR})"),
     ("--model", str, "a localmamba.create_model name; with --search the supernet"),
     ("--img-size", int, "pixels (default: the model's own, its pretrained_cfg: 224 published, 28 nano)"),
-    ("--epochs", float, "(with --search: search_epochs)"), ("--max-steps", int, "stop after N steps (smoke runs)"),
+    ("--epochs", float, "(with --search: search_epochs)"), ("--max-steps", int, "stop after N steps (smoke runs; "
+     "the test split is read only at a run's end: add --test-at-stop to read it at this stop)"),
     ("--batch-size/-b", int, "per process"), ("--blr", float, "base lr: scaled to blr × global batch / 1024"),
     ("--lr", float, "the peak lr itself (default: --blr × global batch / 1024, the paper's rule)"),
     ("--weight-decay", float, "AdamW"), ("--warmup-epochs", float, "linear from 1e-7"), ("--drop-path", float, ""),
@@ -117,6 +122,8 @@ FLAGS = [  # (flag, type, help); a default of None is filled in by resolve_setti
     ("--out/--output", str, "default: runs/<model>-<time>-<pid>"),
     ("--finetune", str, "start from these weights (ours, official or timm layout; a head of another size is "
      "re-initialised, pos_embed resampled)"),
+    ("--finetune-ema", bool, "--finetune from the file's EMA weights (timm's state_dict_ema, model_ema), not its "
+     "raw ones (the default, as DeiT's --finetune)"),
     ("--resume", str, "checkpoint.pt to continue from (or to evaluate with --eval)"),
     ("--checkpoint-every", int, "steps between checkpoints besides each epoch's end, 0 = only there"),
     ("--allow-changed-batch", bool, "--resume with another --batch-size or process count (changes the data order)"),
@@ -124,8 +131,11 @@ FLAGS = [  # (flag, type, help); a default of None is filled in by resolve_setti
     ("--amp", str, "bf16, fp16 or off (default: off for LocalVim and on CPU, bf16 for LocalVMamba on CUDA, as the "
      "official recipe trained them)"), ("--seed", int, ""), ("--print-every", float, "seconds between progress lines"),
     ("--wd-exempt-ssm", bool, "no weight decay on A_log, D and the search logits α"),
+    ("--test-at-stop", bool, "a --max-steps stop is the run's end: evaluate the test split there (smoke runs, "
+     "the study's step budget)"),
     ("--eval", bool, "only evaluate --resume CKPT (validation and test splits)"), ("--eval-ema", bool, "the EMA's"),
     ("--search", bool, "train a *_search supernet and write directions.json"),
+    ("--plot", str, "RUN_DIR: draw its training loss and top-1 against steps to RUN_DIR/curves.png, and exit"),
     ("--no-scattn", bool, "ablation: no SCAttn"), ("--no-compile", bool, "CPU: run the scan eagerly, not compiled"),
 ]
 CHOICES = {"data": ("fashion-mnist", "imagenet"), "bad_images": ("skip", "stop"), "amp": ("bf16", "fp16", "off")}
@@ -215,6 +225,8 @@ def resolve_settings(args, saved, device, world=1):
         raise UserError("--eval needs --resume CKPT (the checkpoint to evaluate)")
     if s.finetune and s.resume:
         raise UserError("--finetune starts a new run from weights, --resume continues one: pass one of them")
+    if s.finetune_ema and not s.finetune:
+        raise UserError("--finetune-ema chooses the weights of --finetune CKPT: pass --finetune too")
     s.layer_directions = localmamba.load_directions(s.directions) if s.directions else None
     if saved is not None:
         adopt_checkpoint_settings(s, saved)
@@ -298,6 +310,9 @@ class Run:
     ema: Optional[nn.Module] = None   # AveragedModel, or None (--ema-decay 0)
     mix: Any = None                   # mixup / cutmix, or None
     best_top1: float = -1.0           # the best validation top-1 so far (best.pt)
+    loss_sum: Any = 0.0               # training loss summed since the last log record (a tensor: no sync)
+    loss_n: int = 0
+    lr_now: float = 0.0
     config: dict = field(default_factory=dict)          # line 1 of log.jsonl, saved in every checkpoint
     clock: dict = field(default_factory=dict)           # progress timing
 
@@ -378,7 +393,11 @@ def claim_run_dir(s, is_main, world):
 def adopt_finetune_directions(s, ckpt):
     """--finetune from a run of this trainer: its scan directions come along (the same shapes with other
     directions would load without a word and compute something else); other --directions are refused.
-    Other layouts do not say which directions they were trained with: the model's are used, and said."""
+    Other layouts do not say which directions they were trained with: the model's are used, and said.
+    --finetune-ema from a file without EMA weights is refused here, before any setup."""
+    if s.finetune_ema and localmamba.weights_of(ckpt, use_ema=True)[0] not in EMA_KEYS:
+        raise UserError(f"--finetune-ema: {s.finetune} holds no EMA weights (looked for "
+                        f"{', '.join(map(repr, EMA_KEYS))}); drop --finetune-ema to take its raw weights")
     cfg = ckpt.get("config") if isinstance(ckpt, dict) else None
     theirs = cfg.get("directions") if isinstance(cfg, dict) and not cfg.get("search") else None
     if theirs is not None and s.layer_directions is not None and s.layer_directions != theirs:
@@ -388,16 +407,19 @@ def adopt_finetune_directions(s, ckpt):
     return "its own directions" if theirs else "the model's directions (the file does not name any)"
 
 
-def load_finetune(model, ckpt, path, log, directions):
-    """--finetune: weights only, from our, the official or timm's checkpoint layout (a DDP prefix
-    dropped); a head for another number of classes keeps its fresh init; pos_embed is resampled."""
-    sd = {k.removeprefix("module."): v for k, v in localmamba.state_dict_of(ckpt).items()}
+def load_finetune(model, ckpt, path, log, directions, use_ema=False):
+    """--finetune: weights only (the raw ones, or the EMA with --finetune-ema), from our, the official
+    or timm's checkpoint layout (a DDP prefix dropped); a head for another number of classes keeps
+    its fresh init; pos_embed is resampled, a 3-channel first conv adapted to 1 channel."""
+    key, sd = localmamba.weights_of(ckpt, use_ema)
+    sd = {k.removeprefix("module."): v for k, v in sd.items()}
     own = model.state_dict()
     head = {n for n, _ in model.named_parameters() if n.startswith(("head.", "classifier.head."))}
     fresh = [k for k in head if k in sd and sd[k].shape != own[k].shape]
     localmamba.load_state_dict_strict(model, {**sd, **{k: own[k] for k in fresh}}, path)
+    kind = "" if key is None else f"; its {'EMA' if key in EMA_KEYS else 'raw'} weights ({key!r})"
     log(f"--finetune {path}: weights loaded, {directions}" + (
-        f"; the head re-initialised for {model.num_classes} classes" if fresh else ""))
+        f"; the head re-initialised for {model.num_classes} classes" if fresh else "") + kind)
 
 
 def rng_states(world):
@@ -510,7 +532,7 @@ def log_json(r, rec):
 def eval_and_log(r, epoch, step, split="val"):
     res = evaluate(r.model, r.eval_loaders[split], r.device, r.amp_dtype, r.world)
     rec = {"split": split, "epoch": epoch, "step": step, "top1": res["top1"], "top5": res["top5"],
-           "loss": res["loss"], "time_s": round(time.time() - r.clock["t0"], 1)}
+           "loss": res["loss"], "time_s": round(time.time() - r.clock["t0"], 1), **since_last_record(r)}
     if r.ema is not None:
         rec["top1_ema"] = evaluate(r.ema.module, r.eval_loaders[split], r.device, r.amp_dtype, r.world)["top1"]
     if r.s.search:
@@ -579,8 +601,17 @@ def train_step(r, x, y, lr, where):
     return loss
 
 
+def since_last_record(r):
+    """What every log record carries about training: the mean loss (rank 0's) of the steps since the
+    previous record, and the lr of the last step."""
+    rec = dict(train_loss=round((r.loss_sum / r.loss_n).item(), 5), lr=r.lr_now) if r.loss_n else {}
+    r.loss_sum, r.loss_n = 0.0, 0
+    return rec
+
+
 def progress(r, loss, step, stop_at, epoch, n_images):
-    """A progress line every --print-every seconds; the first one also estimates the whole run."""
+    """A progress line (and a log record of the training loss) every --print-every seconds; the
+    first one also estimates the whole run."""
     clock, now = r.clock, time.time()
     if "t1" not in clock:                 # the first step compiles and warms up: rates count from its end
         return clock.update(t1=now, last_print=now)
@@ -591,6 +622,8 @@ def progress(r, loss, step, stop_at, epoch, n_images):
     rate = clock["seen"] / max(now - clock["t1"], 1e-9)
     left = (stop_at - step) * n_images / max(rate, 1e-9)
     first = f"  (training in all: ~{(now - clock['t0'] + left) / 60:.1f} min)" if clock.pop("first", False) else ""
+    log_json(r, dict(epoch=round(step / r.steps_per_epoch, 4), step=step, **since_last_record(r),
+                     img_per_s=round(rate, 1)))
     print(f"epoch {epoch} step {step}/{stop_at}  loss {loss.item():.4f}  {rate:.1f} img/s  "
           f"{left / 60:.1f} min left{first}", flush=True)
 
@@ -627,7 +660,9 @@ def train_loop(r, sampler, train_loader, loader_gen, epoch, step, batch_in_epoch
         sampler.set_epoch(epoch, skip=batch_in_epoch * s.batch_size)
         loader_gen.manual_seed(s.seed * 1000 + r.rank * 100 + epoch)
         for x, y in train_loader:
-            loss = train_step(r, x, y, get_lr(step, s.lr, r.warmup_steps, r.total_steps), (epoch, step))
+            r.lr_now = get_lr(step, s.lr, r.warmup_steps, r.total_steps)
+            loss = train_step(r, x, y, r.lr_now, (epoch, step))
+            r.loss_sum, r.loss_n = r.loss_sum + loss.detach(), r.loss_n + 1
             step, batch_in_epoch = step + 1, batch_in_epoch + 1
             progress(r, loss, step, stop_at, epoch, len(x) * r.world)
             if step >= stop_at:
@@ -643,8 +678,13 @@ def train_loop(r, sampler, train_loader, loader_gen, epoch, step, batch_in_epoch
 
 
 def finish(r, has_test, epoch, step):
-    """The test split once, the search's choice, and the process group closed."""
-    result = eval_and_log(r, epoch, step, "test") if has_test else None
+    """The test split once, at the run's end (a --max-steps stop is a pause, unless --test-at-stop),
+    the search's choice, and the process group closed."""
+    at_end = step >= r.total_steps or r.s.test_at_stop
+    result = eval_and_log(r, epoch, step, "test") if has_test and at_end else None
+    if has_test and not at_end:
+        r.log(f"stopped by --max-steps at step {step} of {r.total_steps}: the test split is read once, at the "
+              f"run's end (--resume {r.out / 'checkpoint.pt'} to finish; --test-at-stop reads it at a stop)")
     if r.s.search and r.is_main:
         chosen, probs = localmamba.save_directions(r.model, r.out / "directions.json")
         print("\nsearch: softmax(α) per layer\n" + localmamba.draw_search_probabilities(
@@ -690,7 +730,7 @@ def train(args):
                                       drop_path_rate=s.drop_path, **({"scattn": False} if s.no_scattn else {}),
                                       **({"directions": s.layer_directions} if s.layer_directions else {}))
     if s.finetune:
-        load_finetune(r.model, fine, s.finetune, log, fine_dirs)
+        load_finetune(r.model, fine, s.finetune, log, fine_dirs, s.finetune_ema)
     r.model.to(device)
     r.eval_loaders = {split: make_loader(ds, s, EpochOrder(len(ds), s.seed, rank, world, False), device)
                       for split, ds in (("val", val_set), ("test", test_set)) if ds is not None}
@@ -734,6 +774,8 @@ def exit_with_message(run, interrupted):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.plot:
+        return exit_with_message(lambda: print(f"wrote {localmamba_helpers.draw_run_curves(args.plot)}"), "")
     exit_with_message(lambda: (check_flags(args), train(args)), "to continue, --resume the run's checkpoint.pt if it "
                       "wrote one (every --checkpoint-every steps); otherwise run the same command again")
 

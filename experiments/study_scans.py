@@ -223,6 +223,7 @@ def run_study(args):
     base = ["--data", "fashion-mnist", "--print-every", str(args.print_every)]   # models: train_mini's defaults
     for k in PASSED_ON:
         base += [f"--{k.replace('_', '-')}", str(getattr(args, k))] if getattr(args, k) is not None else []
+    base += ["--test-at-stop"] if args.max_steps else []     # a step budget: each run ends (and is tested) there
     train_mini.check_flags(train_mini.parse_args(base))        # the trainer's checks, before any run starts
     try:
         out.mkdir(parents=True, exist_ok=True)

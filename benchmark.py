@@ -9,19 +9,20 @@ installed, DeiT-Ti and DeiT-S (timm's deit_tiny/small_patch16_224: the paper's s
 transformers), and a Vim-style LocalVim-T (every layer scans h, h_flip only), so the cost of
 LocalMamba's 4 directions is visible.
 
-    python benchmark.py                              # CPU: every model, batch 4, ~5-10 minutes
+    python benchmark.py                              # CPU: every model, batch 2, ~10 minutes on 2 cores
     python benchmark.py --device cuda --batch 64     # GPU: the Triton scan; also the PyTorch scan on the GPU
     python benchmark.py --models local_vim_tiny deit_tiny --reps 5
 
-Each row runs in a fresh subprocess, so that its memory is its own. Peak memory: on CUDA
-torch.cuda.max_memory_allocated over the timed steps (weights, AdamW's moments and all); on the
-CPU the resident memory sampled every millisecond during the timed steps, minus the resident
-memory before them: what a step needs on top of the built model, its inputs and (training)
-AdamW's moments, which are resident before it. Times are the median of --reps steps after one warm-up step (which also
-compiles the CPU scan: the CPU rows use the compiled PyTorch scan, as train_mini.py does).
+Each model runs in fresh subprocesses: a timing pass (times are the median of --reps steps after
+one warm-up step, which also compiles the CPU scan: the CPU rows use the compiled PyTorch scan,
+as train_mini.py does), then a memory pass (one warm-up step, then the measured one). Peak memory:
+on CUDA torch.cuda.max_memory_allocated (weights, AdamW's moments and all); on the CPU what the
+step allocates at its peak on top of what is resident before it (the built model, its inputs
+and, training, AdamW's moments), see cpu_peak_mb.
 Measure on a quiet machine: another heavy process on the same cores slows PyTorch many times.
 """
 import argparse
+import importlib.util
 import json
 import os
 import statistics
@@ -60,26 +61,45 @@ def rss_mb():
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
 
 
-def measure(name, mode, batch, reps, device, scan):
-    """One row, in this process: {img_s, ms, peak_mb, params}."""
+def cpu_peak_mb(step):
+    """What one step allocates at its peak on the CPU, in MB: the resident memory sampled every
+    millisecond during the step, minus the resident memory before it. Run in a process started
+    with MALLOC_MMAP_THRESHOLD_=65536 (run_row does), so that glibc maps every block of 64 KB or
+    more on its own and unmaps it when freed: the resident memory then follows the live tensors."""
+    before, peak, done = rss_mb(), [0.0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], rss_mb())
+            time.sleep(0.001)
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    step()
+    done.set()
+    sampler.join()
+    return max(0.0, peak[0] - before)
+
+
+def measure(name, batch, reps, device, scan, memory=False):
+    """One model, in this process: for inference and then a training step, {img_s, ms} (the timing
+    pass) or {peak_mb} (the memory pass); and the model's params and image size."""
     import scan_kernel
     if device == "cpu":
         scan_kernel.use_compiled_torch_path(True)
     torch.manual_seed(0)
     model, size, chans = build(name)
-    model.to(device).train(mode == "train")
+    model.to(device)
     x = torch.randn(batch, chans, size, size, device=device)
     y = torch.randint(0, 1000, (batch,), device=device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4) if mode == "train" else None
-    backend = {"triton": "auto", "torch": "torch"}[scan]
-    orig = scan_kernel.selective_scan
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    orig, backend = scan_kernel.selective_scan, {"triton": "auto", "torch": "torch"}[scan]
 
     def scan_with(*a, **k):                     # the row's scan backend for every call of the model
         return orig(*a, **{**k, "backend": backend})
     import localmamba
     localmamba.selective_scan = scan_with
 
-    def step():
+    def step(mode):
         if mode == "train":
             loss = torch.nn.functional.cross_entropy(model(x), y)
             opt.zero_grad(set_to_none=True)
@@ -91,47 +111,48 @@ def measure(name, mode, batch, reps, device, scan):
         if device == "cuda":
             torch.cuda.synchronize()
 
-    step()                                      # warm-up (and the CPU scan's compile)
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    before, sampled, done = rss_mb(), [0.0], threading.Event()
-
-    def sample():                               # the CPU's peak: resident memory sampled every ms
-        while not done.is_set():
-            sampled[0] = max(sampled[0], rss_mb())
-            time.sleep(0.001)
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    done.set()
-    sampler.join()
-    if device == "cuda":
-        peak = torch.cuda.max_memory_allocated() / 2 ** 20
-    else:
-        peak = max(0.0, sampled[0] - before)
-    ms = statistics.median(times) * 1000
-    return dict(img_s=batch / (ms / 1000), ms=ms, peak_mb=peak, params=sum(p.numel() for p in model.parameters()),
-                img_size=size)
+    out = dict(params=sum(p.numel() for p in model.parameters()), img_size=size)
+    for mode in ("infer", "train"):
+        model.train(mode == "train")
+        step(mode)                              # warm-up (and the CPU scan's compile)
+        if memory and device == "cuda":         # the memory pass: one more step
+            torch.cuda.reset_peak_memory_stats()
+            step(mode)
+            out[mode] = dict(peak_mb=torch.cuda.max_memory_allocated() / 2 ** 20)
+        elif memory:
+            out[mode] = dict(peak_mb=cpu_peak_mb(lambda: step(mode)))
+        else:
+            times = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                step(mode)
+                times.append(time.perf_counter() - t0)
+            ms = statistics.median(times) * 1000
+            out[mode] = dict(img_s=batch / (ms / 1000), ms=ms)
+    return out
 
 
-def run_row(name, mode, batch, reps, device, scan):
-    """measure() in a fresh subprocess (its own peak memory); None with the reason if it failed."""
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(os.cpu_count())))
-    p = subprocess.run([sys.executable, __file__, "--_row", json.dumps([name, mode, batch, reps, device, scan])],
-                       capture_output=True, text=True, env=env, cwd=HERE)
-    if p.returncode != 0:
-        return None, (p.stderr.strip().splitlines() or ["failed"])[-1][:200]
-    return json.loads(p.stdout.strip().splitlines()[-1]), None
+def run_row(name, batch, reps, device, scan):
+    """measure() in fresh subprocesses: the timing pass, then the memory pass (on the CPU with
+    glibc told to map big blocks on their own, see cpu_peak_mb). ({...}, None) or (None, why)."""
+    res = {"infer": {}, "train": {}}
+    for memory in (False, True):
+        env = dict(os.environ, **({"MALLOC_MMAP_THRESHOLD_": "65536"} if memory and device == "cpu" else {}))
+        p = subprocess.run([sys.executable, __file__, "--_row", json.dumps([name, batch, reps, device, scan, memory])],
+                           capture_output=True, text=True, env=env, cwd=HERE)
+        if p.returncode != 0:
+            return None, (p.stderr.strip().splitlines() or ["failed"])[-1][:200]
+        got = json.loads(p.stdout.strip().splitlines()[-1])
+        for mode in ("infer", "train"):
+            res[mode].update(got.pop(mode))
+        res.update(got)
+    return res, None
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Model-level benchmark: img/s and peak memory, inference and training.")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
-    p.add_argument("--batch", type=int, default=None, help="images per step (default: 4 on CPU, 64 on CUDA)")
+    p.add_argument("--batch", type=int, default=None, help="images per step (default: 2 on CPU, 64 on CUDA)")
     p.add_argument("--reps", type=int, default=3, help="timed steps per row (median), after one warm-up step")
     p.add_argument("--models", nargs="+", default=None, help=f"rows (default: all of {', '.join(MODELS)})")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
@@ -142,14 +163,10 @@ def main(argv=None):
         return
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("error: --device cuda, but torch sees no GPU")
-    batch = args.batch or (64 if args.device == "cuda" else 4)
+    batch = args.batch or (64 if args.device == "cuda" else 2)
     if batch < 1 or args.reps < 1:
         sys.exit("error: --batch and --reps must be at least 1")
-    have_timm = True
-    try:
-        import timm  # noqa: F401
-    except ImportError:
-        have_timm = False
+    have_timm = importlib.util.find_spec("timm") is not None
     models = args.models or [m for m in MODELS if have_timm or m not in TIMM_MODELS]
     unknown = [m for m in models if m not in MODELS]
     if unknown:
@@ -163,23 +180,17 @@ def main(argv=None):
     rows = []
     for name in models:
         for scan in (["-"] if name in TIMM_MODELS else scans):
-            res = {}
-            for mode in ("infer", "train"):
-                r, why = run_row(name, mode, batch, args.reps, args.device, "torch" if scan == "-" else scan)
-                res[mode] = r if r is not None else {"error": why}
-            first = next((r for r in res.values() if "params" in r), None)
-            cell = lambda r, k, f: f.format(r[k]) if k in r else "failed"
+            res, why = run_row(name, batch, args.reps, args.device, "torch" if scan == "-" else scan)
             scan_name = {"triton": "Triton", "torch": "PyTorch" + (" (compiled)" if args.device == "cpu" else ""),
                          "-": "(none)"}[scan]
-            print(f"| {name} | {first['img_size'] if first else '?'} | "
-                  f"{first['params'] / 1e6:.1f} M | {scan_name} | " if first else f"| {name} | ? | ? | {scan_name} | ",
-                  end="")
-            print(" | ".join(cell(res[m], k, f) for m in ("infer", "train") for k, f in (("img_s", "{:.1f}"),
-                                                                                      ("peak_mb", "{:.0f}"))) + " |",
-                  flush=True)
-            for mode, why in ((m, r.get("error")) for m, r in res.items()):
-                if why:
-                    print(f"  ({name} {mode}: {why})", flush=True)
+            if res is None:
+                print(f"| {name} | | | {scan_name} | failed: {why} | | | |", flush=True)
+                continue
+            f = lambda v, fmt: "n/a" if v is None else fmt.format(v)
+            print(f"| {name} | {res['img_size']} | {res['params'] / 1e6:.1f} M | {scan_name} | "
+                  + " | ".join(f(res[m][k], fmt) for m in ("infer", "train") for k, fmt in (("img_s", "{:.1f}"),
+                                                                                          ("peak_mb", "{:.0f}")))
+                  + " |", flush=True)
             rows.append(dict(model=name, scan=scan, batch=batch, device=args.device, **res))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))

@@ -1301,6 +1301,24 @@ def test_pip_install_into_a_fresh_venv_imports_from_any_folder(tmp_path):
 
 
 @pytest.mark.slow
+def test_the_model_benchmark_prints_its_table(tmp_path):
+    """benchmark.py (a measurement, not a test of speed): one row per model with img/s and peak
+    memory for inference and training, and the JSON beside; an unknown model is one message."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    p = subprocess.run([sys.executable, str(HERE / "benchmark.py"), "--models", "local_vim_nano", "--reps", "1",
+                        "--json", str(tmp_path / "b.json")], capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    row = next(l for l in p.stdout.splitlines() if l.startswith("| local_vim_nano"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == "28" and cells[3] == "PyTorch (compiled)" and all(float(c) > 0 for c in cells[4:8:2]), row
+    rec = json.loads((tmp_path / "b.json").read_text())[0]
+    assert rec["infer"]["img_s"] > 0 and rec["train"]["peak_mb"] is not None
+    p = subprocess.run([sys.executable, str(HERE / "benchmark.py"), "--models", "resnet50"], capture_output=True,
+                       text=True, env=env, timeout=600)
+    assert p.returncode != 0 and "unknown --models resnet50" in p.stderr and "Traceback" not in p.stderr
+
+
+@pytest.mark.slow
 def test_the_copy_set_builds_trains_and_loads_alone(tmp_path, published):
     """README's copy set, in an empty folder, without timm or the trainer: every published model
     builds, runs forward and backward, and an official-layout checkpoint loads strictly."""

@@ -53,7 +53,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -65,11 +64,11 @@ from localmamba_helpers import (FASHION_MEAN_STD, IMAGENET_MEAN_STD, BadInput, D
                                 RMSNorm, TimmInterface, check_fields, check_image, count_macs, draw_scan_orders_png,
                                 maybe_checkpoint, model_table, register_with_timm, take_indices)
 from localmamba_helpers import (configure_optimizer, count_flops_fvcore, draw_search_probabilities,  # noqa: F401
-                                load_checkpoint, load_directions, load_state_dict_strict, read_checkpoint,
-                                resample_pos_embed, state_dict_of, tensor_checksum, weights_of, STATE_DICT_KEYS,
-                                DetectionBackbone)
+                                load_checkpoint, load_directions, load_state_dict_strict, read_checkpoint, weights_of,
+                                resample_pos_embed, state_dict_of, tensor_checksum, STATE_DICT_KEYS, DetectionBackbone)
+from localmamba_helpers import __version__  # noqa: F401 (the package's version: localmamba.__version__)
 
-__version__ = "0.2.0"          # the package's version (pyproject.toml reads it from here)
+
 # -----------------------------------------------------------------------------
 # Scan orders (paper §3.2, Fig. 2). Tokens are row-major: token (i, j) of an H×W grid is i*W + j.
 # order[s] = the row-major index of the s-th token of the scanned sequence, -1 for padding.
@@ -90,20 +89,17 @@ def parse_direction(name):
 
 
 @functools.lru_cache(maxsize=None)
-def _scan_order(direction, H, W):
-    # numpy, cached as a tuple: plain data, also while torch.export traces with fake tensors
+def _scan_order(direction, H, W):    # plain Python, cached as a tuple: also while torch.export traces
     kind, k, flip = parse_direction(direction)
-    grid = np.arange(H * W).reshape(H, W)
     if kind == "h":                                   # row by row, left to right
-        order = grid.flatten()
+        order = [i * W + j for i in range(H) for j in range(W)]
     elif kind == "v":                                 # column by column, top to bottom
-        order = grid.T.flatten()
-    else:                                             # k×k windows, row-major over windows and inside each
-        Hp, Wp = -(-H // k) * k, -(-W // k) * k       # zero-pad bottom/right to multiples of k
-        padded = np.full((Hp, Wp), -1)
-        padded[:H, :W] = grid
-        order = padded.reshape(Hp // k, k, Wp // k, k).transpose(0, 2, 1, 3).flatten()  # (win_i, win_j, i, j)
-    return tuple((order[::-1] if flip else order).tolist())   # *_flip: the whole (padded) sequence reversed
+        order = [i * W + j for j in range(W) for i in range(H)]
+    else:                                             # k×k windows, row-major over windows and inside each,
+        Hp, Wp = -(-H // k) * k, -(-W // k) * k       # the grid zero-padded bottom/right to multiples of k
+        order = [i * W + j if i < H and j < W else -1 for wi in range(0, Hp, k) for wj in range(0, Wp, k)
+                 for i in range(wi, wi + k) for j in range(wj, wj + k)]
+    return tuple(order[::-1] if flip else order)      # *_flip: the whole (padded) sequence reversed
 
 
 def scan_order(direction, H, W):
@@ -238,14 +234,13 @@ class MultiScan(nn.Module):
         built once per (H, W, cls_pos, device) and cached."""
         key = (H, W, cls_pos, str(device))
         cache = self.__dict__.setdefault("_index_cache", {})
-        if key not in cache:
-            orders, lengths = self._orders(H, W, cls_pos)
-            inv = inverse_order(orders, H * W + int(cls_pos is not None))
-            built = (orders.to(device), inv.to(device), lengths)
-            if torch.compiler.is_compiling() or torch.compiler.is_exporting():   # (fake tensors: never cached)
-                return built
+        if key in cache:
+            return cache[key]
+        orders, lengths = self._orders(H, W, cls_pos)
+        built = (orders.to(device), inverse_order(orders, H * W + int(cls_pos is not None)).to(device), lengths)
+        if not (torch.compiler.is_compiling() or torch.compiler.is_exporting()):   # tracing: fake tensors, not cached
             cache[key] = built
-        return cache[key]
+        return built
 
     def scan(self, x, H, W, cls_pos=None):
         # x: (B, C, L_in) -> (B, K, C, Lmax)

@@ -13,7 +13,8 @@ registry) as arguments.
     timm's model interface      FeatureInfo, take_indices, TimmInterface (pretrained_cfg,
                                 grad checkpointing), FeatureMaps (features_only backbones),
                                 DetectionBackbone (for torchvision's detectors: FPN, or ViTDet's pyramid)
-    checkpoint files            save_atomic, rng_state / set_rng_state / seed_everything (what a
+    checkpoint files            save_atomic, claim_run_dir (one writer per run folder, nothing a user
+                                made overwritten), rng_state / set_rng_state / seed_everything (what a
                                 resume restores), tensor_checksum, read_checkpoint, weights_of (raw or
                                 EMA), load_checkpoint, load_state_dict_strict, adapt_input_conv,
                                 resample_pos_embed
@@ -36,6 +37,7 @@ import math
 import os
 import pickletools
 import random
+import time
 import warnings
 import zipfile
 from dataclasses import replace
@@ -48,7 +50,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
+try:
+    import fcntl          # POSIX: one writer per run folder (an flock the kernel drops when the process ends)
+except ImportError:       # pragma: no cover - Windows: the folder checks hold, without the lock
+    fcntl = None
 
+
+__version__ = "0.2.0"   # the package's (localmamba.__version__; pyproject.toml reads it from here)
 IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))   # the input normalisation of the presets
 FASHION_MEAN_STD = ((0.2860,), (0.3530,))                              # Fashion-MNIST's, for the nano presets
 
@@ -299,6 +307,46 @@ def save_atomic(obj, path, write=torch.save):
         raise BadInput(f"cannot write {path} ({why}); the previous {Path(path).name}, if any, is kept") from None
 
 
+def claim_run_dir(s, is_main):
+    """Make --out this run's before any setup: created, proven writable, locked by this process
+    (an flock: released when the process ends, even killed), and holding no other run. --resume
+    continues in the checkpoint's own folder or a new empty one. A folder whose run stopped before
+    its first checkpoint is started again, its old log kept aside. Rank 0 claims (is_main); the
+    trainer's other ranks wait for it. `s`: the trainer's settings (out, resume). Returns (folder, the lock)."""
+    out, lock = Path(s.out), None
+    if is_main:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            lock = open(out / ".lock", "a")
+        except OSError as e:
+            raise BadInput(f"--out {out} cannot be created or written ({e.strerror or e}); choose another "
+                            f"--out") from None
+        try:
+            fcntl and fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BadInput(f"--out {out} is in use by another run (it holds {out / '.lock'}); wait for it to "
+                            f"finish or choose another --out") from None
+        has_log, has_ckpt = (out / "log.jsonl").exists(), (out / "checkpoint.pt").exists()
+        if s.resume and Path(s.resume).resolve().parent != out.resolve() and (has_log or has_ckpt):
+            raise BadInput(f"--out {out} holds another run; --resume {s.resume} continues in its own folder "
+                            f"(drop --out) or in a new empty one")
+        if s.resume and Path(s.resume).resolve() != (out / "checkpoint.pt").resolve() and has_ckpt:
+            raise BadInput(f"--resume {s.resume} would continue in {out} and replace its checkpoint.pt; "
+                            f"resume {out / 'checkpoint.pt'}, or pass --out NEW_FOLDER to continue from "
+                            f"{Path(s.resume).name} there")
+        for tmp in [*out.glob("checkpoint.pt.tmp-*"), *out.glob("best.pt.tmp-*")]:   # save_atomic's, left by a
+            tmp.unlink(missing_ok=True)                      # writer that died mid-write (the folder is locked now)
+        if not s.resume and has_ckpt:   # never overwrite a run the user made
+            raise BadInput(f"{out} already holds a run (checkpoint.pt); pass --resume {out / 'checkpoint.pt'} "
+                            f"to continue it, or choose another --out")
+        if not s.resume and has_log:
+            aside = out / f"log.stopped-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
+            os.replace(out / "log.jsonl", aside)
+            print(f"{out} holds a run that stopped before its first checkpoint: starting it again; its log is "
+                  f"kept as {aside}", flush=True)
+    return out, lock
+
+
 def seed_everything(seed):
     """torch's, Python's and numpy's RNG from one seed (timm's transforms draw from all three)."""
     torch.manual_seed(seed)
@@ -436,12 +484,10 @@ def load_checkpoint(model, path, use_ema=True, strict=True, unsafe=False):
     return Loaded(key, missing, unexpected)
 
 
-def adapt_input_conv(sd, model, source, log=print):
-    """A first conv trained on 3 channels, fitted to the model's in_chans as timm's
-    adapt_input_conv does: summed over RGB for 1 channel, else RGB repeated and scaled by 3/in_chans."""
-    key = model.timm_names["first_conv"] + ".weight"
-    own = model.state_dict().get(key)
-    w = sd.get(key)
+def adapt_input_conv(sd, own_sd, key, source, log=print):
+    """sd's first conv `key` trained on 3 channels, fitted to own_sd's (the model's in_chans) as
+    timm's adapt_input_conv does: summed over RGB for 1 channel, else RGB repeated and scaled by 3/in_chans."""
+    own, w = own_sd.get(key), sd.get(key)
     if own is None or w is None or w.dim() != 4 or w.shape[1] != 3 or own.shape[1] == 3 or \
             (w.shape[0], *w.shape[2:]) != (own.shape[0], *own.shape[2:]):
         return sd
@@ -468,7 +514,7 @@ def load_state_dict_strict(model, sd, source="state_dict", strict=True):
     if "pos_embed" in own and "pos_embed" in sd and sd["pos_embed"].shape != own["pos_embed"].shape:
         sd = resample_pos_embed(sd, model, source)
     if hasattr(model, "timm_names"):
-        sd = adapt_input_conv(sd, model, source)
+        sd = adapt_input_conv(sd, own, model.timm_names["first_conv"] + ".weight", source)
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
     shapes = sorted(f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"

@@ -23,10 +23,10 @@ are per step (the official GradualWarmupScheduler is a per-epoch staircase). The
     python train_mini.py --plot runs/x                     # its loss and top-1 curves -> runs/x/curves.png
 
 Reading order: the recipe table -> the command line and its one resolution into settings -> the
-run's state (`Run`) and its pieces (processes, the run folder, checkpoints, evaluation, the step)
--> train(), a table of contents -> main(). The data (Fashion-MNIST's IDX files, the ImageNet
-layout, the sampler) is in localmamba_data.py; the weight-decay groups are
-localmamba.configure_optimizer.
+run's state (`Run`) and its pieces (processes, checkpoints, evaluation, the step) -> train(), a
+table of contents -> main(). The data (Fashion-MNIST's IDX files, the ImageNet layout, the
+sampler) is in localmamba_data.py; the weight-decay groups are localmamba.configure_optimizer;
+the run folder's claim (one writer, nothing overwritten) is localmamba_helpers.claim_run_dir.
 
 Fashion-MNIST protocol: the last 500 images of each class of its training file are the
 validation split (every logged evaluation, and whatever chooses settings); training draws from
@@ -60,12 +60,7 @@ import localmamba
 import scan_kernel
 from localmamba_data import FASHION_DIR, EpochOrder, fashion_splits, imagenet_splits, parse_aa, seed_worker
 import localmamba_helpers
-from localmamba_helpers import EMA_KEYS, rng_state, save_atomic, seed_everything, set_rng_state
-
-try:
-    import fcntl          # POSIX: one writer per run folder (an flock the kernel drops when the process ends)
-except ImportError:       # pragma: no cover - Windows: the folder checks hold, without the lock
-    fcntl = None
+from localmamba_helpers import EMA_KEYS, claim_run_dir, rng_state, save_atomic, seed_everything, set_rng_state
 
 # -----------------------------------------------------------------------------
 # the recipe: defaults per --data (their one home; --help prints them), the paper's ImageNet recipe
@@ -285,7 +280,7 @@ def check_windows(directions, cfg_cls, preset, img_size, path):
 
 
 # -----------------------------------------------------------------------------
-# the run's state, then its pieces: processes and the run folder
+# the run's state, then its pieces: processes (the run folder: localmamba_helpers.claim_run_dir)
 
 @dataclass
 class Run:
@@ -344,47 +339,6 @@ def make_loader(ds, s, sampler, device, gen=None):
     return torch.utils.data.DataLoader(ds, batch, sampler=sampler, drop_last=sampler.shuffle, pin_memory=
                                        device.type == "cuda", generator=gen or torch.Generator(), num_workers=s.workers,
                                        worker_init_fn=seed_worker)
-
-
-def claim_run_dir(s, is_main, world):
-    """Make --out this run's before any setup: created, proven writable, locked by this process
-    (an flock: released when the process ends, even killed), and holding no other run. --resume
-    continues in the checkpoint's own folder or a new empty one. A folder whose run stopped before
-    its first checkpoint is started again, its old log kept aside. Returns (folder, the lock)."""
-    out, lock = Path(s.out), None
-    if is_main:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            lock = open(out / ".lock", "a")
-        except OSError as e:
-            raise UserError(f"--out {out} cannot be created or written ({e.strerror or e}); choose another "
-                            f"--out") from None
-        try:
-            fcntl and fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UserError(f"--out {out} is in use by another run (it holds {out / '.lock'}); wait for it to "
-                            f"finish or choose another --out") from None
-        has_log, has_ckpt = (out / "log.jsonl").exists(), (out / "checkpoint.pt").exists()
-        if s.resume and Path(s.resume).resolve().parent != out.resolve() and (has_log or has_ckpt):
-            raise UserError(f"--out {out} holds another run; --resume {s.resume} continues in its own folder "
-                            f"(drop --out) or in a new empty one")
-        if s.resume and Path(s.resume).resolve() != (out / "checkpoint.pt").resolve() and has_ckpt:
-            raise UserError(f"--resume {s.resume} would continue in {out} and replace its checkpoint.pt; "
-                            f"resume {out / 'checkpoint.pt'}, or pass --out NEW_FOLDER to continue from "
-                            f"{Path(s.resume).name} there")
-        for tmp in [*out.glob("checkpoint.pt.tmp-*"), *out.glob("best.pt.tmp-*")]:   # save_atomic's, left by a
-            tmp.unlink(missing_ok=True)                      # writer that died mid-write (the folder is locked now)
-        if not s.resume and has_ckpt:   # never overwrite a run the user made
-            raise UserError(f"{out} already holds a run (checkpoint.pt); pass --resume {out / 'checkpoint.pt'} "
-                            f"to continue it, or choose another --out")
-        if not s.resume and has_log:
-            aside = out / f"log.stopped-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
-            os.replace(out / "log.jsonl", aside)
-            print(f"{out} holds a run that stopped before its first checkpoint: starting it again; its log is "
-                  f"kept as {aside}", flush=True)
-    if world > 1:
-        dist.barrier()          # rank 0 has claimed --out before any rank sets up
-    return out, lock
 
 
 # -----------------------------------------------------------------------------
@@ -712,7 +666,8 @@ def train(args):
     r = Run(s=s, rank=rank, world=world, device=device, log=log,
             amp_dtype={"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[s.amp])
     if not s.eval:           # the run folder is this run's before anything else is set up
-        r.out, r.lock = claim_run_dir(s, r.is_main, world)
+        r.out, r.lock = claim_run_dir(s, r.is_main)
+        world > 1 and dist.barrier()     # rank 0 has claimed --out before any rank sets up
 
     # 1. data, steps, model
     train_set, val_set, test_set, num_classes, in_chans = (imagenet_splits if s.data == "imagenet" else

@@ -14,7 +14,7 @@ LocalMamba's 4 directions is visible.
     python benchmark.py --models local_vim_tiny deit_tiny --reps 5
 
 Each model runs in fresh subprocesses: a timing pass (times are the median of --reps steps after
-one warm-up step, which also compiles the CPU scan: the CPU rows use the compiled PyTorch scan,
+one warm-up step, which also builds the CPU scan: the CPU rows use the scan's C++ kernels,
 as train_mini.py does), then a memory pass (one warm-up step, then the measured one). Peak memory:
 on CUDA torch.cuda.max_memory_allocated (weights, AdamW's moments and all); on the CPU what the
 step allocates at its peak on top of what is resident before it (the built model, its inputs
@@ -181,7 +181,7 @@ def main(argv=None):
     for name in models:
         for scan in (["-"] if name in TIMM_MODELS else scans):
             res, why = run_row(name, batch, args.reps, args.device, "torch" if scan == "-" else scan)
-            scan_name = {"triton": "Triton", "torch": "PyTorch" + (" (compiled)" if args.device == "cpu" else ""),
+            scan_name = {"triton": "Triton", "torch": "C++ kernels" if args.device == "cpu" else "PyTorch",
                          "-": "(none)"}[scan]
             if res is None:
                 print(f"| {name} | | | {scan_name} | failed: {why} | | | |", flush=True)

@@ -619,7 +619,8 @@ def count_flops_fvcore(model, img_size=None):
         (batch, D, L), N = inputs[0].type().sizes(), inputs[2].type().sizes()[1]
         return 9 * batch * L * D * N + batch * D * L
     ops = {"aten::silu": None, "aten::neg": None, "aten::exp": None, "aten::flip": None,
-           "prim::PythonOp._SelectiveScanTorch": scan, "prim::PythonOp._SelectiveScanTriton": scan}
+           "prim::PythonOp._SelectiveScanTorch": scan, "prim::PythonOp._SelectiveScanCPU": scan,
+           "prim::PythonOp._SelectiveScanTriton": scan}
     size = img_size or model.cfg.img_size
     x = torch.zeros(1, model.cfg.in_chans, size, size, device=next(model.parameters()).device)
     was_training = model.training

@@ -45,13 +45,16 @@ Backends, switched by one readable condition in `selective_scan`:
     "ref"     `selective_scan_ref`: the obvious loop over L, autograd does the backward.
               The oracle every other path is tested against.
     "torch"   `selective_scan_torch`: the Triton kernels' chunked algorithm in PyTorch ops, with
-              a hand-written backward (optionally torch.compile'd); the path for CPU and MPS.
+              a hand-written backward; the path for CPU and MPS. With compile=True (or
+              LOCALMAMBA_COMPILE=1, train_mini.py's CPU default) it runs "cpu" on the CPU.
+    "cpu"     `selective_scan_cpu`: two hand-written C++ loops (forward, backward), built at first
+              use by the C++ toolchain torch.compile uses; the fast CPU path, fp32/fp16/bf16.
     "triton"  `_SelectiveScanTriton`: chunked Triton kernels, forward and backward. On CUDA,
               or on the CPU under TRITON_INTERPRET=1 (how CI tests it).
     "export"  `selective_scan_export`: the "ref" math with its loop as torch's `scan` op, which
               torch.export and torch.onnx keep as one loop (an ONNX `Scan`). Forward only.
     "auto"    "export" while exporting ("ref" under the legacy ONNX exporter, which traces); "triton"
-              for CUDA tensors when Triton imports; else "torch".
+              for CUDA tensors when Triton imports; else "torch" (so "cpu" when compiling is on).
 
 `python scan_kernel.py --bench` times the backends available here (see README.md).
 """
@@ -177,12 +180,12 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None,
 # O(batch·D·L), not O(batch·D·L·N).
 #
 # The two chunk functions have static shapes (the last chunk is padded with Δ = 0 and the
-# last block with u = 0, B = 0, which leave the state unchanged), so `torch.compile` can fuse
-# each into C++ loops (measured ~1.6x faster at the training shape on a 2-core CPU, after
-# compiling once per layer shape, seconds to a minute; needs a C++ compiler). Whether backend
-# "torch" uses them compiled is decided once, at start-up: LOCALMAMBA_COMPILE=1 in the
-# environment, or `use_compiled_torch_path(True)` before the first scan (train_mini.py does
-# this on CPU unless --no-compile). `selective_scan_torch(..., compile=...)` chooses per call.
+# last block with u = 0, B = 0, which leave the state unchanged). On the CPU, compile=True runs
+# the C++ kernels of the next section instead (`selective_scan_cpu`); on other devices it runs
+# the chunk functions through `torch.compile`. Whether backend "torch" compiles is decided once,
+# at start-up: LOCALMAMBA_COMPILE=1 in the environment, or `use_compiled_torch_path(True)` before
+# the first scan (train_mini.py does this on CPU unless --no-compile).
+# `selective_scan_torch(..., compile=...)` chooses per call.
 
 LOG2E = 1.4426950408889634
 TORCH_CHUNK = 8            # steps per chunk of the torch path (one saved chunk start each)
@@ -191,14 +194,15 @@ COMPILE_TORCH_PATH = os.environ.get("LOCALMAMBA_COMPILE", "0") == "1"
 
 
 def use_compiled_torch_path(enable=True):
-    """Decide, once at start-up, whether backend "torch" runs its chunk functions through
-    torch.compile. A compile that fails later raises TorchCompileError saying how to turn it off."""
+    """Decide, once at start-up, whether backend "torch" compiles: the C++ kernels on the CPU, its
+    chunk functions through torch.compile elsewhere. A build that fails later raises
+    TorchCompileError saying how to turn it off."""
     global COMPILE_TORCH_PATH
     COMPILE_TORCH_PATH = bool(enable)
 
 
 class TorchCompileError(RuntimeError):
-    """torch.compile could not build the CPU scan (no C++ compiler, an unsupported platform)."""
+    """The compiled scan could not be built (no C++ compiler, an unsupported platform)."""
 
 
 def _block_size(batch, dim, N):
@@ -369,10 +373,15 @@ def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None,
                          delta_softplus=False, return_last_state=False, compile=None):
     """The pure-PyTorch path (any device, any float dtype): see `_SelectiveScanTorch`. The batch
     runs in blocks of `_block_size` samples (the last block padded, so shapes stay static).
-    compile: run the chunk functions through torch.compile; None = the start-up choice
+    compile: on the CPU, run the C++ kernels (`selective_scan_cpu`; fp64 stays eager); on other
+    devices the chunk functions through torch.compile. None = the start-up choice
     (COMPILE_TORCH_PATH)."""
     _check_inputs(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
-    fns = _chunk_fns(COMPILE_TORCH_PATH if compile is None else bool(compile))
+    compile = COMPILE_TORCH_PATH if compile is None else bool(compile)
+    tensors = [t for t in (u, delta, A, B, C, D, z, delta_bias) if t is not None]
+    if compile and u.device.type == "cpu" and all(t.dtype != torch.float64 for t in tensors):
+        return selective_scan_cpu(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    fns = _chunk_fns(compile and u.device.type != "cpu")                     # fp64 on the CPU: eager
     batch = u.shape[0]
     blk = _block_size(batch, u.shape[1], A.shape[1])
     pad = -batch % blk
@@ -384,6 +393,319 @@ def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None,
              for i in range(0, u.shape[0], blk)]
     out = torch.cat([p[0] for p in parts])[:batch]
     last = torch.cat([p[1] for p in parts])[:batch]
+    return (out, last.detach()) if return_last_state else out
+
+
+# -----------------------------------------------------------------------------
+# "torch" on the CPU, compiled: the scan as two hand-written C++ loops (forward, backward),
+# built at first use by the C++ toolchain torch.compile uses (torch._inductor's code cache: the
+# same compiler, flags and vector headers as Inductor's own kernels; no other build step).
+#
+# Why not Inductor-generated code: Inductor cannot keep the N-state in registers across steps
+# and also reduce it (sum_n x C) in the same loop, so every chunk materialises (T, b, D, N)
+# temporaries, and the (batch, D, L) <-> (L, batch, D) layout changes around the chunks cost as
+# much as the recurrence. Here one loop iteration owns VL channels (VL = the vector width: 8
+# fp32 on AVX2, 16 on AVX-512) of one batch row, vectorised over those channels, with the N
+# states of each channel in N vectors for all L steps; u, Δ, z are read in (VL x T) tiles of
+# their (batch, D, L) layout, B and C (transposed once to (batch, G, L, N)) as broadcasts.
+# OpenMP threads take the (batch row, group, channel split) work items.
+#
+# Forward: the recurrence, y = sum_n x C + D u, the gate, and the state before every chunk of
+# T steps (the chunk starts, (batch, D, n_chunks, N)). Backward, chunk by chunk in reverse: the
+# chunk's states and exp(ΔA) recomputed from its start into an L1-sized buffer, then the
+# reverse scan dh_t = g_t C_t + exp(Δ_{t+1} A) dh_{t+1} and every gradient in the same pass.
+# dB and dC are sums over a group's channels: each work item sums its channel vectors lane-wise
+# (an (L, N) buffer of vectors), adds the lanes once at its end into its own slice of a
+# (batch, G, splits, L, N) buffer, and the splits are summed afterwards; dA and dD likewise over
+# the batch. The arithmetic is fp32 (fp16/bf16 inputs are cast first; fp64 takes the PyTorch path).
+
+CPU_CHUNK = 16             # steps per chunk of the C++ kernels (one saved chunk start each)
+
+_CPU_COMMON = r'''
+#include <torch/csrc/inductor/cpp_prefix.h>
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t N = %(N)d;            // states per channel (a compile-time constant: one build per N)
+constexpr int64_t T = %(T)d;            // steps per chunk
+constexpr int64_t VL = Vec::size();     // channels per vector
+constexpr float LN2 = 0.6931471805599453f;
+// 2^x: on AVX2 / AVX-512 inline, as 2^round(x) (built in the exponent bits) times a degree-6
+// polynomial of 2^f on [-1/2, 1/2] (relative error < 2e-7; x clamped to [-126, 126]); elsewhere
+// at::vec's exp2 (Sleef, a call). Both the kernels and the floor use it.
+static inline Vec exp2v(const Vec& x) {
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+    const Vec v = at::vec::minimum(at::vec::maximum(x, Vec(-126.f)), Vec(126.f));
+    const Vec r = v.round(), f = v - r;
+    Vec p(1.5403530393381609e-4f);
+    p = at::vec::fmadd(p, f, Vec(1.3333558146428443e-3f));
+    p = at::vec::fmadd(p, f, Vec(9.618129107628477e-3f));
+    p = at::vec::fmadd(p, f, Vec(5.550410866482158e-2f));
+    p = at::vec::fmadd(p, f, Vec(0.2402265069591007f));
+    p = at::vec::fmadd(p, f, Vec(0.6931471805599453f));
+    p = at::vec::fmadd(p, f, Vec(1.f));
+#if defined(CPU_CAPABILITY_AVX512)
+    return p * Vec(_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(r),
+                                                                          _mm512_set1_epi32(127)), 23)));
+#else
+    return p * Vec(_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(r),
+                                                                          _mm256_set1_epi32(127)), 23)));
+#endif
+#else
+    return x.exp2();
+#endif
+}
+static inline Vec softplus(const Vec& x) { return Vec::blendv(x.exp().log1p(), x, x > Vec(20.f)); }
+static inline Vec sigmoid(const Vec& x) { return Vec(1.f) / (Vec(1.f) + x.neg().exp()); }
+static inline float hsum(const Vec& x) {
+    return at::vec::vec_reduce_all<float>([](Vec& p, Vec& q) { return p + q; }, x);
+}
+// a (T steps) x (VL channels) tile of the rows src[c * L + t0 + t], c < nc, t < nt: buf[t * VL + c], zero elsewhere
+static inline void load_tile(const float* src, int64_t L, int64_t t0, int64_t nt, int64_t nc, float* buf) {
+    for (int64_t i = 0; i < T * VL; i++) buf[i] = 0.f;
+    for (int64_t c = 0; c < nc; c++) for (int64_t t = 0; t < nt; t++) buf[t * VL + c] = src[c * L + t0 + t];
+}
+static inline void store_tile(float* dst, int64_t L, int64_t t0, int64_t nt, int64_t nc, const float* buf) {
+    for (int64_t c = 0; c < nc; c++) for (int64_t t = 0; t < nt; t++) dst[c * L + t0 + t] = buf[t * VL + c];
+}
+// channel values p[c * stride], c < nc, as one vector (zero in the unused lanes)
+static inline Vec gather(const float* p, int64_t stride, int64_t nc) {
+    alignas(64) float lane[VL] = {0.f};
+    for (int64_t c = 0; c < nc; c++) lane[c] = p[c * stride];
+    return Vec::loadu(lane);
+}
+static inline void scatter(const Vec& v, float* p, int64_t stride, int64_t nc) {
+    alignas(64) float lane[VL];
+    v.store(lane);
+    for (int64_t c = 0; c < nc; c++) p[c * stride] = lane[c];
+}
+// work item w -> batch row b, group g, channels [d0, d0 + nc) of split s (splits of whole vectors)
+#define WORK_ITEM                                                                              \
+    const int64_t Dg = dim / G, nvec = (Dg + VL - 1) / VL, per = (nvec + S - 1) / S;            \
+    const int64_t b = w / (G * S), g = (w / S) %% G, s = w %% S;                                 \
+    const float* Bn0 = Bt + (b * G + g) * L * N; const float* Cn0 = Ct + (b * G + g) * L * N;
+'''
+
+_CPU_FWD = _CPU_COMMON + r'''
+extern "C" void kernel(const float* u, const float* delta, const float* A2t, const float* Bt, const float* Ct,
+                       const float* Dskip, const float* z, const float* bias, float* out, float* starts, float* last,
+                       int64_t batch, int64_t dim, int64_t L, int64_t G, int64_t S, int64_t flags) {
+    const bool has_D = flags & 1, has_z = flags & 2, has_bias = flags & 4, sp = flags & 8;
+    const int64_t n_chunks = (L + T - 1) / T;
+    #pragma omp parallel for schedule(dynamic)
+    for (int64_t w = 0; w < batch * G * S; w++) {
+        WORK_ITEM
+        for (int64_t v = s * per; v < std::min(nvec, (s + 1) * per); v++) {
+            const int64_t d0 = g * Dg + v * VL, nc = std::min(VL, g * Dg + Dg - d0), row = (b * dim + d0) * L;
+            Vec a[N], x[N];                                                   // A log2(e), and the state
+            for (int64_t n = 0; n < N; n++) { a[n] = gather(A2t + n * dim + d0, 1, nc); x[n] = Vec(0.f); }
+            const Vec vbias = has_bias ? gather(bias + d0, 1, nc) : Vec(0.f);
+            const Vec vD = has_D ? gather(Dskip + d0, 1, nc) : Vec(0.f);
+            alignas(64) float dtb[T * VL], ub[T * VL], yb[T * VL];
+            for (int64_t k = 0; k < n_chunks; k++) {
+                const int64_t t0 = k * T, nt = std::min(T, L - t0);
+                for (int64_t n = 0; n < N; n++)                               // chunk start: (batch, D, n_chunks, N)
+                    scatter(x[n], starts + ((b * dim + d0) * n_chunks + k) * N + n, n_chunks * N, nc);
+                load_tile(delta + row, L, t0, nt, nc, dtb);
+                load_tile(u + row, L, t0, nt, nc, ub);
+                for (int64_t t = 0; t < nt; t++) {
+                    Vec dt = Vec::loadu(dtb + t * VL) + vbias;
+                    if (sp) dt = softplus(dt);                                // Δ
+                    const Vec uu = Vec::loadu(ub + t * VL), dtu = dt * uu;
+                    const float* Bn = Bn0 + (t0 + t) * N; const float* Cn = Cn0 + (t0 + t) * N;
+                    Vec y[4] = {vD * uu, Vec(0.f), Vec(0.f), Vec(0.f)};      // 4 partial sums: short add chains
+                    for (int64_t n = 0; n < N; n++) {
+                        x[n] = at::vec::fmadd(exp2v(a[n] * dt), x[n], dtu * Vec(Bn[n]));  // exp(ΔA) x + ΔBu
+                        y[n %% 4] = at::vec::fmadd(x[n], Vec(Cn[n]), y[n %% 4]);            // y_t = sum_n x C + D u
+                    }
+                    ((y[0] + y[1]) + (y[2] + y[3])).store(yb + t * VL);
+                }
+                if (has_z) {                                                  // out = y silu(z)
+                    load_tile(z + row, L, t0, nt, nc, dtb);
+                    for (int64_t t = 0; t < nt; t++) {
+                        const Vec zz = Vec::loadu(dtb + t * VL);
+                        (Vec::loadu(yb + t * VL) * zz * sigmoid(zz)).store(yb + t * VL);
+                    }
+                }
+                store_tile(out + row, L, t0, nt, nc, yb);
+            }
+            for (int64_t n = 0; n < N; n++) scatter(x[n], last + (b * dim + d0) * N + n, N, nc);   // (batch, D, N)
+        }
+    }
+}
+'''
+
+_CPU_BWD = _CPU_COMMON + r'''
+extern "C" void kernel(const float* u, const float* delta, const float* A2t, const float* Bt, const float* Ct,
+                       const float* Dskip, const float* z, const float* bias, const float* starts, const float* dout,
+                       float* du, float* ddelta, float* dz, float* dBs, float* dCs, float* dAb, float* dDb,
+                       int64_t batch, int64_t dim, int64_t L, int64_t G, int64_t S, int64_t flags) {
+    const bool has_D = flags & 1, has_z = flags & 2, has_bias = flags & 4, sp = flags & 8;
+    const int64_t n_chunks = (L + T - 1) / T;
+    #pragma omp parallel for schedule(dynamic)
+    for (int64_t w = 0; w < batch * G * S; w++) {
+        WORK_ITEM
+        float* dBw = dBs + ((b * G + g) * S + s) * L * N;                     // this item's part of dB, dC: (L, N)
+        float* dCw = dCs + ((b * G + g) * S + s) * L * N;
+        std::vector<Vec> sumB(L * N, Vec(0.f)), sumC(L * N, Vec(0.f));       // over its channel vectors, lane-wise
+        for (int64_t v = s * per; v < std::min(nvec, (s + 1) * per); v++) {
+            const int64_t d0 = g * Dg + v * VL, nc = std::min(VL, g * Dg + Dg - d0), row = (b * dim + d0) * L;
+            Vec a[N], dh[N], dA_sum[N];
+            for (int64_t n = 0; n < N; n++) {
+                a[n] = gather(A2t + n * dim + d0, 1, nc); dh[n] = Vec(0.f); dA_sum[n] = Vec(0.f);
+            }
+            const Vec vbias = has_bias ? gather(bias + d0, 1, nc) : Vec(0.f);
+            const Vec vD = has_D ? gather(Dskip + d0, 1, nc) : Vec(0.f);
+            Vec dD_sum(0.f);
+            alignas(64) float db[T * VL], ub[T * VL], gb[T * VL], zb[T * VL], o1[T * VL], o2[T * VL], o3[T * VL];
+            alignas(64) float dtb[T * VL];                                    // Δ, from the recompute
+            alignas(64) float xs[(T + 1) * N * VL], eA[T * N * VL];  // the chunk: x0 and its states, exp(ΔA)
+            for (int64_t k = n_chunks - 1; k >= 0; k--) {
+                const int64_t t0 = k * T, nt = std::min(T, L - t0);
+                load_tile(delta + row, L, t0, nt, nc, db);
+                load_tile(u + row, L, t0, nt, nc, ub);
+                load_tile(dout + row, L, t0, nt, nc, gb);
+                if (has_z) load_tile(z + row, L, t0, nt, nc, zb);
+                for (int64_t n = 0; n < N; n++)
+                    gather(starts + ((b * dim + d0) * n_chunks + k) * N + n, n_chunks * N, nc).store(xs + n * VL);
+                for (int64_t t = 0; t < nt; t++) {                           // the chunk forward again, from its start
+                    Vec dt = Vec::loadu(db + t * VL) + vbias;
+                    if (sp) dt = softplus(dt);
+                    dt.store(dtb + t * VL);
+                    const Vec dtu = dt * Vec::loadu(ub + t * VL);
+                    const float* Bn = Bn0 + (t0 + t) * N;
+                    for (int64_t n = 0; n < N; n++) {
+                        const Vec e = exp2v(a[n] * dt);
+                        e.store(eA + (t * N + n) * VL);
+                        const Vec x = at::vec::fmadd(e, Vec::loadu(xs + (t * N + n) * VL), dtu * Vec(Bn[n]));
+                        x.store(xs + ((t + 1) * N + n) * VL);
+                    }
+                }
+                for (int64_t t = nt - 1; t >= 0; t--) {                      // the reverse scan
+                    const Vec raw = Vec::loadu(db + t * VL) + vbias, dt = Vec::loadu(dtb + t * VL);
+                    const Vec uu = Vec::loadu(ub + t * VL), go = Vec::loadu(gb + t * VL), dtu = dt * uu;
+                    const Vec zz = has_z ? Vec::loadu(zb + t * VL) : Vec(0.f), sz = has_z ? sigmoid(zz) : Vec(1.f);
+                    const Vec gy = has_z ? go * zz * sz : go;                 // dL/dy
+                    const float* Bn = Bn0 + (t0 + t) * N; const float* Cn = Cn0 + (t0 + t) * N;
+                    Vec* sB = sumB.data() + (t0 + t) * N; Vec* sC = sumC.data() + (t0 + t) * N;
+                    Vec wA[2] = {Vec(0.f), Vec(0.f)}, hB[2] = {Vec(0.f), Vec(0.f)}, y[2] = {vD * uu, Vec(0.f)};
+                    for (int64_t n = 0; n < N; n++) {
+                        const Vec xt = Vec::loadu(xs + ((t + 1) * N + n) * VL), xp = Vec::loadu(xs + (t * N + n) * VL);
+                        const Vec e = Vec::loadu(eA + (t * N + n) * VL), vB(Bn[n]), vC(Cn[n]);
+                        dh[n] = at::vec::fmadd(gy, vC, dh[n]);               // dh_t = g_t C_t + carry
+                        const Vec wn = dh[n] * e * xp;                        // dh · exp(Δ_t A) x_{t-1}
+                        wA[n & 1] = at::vec::fmadd(wn, a[n], wA[n & 1]);      // sum_n dh exp(ΔA) x A log2(e)
+                        dA_sum[n] = at::vec::fmadd(wn, dt, dA_sum[n]);
+                        hB[n & 1] = at::vec::fmadd(dh[n], vB, hB[n & 1]);     // sum_n dh B
+                        y[n & 1] = at::vec::fmadd(xt, vC, y[n & 1]);          // y_t, for dz
+                        sB[n] = at::vec::fmadd(dh[n], dtu, sB[n]);            // dB, dC: sums over the channels
+                        sC[n] = at::vec::fmadd(xt, gy, sC[n]);
+                        dh[n] = dh[n] * e;                                    // the carry into step t - 1
+                    }
+                    const Vec dhB = hB[0] + hB[1];
+                    Vec ddt = (wA[0] + wA[1]) * Vec(LN2) + uu * dhB;         // dL/dΔ
+                    (dt * dhB + gy * vD).store(o1 + t * VL);                  // du
+                    dD_sum = at::vec::fmadd(gy, uu, dD_sum);
+                    if (has_z) (go * (y[0] + y[1]) * sz * (Vec(1.f) + zz * (Vec(1.f) - sz))).store(o3 + t * VL);
+                    if (sp) ddt = ddt * Vec::blendv(sigmoid(raw), Vec(1.f), raw > Vec(20.f));
+                    ddt.store(o2 + t * VL);
+                }
+                store_tile(du + row, L, t0, nt, nc, o1);
+                store_tile(ddelta + row, L, t0, nt, nc, o2);
+                if (has_z) store_tile(dz + row, L, t0, nt, nc, o3);
+            }
+            for (int64_t n = 0; n < N; n++) scatter(dA_sum[n], dAb + (b * dim + d0) * N + n, N, nc);   // (batch, D, N)
+            scatter(dD_sum, dDb + b * dim + d0, 1, nc);                                       // (batch, D)
+        }
+        for (int64_t i = 0; i < L * N; i++) { dBw[i] = hsum(sumB[i]); dCw[i] = hsum(sumC[i]); }   // lanes: summed once
+    }
+}
+'''
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_kernel(kind, N, T):
+    """The forward or backward C++ loop for state size N, built once per process (a few seconds;
+    Inductor caches the binary on disk too). A failure becomes one TorchCompileError."""
+    try:
+        from torch._inductor.codecache import CppPythonBindingsCodeCache
+        src = (_CPU_FWD if kind == "fwd" else _CPU_BWD) % dict(N=N, T=T)
+        n_in, n_out = (8, 3) if kind == "fwd" else (10, 7)
+        return CppPythonBindingsCodeCache.load_pybinding(["const float*"] * n_in + ["float*"] * n_out
+                                                         + ["int64_t"] * 6, src)
+    except Exception as e:
+        raise TorchCompileError(
+            f"the compiled CPU scan could not be built ({type(e).__name__}: {str(e)[:300]}); run without it: "
+            f"`python train_mini.py --no-compile`, or LOCALMAMBA_COMPILE=0, or selective_scan_torch(compile=False)"
+        ) from e
+
+
+def _cpu_splits(batch, G, Dg):
+    """Channel splits per (batch row, group): enough work items for every thread (4 each)."""
+    nvec = -(-Dg // 8)
+    return max(1, min(nvec, -(-4 * torch.get_num_threads() // (batch * G))))
+
+
+def _cpu_args(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    """fp32 contiguous inputs in the kernels' layouts, the launch sizes and the flag bits."""
+    f32 = lambda t: t.detach().to(torch.float32).contiguous()
+    batch, dim, L = u.shape
+    Bg, Cg = _as_groups(B), _as_groups(C)
+    G = Bg.shape[1]
+    none = u.new_empty(0, dtype=torch.float32)
+    opt = lambda t: none if t is None else f32(t)
+    flags = (D is not None) | (z is not None) << 1 | (delta_bias is not None) << 2 | bool(delta_softplus) << 3
+    ins = [f32(u), f32(delta), f32(A.detach().to(torch.float32) * LOG2E).t().contiguous(),
+           f32(Bg.transpose(2, 3)), f32(Cg.transpose(2, 3)), opt(D), opt(z), opt(delta_bias)]
+    return ins, (batch, dim, L, G, _cpu_splits(batch, G, dim // G), flags)
+
+
+class _SelectiveScanCPU(torch.autograd.Function):
+    """The compiled CPU scan (see the section comment): one C++ call forward, one backward."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+        ins, sizes = _cpu_args(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+        batch, dim, L = u.shape
+        N = A.shape[1]
+        out = torch.empty(batch, dim, L)
+        starts = torch.empty(batch, dim, -(-L // CPU_CHUNK), N)
+        last = torch.empty(batch, dim, N)
+        _cpu_kernel("fwd", N, CPU_CHUNK)(*ins, out, starts, last, *sizes)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, starts)
+        ctx.delta_softplus = delta_softplus
+        ctx.mark_non_differentiable(last)
+        return out.to(u.dtype), last
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout, _dlast):
+        u, delta, A, B, C, D, z, delta_bias, starts = ctx.saved_tensors
+        ins, sizes = _cpu_args(u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus)
+        batch, dim, L, G, S, _ = sizes
+        N = A.shape[1]
+        du, ddelta, dz = (torch.empty(batch, dim, L) for _ in range(3))
+        dBs, dCs = (torch.zeros(batch, G, S, L, N) for _ in range(2))       # per channel split, summed below
+        dAb, dDb = torch.empty(batch, dim, N), torch.empty(batch, dim)       # per batch row, summed below
+        _cpu_kernel("bwd", N, CPU_CHUNK)(*ins, starts, dout.to(torch.float32).contiguous(), du, ddelta, dz,
+                                         dBs, dCs, dAb, dDb, *sizes)
+        dB, dC = (t.sum(2).transpose(2, 3) for t in (dBs, dCs))             # (batch, G, N, L)
+        if B.dim() == 3:
+            dB, dC = dB.squeeze(1), dC.squeeze(1)
+        opt = lambda t, like: None if like is None else t.to(like.dtype)
+        return (du.to(u.dtype), ddelta.to(delta.dtype), dAb.sum(0).to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
+                opt(dDb.sum(0), D), opt(dz, z), opt(ddelta.sum((0, 2)), delta_bias), None)
+
+
+def selective_scan_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None,
+                       delta_softplus=False, return_last_state=False):
+    """The compiled CPU scan (`_SelectiveScanCPU`): CPU tensors in fp32, fp16 or bf16. What
+    `selective_scan_torch(compile=True)` runs on the CPU."""
+    _check_inputs(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    tensors = [t for t in (u, delta, A, B, C, D, z, delta_bias) if t is not None]
+    if u.device.type != "cpu" or any(t.dtype == torch.float64 for t in tensors):
+        raise ValueError(f"selective_scan: backend 'cpu' takes CPU tensors in float32, float16 or bfloat16, got "
+                         f"{sorted({str(t.dtype).replace('torch.', '') for t in tensors})} on {u.device}; "
+                         f"use backend='torch' (any device, float64 too)")
+    out, last = _SelectiveScanCPU.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     return (out, last.detach()) if return_last_state else out
 
 
@@ -752,8 +1074,8 @@ def selective_scan_export(u, delta, A, B, C, D=None, z=None, delta_bias=None,
 # -----------------------------------------------------------------------------
 # the one entry point
 
-_BACKENDS = {"ref": selective_scan_ref, "torch": selective_scan_torch, "triton": selective_scan_triton,
-             "export": selective_scan_export}
+_BACKENDS = {"ref": selective_scan_ref, "torch": selective_scan_torch, "cpu": selective_scan_cpu,
+             "triton": selective_scan_triton, "export": selective_scan_export}
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None,
@@ -853,8 +1175,8 @@ def _bench_call(be, x):
         from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
         return lambda: selective_scan_fn(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"],
                                          x["delta_bias"], True)
-    fn = _BACKENDS[be.replace("+compile", "")]
-    opt = dict(compile=be == "torch+compile") if be.startswith("torch") else {}
+    fn = _BACKENDS[be]
+    opt = dict(compile=False) if be == "torch" else {}
     return lambda: fn(x["u"], x["delta"], x["A"], x["B"], x["C"], D=x["D"], z=x["z"], delta_bias=x["delta_bias"],
                       delta_softplus=True, **opt)
 
@@ -879,10 +1201,78 @@ def _bench_row(be, dev, dtype, shape, reps):
     return t_f, _time_cpu(fwd_bwd, n)
 
 
+_FLOOR = _CPU_COMMON + r'''
+#include <omp.h>
+// The arithmetic the scan needs, on values kept in registers, with the kernels' own exp2v,
+// softplus and sigmoid; no loads, no stores, no reductions. part 0, per (VL channels x 1 state x
+// 1 step): forward exp2(Δ A) and 3 multiply(-add)s; backward the same recomputed, then 10
+// multiply(-add)s of the reverse scan and the gradients. part 1, per (VL channels x 1 step): Δ =
+// softplus (forward, and again in backward), the gate silu(z) and its derivative, softplus's
+// derivative sigmoid, and the multiply-adds around them.
+extern "C" void kernel(float* out, int64_t iters, int64_t part) {
+    #pragma omp parallel
+    {
+        const int id = omp_get_thread_num();
+        Vec a(-0.31f - 0.01f * id), ab(-0.29f), dt(0.01f), step(1e-9f), B(0.5f), C(0.25f), g(0.1f);
+        Vec x(0.f), y(0.f), xb(0.f), dh(0.f), wA(0.f), dA(0.f), hB(0.f), yb(0.f), dB(0.f), dC(0.f);
+        for (int64_t i = 0; i < iters && part == 0; i++) {                   // one vector-step each
+            dt = dt + step;
+            const Vec dtu = dt * B;
+            const Vec e = exp2v(a * dt);                                      // forward
+            x = at::vec::fmadd(e, x, dtu); y = at::vec::fmadd(x, C, y);
+            const Vec eb = exp2v(ab * dt), xp = xb;                           // backward: the recompute
+            xb = at::vec::fmadd(eb, xb, dtu);
+            dh = at::vec::fmadd(g, C, dh);                                    // the reverse scan, the gradients
+            const Vec w = dh * eb * xp;
+            wA = at::vec::fmadd(w, ab, wA); dA = at::vec::fmadd(w, dt, dA); hB = at::vec::fmadd(dh, B, hB);
+            yb = at::vec::fmadd(xb, C, yb); dB = at::vec::fmadd(dh, dtu, dB); dC = at::vec::fmadd(xb, g, dC);
+            dh = dh * eb;
+        }
+        for (int64_t i = 0; i < iters && part == 1; i++) {                   // one vector of channel-steps each
+            dt = dt + step;
+            const Vec raw = dt - a, z = dt + g;
+            x = x + softplus(raw) * B;                                        // forward: Δ, the gate
+            const Vec sz = sigmoid(z);
+            y = at::vec::fmadd(x, z * sz, y);
+            xb = xb + softplus(raw + C);                                      // backward: Δ again, the gate's and
+            const Vec sb = sigmoid(z + C), sr = sigmoid(raw);                 // softplus's derivatives
+            dh = at::vec::fmadd(wA * sb, Vec(1.f) + z * (Vec(1.f) - sb), dh);
+            wA = at::vec::fmadd(hB, sr, wA); hB = at::vec::fmadd(dt, g, hB);
+        }
+        out[id] = hsum(x + y + xb + dh + wA + dA + hB + yb + dB + dC);
+    }
+    out[255] = VL;
+}
+'''
+
+
+def floor_ms(shape, iters=1 << 21):
+    """The CPU floor of one fwd+bwd at shape (batch, D, N, L, G), in ms: the scan's vector
+    arithmetic (`_FLOOR`) timed on all threads, at the rate this machine's vector units run it:
+    batch·D·L·N state-steps of part 0 plus batch·D·L channel-steps of part 1, each divided by
+    the vector width. No memory traffic, no reductions: a lower bound. Each part: best of 5."""
+    import time
+    from torch._inductor.codecache import CppPythonBindingsCodeCache
+    k = CppPythonBindingsCodeCache.load_pybinding(["float*", "int64_t", "int64_t"], _FLOOR % dict(N=1, T=1))
+    out = torch.zeros(256)
+    per_step = []
+    for part in (0, 1):
+        k(out, 1 << 16, part)                                                 # warm-up
+        best = float("inf")
+        for _ in range(5):
+            t0 = time.perf_counter()
+            k(out, iters, part)
+            best = min(best, time.perf_counter() - t0)
+        per_step.append(best / (iters * torch.get_num_threads()))           # s per vector-step on one thread
+    batch, dim, N, L, G = shape
+    vector_steps = batch * dim * L / out[255].item()                          # out[255]: the vector width
+    return vector_steps * (N * per_step[0] + per_step[1]) * 1e3
+
+
 def bench(reps=5):
     """Print one table: shape, backend, forward ms, forward+backward ms (median of reps),
     speed-up over the plain autograd loop timed in the same run, and on CUDA the GB/s reached
-    against the bytes the call must move."""
+    against the bytes the call must move; on the CPU, the arithmetic floor of each shape."""
     rows = []
     cuda = torch.cuda.is_available()
     shapes = [  # (name, batch, D, N, L, G)
@@ -894,8 +1284,7 @@ def bench(reps=5):
     import importlib.util
     has_mamba = importlib.util.find_spec("mamba_ssm") is not None      # compared with where it is installed
     for name, batch, dim, N, L, G in shapes:
-        backends = [("ref", "cpu"), ("torch", "cpu"), ("torch+compile", "cpu")] if not cuda or batch * dim <= 20000 \
-            else []
+        backends = [("ref", "cpu"), ("torch", "cpu"), ("cpu", "cpu")] if not cuda or batch * dim <= 20000 else []
         backends += [("torch", "cuda"), ("triton", "cuda")] + [("mamba_ssm", "cuda")] * has_mamba if cuda else []
         base = None
         for be, dev in backends:
@@ -907,6 +1296,9 @@ def bench(reps=5):
                 rows.append((name, f"{be} {dev} {str(dtype).replace('torch.', '')}", f"{t_f:.2f}", f"{t_fb:.2f}",
                              f"{base / t_fb:.1f}x" if base else "", gbs))
                 print(" | ".join(rows[-1]), flush=True)
+        if any(dev == "cpu" for _, dev in backends):
+            rows.append((name, "floor (vector arithmetic only)", "", f"{floor_ms((batch, dim, N, L, G)):.2f}", "", ""))
+            print(" | ".join(rows[-1]), flush=True)
     dev = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
     print(f"\nselective scan, with z, D, delta_bias, softplus; {dev}; torch {torch.__version__}"
           f"{', triton ' + triton.__version__ if HAS_TRITON else ''}; median of {reps} (CPU) or do_bench (CUDA)\n")
@@ -920,7 +1312,7 @@ if __name__ == "__main__":
     import argparse
     ap = argparse.ArgumentParser(
         description="selective scan: benchmark the backends available here, or compile-check the GPU kernels")
-    ap.add_argument("--bench", action="store_true", help="time ref/torch (CPU) and triton/mamba_ssm (CUDA)")
+    ap.add_argument("--bench", action="store_true", help="time ref/torch/cpu (CPU) and triton/mamba_ssm (CUDA)")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--compile-check", type=int, nargs="*", metavar="ARCH",
                     help="compile the Triton kernels for these compute capabilities (e.g. 80 90); no GPU needed")

@@ -213,7 +213,7 @@ def backend_params(backends, cases, quick, ids):
     return out
 
 
-@pytest.mark.parametrize("backend, flags", backend_params(["ref", "torch", "triton"], FLAGS, QUICK_FLAGS,
+@pytest.mark.parametrize("backend, flags", backend_params(["ref", "torch", "cpu", "triton"], FLAGS, QUICK_FLAGS,
                                                           lambda f: "D{}z{}b{}sp{}".format(*map(int, f))))
 def test_scan_flags_against_float64_loop(backend, flags):
     """Every flag combination: out, last state and every gradient vs the independent loop."""
@@ -239,7 +239,7 @@ SHAPES = [
 
 
 @pytest.mark.parametrize("backend, shape", backend_params(
-    ["torch", "triton"], SHAPES, [s for s in SHAPES if s["dim"] * s["L"] < 1000 or not s.get("grouped", True)],
+    ["torch", "cpu", "triton"], SHAPES, [s for s in SHAPES if s["dim"] * s["L"] < 1000 or not s.get("grouped", True)],
     lambda s: "b{batch}d{dim}L{L}N{N}G{G}".format(**s) + ("" if s.get("grouped", True) else "_3d")))
 def test_scan_shapes_against_ref_and_loop(backend, shape):
     inp = scan_inputs(seed=3, **shape)
@@ -278,7 +278,7 @@ def assert_rounded(got, exact, dtype, what, ulps=0.5):
                                  f"(worst {((err - bound) / exact.abs().clamp_min(1e-30)).max().item():.2e} relative)"
 
 
-@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("backend", ["torch", "cpu", pytest.param("triton", marks=needs_triton)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_scan_half_precision(backend, dtype):
     """bf16/fp16 u, delta, z, B, C: fp32 state and arithmetic inside, output and the gradients of
@@ -315,10 +315,9 @@ def test_scan_gradcheck_float64(backend):
     assert torch.autograd.gradcheck(f, args, eps=1e-6, atol=1e-7, rtol=1e-6)
 
 
-@pytest.mark.slow
 def test_compiled_torch_path_matches_the_loop():
-    """The torch path's chunk functions under torch.compile (LOCALMAMBA_COMPILE=1 or
-    use_compiled_torch_path, train_mini's default on CPU) compute what the loop computes."""
+    """The torch path compiled (LOCALMAMBA_COMPILE=1 or use_compiled_torch_path, train_mini's
+    default on CPU: the C++ kernels) computes what the loop computes."""
     inp = scan_inputs(batch=3, dim=8, L=19, N=4, G=2, seed=11)
     flags = (True, True, True, True)
     dout = torch.randn(3, 8, 19, generator=torch.Generator().manual_seed(12))
@@ -327,6 +326,59 @@ def test_compiled_torch_path_matches_the_loop():
     assert_scan_close(got, want, 1e-5, "compiled torch path")
     assert scan_kernel.COMPILE_TORCH_PATH is False        # a per-call choice changes no global
 
+
+
+@pytest.mark.parametrize("splits", [1, 2, 3])
+def test_cpu_kernels_split_channels_and_threads_without_changing_the_result(monkeypatch, splits):
+    """The C++ kernels' work items (batch row, group, channel split) and their thread count: with
+    1, 2 or 3 splits of a group's 3 vectors of channels (the last one partial) the result is the
+    loop's, and 1 or 2 threads give the same bits (each item owns its outputs; dB, dC are summed
+    over the splits afterwards, in order)."""
+    inp = scan_inputs(batch=1, dim=40, L=37, N=16, G=2, seed=21)            # Dg = 20: 2 full vectors + 4 lanes
+    flags = (True, True, True, True)
+    dout = torch.randn(1, 40, 37, generator=torch.Generator().manual_seed(22))
+    want = run_scan(loop_float64, {k: v.double() for k, v in inp.items()}, flags, dout)
+    monkeypatch.setattr(scan_kernel, "_cpu_splits", lambda batch, G, Dg: splits)
+    threads = torch.get_num_threads()
+    try:
+        runs = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            runs.append(run_scan(selective_scan, inp, flags, dout, return_last_state=True, backend="cpu"))
+    finally:
+        torch.set_num_threads(threads)
+    assert_scan_close(runs[0], want, 1e-5, f"cpu, {splits} splits")
+    for a, b in zip([runs[0][0], runs[0][1], *runs[0][2].values()], [runs[1][0], runs[1][1], *runs[1][2].values()]):
+        assert torch.equal(a, b)
+
+
+def test_cpu_backend_refuses_float64_and_names_the_fix():
+    inp = {k: v.double() for k, v in scan_inputs(batch=1, dim=8, L=5, N=4, G=1).items()}
+    with pytest.raises(ValueError, match=r"backend 'cpu' takes CPU tensors in float32, float16 or bfloat16.*"
+                                         r"float64.*backend='torch'"):
+        selective_scan(inp["u"], inp["delta"], inp["A"], inp["B"], inp["C"], backend="cpu")
+    out = scan_kernel.selective_scan_torch(inp["u"], inp["delta"], inp["A"], inp["B"], inp["C"],
+                                           compile=True)                  # fp64 compiled: the torch path
+    want = selective_scan(inp["u"], inp["delta"], inp["A"], inp["B"], inp["C"], backend="ref")
+    assert out.dtype == torch.float64 and rel_err(out, want) < 1e-12
+
+
+def test_cpu_kernel_build_failure_is_one_message(monkeypatch):
+    """No C++ compiler (or a platform Inductor cannot build for): one TorchCompileError that says
+    how to run without compiling, not the toolchain's traceback."""
+    from torch._inductor import codecache
+
+    def fail(*a, **k):
+        raise RuntimeError("g++: not found")
+    monkeypatch.setattr(codecache.CppPythonBindingsCodeCache, "load_pybinding", fail)
+    scan_kernel._cpu_kernel.cache_clear()
+    try:
+        inp = scan_inputs(batch=1, dim=8, L=5, N=4, G=1)
+        with pytest.raises(scan_kernel.TorchCompileError, match=r"could not be built \(RuntimeError: g\+\+: not "
+                                                                r"found\).*--no-compile.*LOCALMAMBA_COMPILE=0"):
+            selective_scan(inp["u"], inp["delta"], inp["A"], inp["B"], inp["C"], backend="cpu")
+    finally:
+        scan_kernel._cpu_kernel.cache_clear()
 
 def test_auto_backend_picks_torch_on_cpu(monkeypatch):
     calls = []
@@ -350,7 +402,7 @@ def _saved_numels(fn):
     return sizes
 
 
-@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("backend", ["torch", "cpu", pytest.param("triton", marks=needs_triton)])
 def test_scan_saves_no_per_state_tensor_for_backward(backend):
     """What the fast paths keep for backward is O(batch·D·L) plus chunk checkpoints, never the
     (batch, D, L, N) states that the ref path (autograd through the loop) keeps."""
@@ -424,7 +476,7 @@ def test_scan_bad_backend_name():
         selective_scan(*[scan_inputs(batch=1, dim=2, L=2, N=2, G=1)[k] for k in ("u", "delta", "A", "B", "C")], backend="cuda")
 
 
-BACKENDS = ["ref", "torch", pytest.param("triton", marks=needs_triton)]
+BACKENDS = ["ref", "torch", "cpu", pytest.param("triton", marks=needs_triton)]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -497,7 +549,7 @@ def test_triton_refuses_shapes_whose_offsets_overflow_int32():
     assert flags["CHUNK"] == 16 and n_chunks == 13
 
 
-@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("backend", ["torch", "cpu", pytest.param("triton", marks=needs_triton)])
 def test_double_backward_raises_and_ref_supports_it(backend):
     """The hand-written backwards are once-differentiable: a second derivative raises instead of
     coming out silently wrong (torch) or silently absent (triton); the ref loop has one."""
@@ -1310,7 +1362,7 @@ def test_the_model_benchmark_prints_its_table(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     row = next(l for l in p.stdout.splitlines() if l.startswith("| local_vim_nano"))
     cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[1] == "28" and cells[3] == "PyTorch (compiled)" and all(float(c) > 0 for c in cells[4:8:2]), row
+    assert cells[1] == "28" and cells[3] == "C++ kernels" and all(float(c) > 0 for c in cells[4:8:2]), row
     rec = json.loads((tmp_path / "b.json").read_text())[0]
     assert rec["infer"]["img_s"] > 0 and rec["train"]["peak_mb"] is not None
     p = subprocess.run([sys.executable, str(HERE / "benchmark.py"), "--models", "resnet50"], capture_output=True,

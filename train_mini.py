@@ -661,7 +661,7 @@ def train(args):
     fine = localmamba.read_checkpoint(s.finetune) if s.finetune else None
     fine_dirs = adopt_finetune_directions(s, fine) if s.finetune else None
     if device.type == "cpu" and not s.no_compile:
-        scan_kernel.use_compiled_torch_path(True)   # the CPU scan as fused C++ (torch.compile): ~1.5-2x faster
+        scan_kernel.use_compiled_torch_path(True)   # the CPU scan as C++ kernels (README: the scan bench)
     seed_everything(s.seed + rank)                   # torch, Python's random and numpy (timm's transforms)
     r = Run(s=s, rank=rank, world=world, device=device, log=log,
             amp_dtype={"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[s.amp])

@@ -379,9 +379,9 @@ def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     (COMPILE_TORCH_PATH)."""
     _check_inputs(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     compile = COMPILE_TORCH_PATH if compile is None else bool(compile)
-    tensors = [t for t in (u, delta, A, B, C, D, z, delta_bias) if t is not None]
-    if compile and u.device.type == "cpu" and all(t.dtype != torch.float64 for t in tensors):
-        return selective_scan_cpu(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    if compile and _cpu_kernels_take(u, delta, A, B, C, D, z, delta_bias):
+        out, last = _SelectiveScanCPU.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+        return (out, last.detach()) if return_last_state else out
     fns = _chunk_fns(compile and u.device.type != "cpu")                     # fp64 on the CPU: eager
     batch = u.shape[0]
     blk = _block_size(batch, u.shape[1], A.shape[1])
@@ -639,8 +639,15 @@ def _cpu_kernel(kind, N, T):
         ) from e
 
 
+def _cpu_kernels_take(u, *others):
+    """Whether the C++ kernels run this call: CPU tensors (all on u's device, checked before), no
+    fp64 among them."""
+    return u.device.type == "cpu" and all(t.dtype != torch.float64 for t in (u, *others) if t is not None)
+
+
 def _cpu_splits(batch, G, Dg):
-    """Channel splits per (batch row, group): enough work items for every thread (4 each)."""
+    """Channel splits per (batch row, group): enough work items for every thread (4 each). The
+    vectors are counted at AVX2's 8 lanes; with wider ones some splits are empty (no work)."""
     nvec = -(-Dg // 8)
     return max(1, min(nvec, -(-4 * torch.get_num_threads() // (batch * G))))
 
@@ -701,8 +708,8 @@ def selective_scan_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     """The compiled CPU scan (`_SelectiveScanCPU`): CPU tensors in fp32, fp16 or bf16. What
     `selective_scan_torch(compile=True)` runs on the CPU."""
     _check_inputs(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
-    tensors = [t for t in (u, delta, A, B, C, D, z, delta_bias) if t is not None]
-    if u.device.type != "cpu" or any(t.dtype == torch.float64 for t in tensors):
+    if not _cpu_kernels_take(u, delta, A, B, C, D, z, delta_bias):
+        tensors = [t for t in (u, delta, A, B, C, D, z, delta_bias) if t is not None]
         raise ValueError(f"selective_scan: backend 'cpu' takes CPU tensors in float32, float16 or bfloat16, got "
                          f"{sorted({str(t.dtype).replace('torch.', '') for t in tensors})} on {u.device}; "
                          f"use backend='torch' (any device, float64 too)")

@@ -327,7 +327,6 @@ def test_compiled_torch_path_matches_the_loop():
     assert scan_kernel.COMPILE_TORCH_PATH is False        # a per-call choice changes no global
 
 
-
 @pytest.mark.parametrize("splits", [1, 2, 3])
 def test_cpu_kernels_split_channels_and_threads_without_changing_the_result(monkeypatch, splits):
     """The C++ kernels' work items (batch row, group, channel split) and their thread count: with
@@ -379,6 +378,7 @@ def test_cpu_kernel_build_failure_is_one_message(monkeypatch):
             selective_scan(inp["u"], inp["delta"], inp["A"], inp["B"], inp["C"], backend="cpu")
     finally:
         scan_kernel._cpu_kernel.cache_clear()
+
 
 def test_auto_backend_picks_torch_on_cpu(monkeypatch):
     calls = []

@@ -75,8 +75,8 @@ except ImportError:  # pragma: no cover - depends on the install
 
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-__all__ = ["selective_scan", "selective_scan_ref", "selective_scan_torch", "selective_scan_cpu", "selective_scan_export",
-           "HAS_TRITON"]
+__all__ = ["selective_scan", "selective_scan_ref", "selective_scan_torch", "selective_scan_cpu",
+           "selective_scan_export", "HAS_TRITON"]
 
 
 # -----------------------------------------------------------------------------

@@ -943,10 +943,11 @@ MODELS = {
         dims=(32, 64, 128, 256), depths=(2, 2, 9, 2), directions=None, drop_path_rate=0.1)),
     "local_vmamba_small_search": (LocalVMambaConfig, dict(
         dims=(32, 64, 128, 256), depths=(2, 2, 27, 2), directions=None, drop_path_rate=0.1)),
-    # CPU-sized presets for 28×28 to 64×64 images (Fashion-MNIST, CIFAR): patch 2 gives a 14×14 token
-    # grid at 28 px, the grid of ImageNet-224 with patch 16. Not published models.
+    # CPU-sized, not published: at 28 px patch 2 gives 14×14 tokens (ImageNet-224's grid), patch 1 28×28 (784 tokens)
     "local_vim_nano": (LocalVimConfig, dict(
         img_size=28, patch_size=2, embed_dim=32, depth=3, directions=_LOCAL * 3, drop_path_rate=0.0, **_FASHION)),
+    "local_vim_nano_p1": (LocalVimConfig, dict(
+        img_size=28, patch_size=1, embed_dim=32, depth=3, directions=_LOCAL * 3, drop_path_rate=0.0, **_FASHION)),
     "local_vim_nano_search": (LocalVimConfig, dict(
         img_size=28, patch_size=2, embed_dim=32, depth=3, directions=None, drop_path_rate=0.0, **_FASHION)),
 }
@@ -972,10 +973,9 @@ def create_model(name, features_only=False, out_indices=None, **kwargs):
         raise BadInput(f"unknown model {name!r}; choose one of: {', '.join(list(MODELS) + list(ALIASES))}")
     cls, fields = MODELS[name]
     allowed = set(cls.__dataclass_fields__)
-    bad = sorted(set(kwargs) - allowed)
-    if bad:
+    if bad := sorted(set(kwargs) - allowed):
         raise BadInput(f"create_model({name!r}): unknown option(s) {', '.join(bad)}; "
-                         f"options are {', '.join(sorted(allowed))}")
+                       f"options are {', '.join(sorted(allowed))}")
     cfg = cls(**{**fields, **kwargs})
     model = LocalVim(cfg) if cls is LocalVimConfig else LocalVMamba(cfg)
     return FeatureMaps(model, model.default_out_indices if out_indices is None else out_indices) if features_only \

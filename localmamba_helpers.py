@@ -29,6 +29,7 @@ registry) as arguments.
 import argparse
 import collections
 import contextlib
+import ctypes
 import dataclasses
 import hashlib
 import io
@@ -352,6 +353,19 @@ def seed_everything(seed):
     torch.manual_seed(seed)
     random.seed(seed)
     np.random.seed(seed % 2 ** 32)
+
+
+def keep_freed_memory():
+    """CPU training speed: glibc's malloc returns every block over 32 MB to the OS when it is freed, so
+    each step page-faults its large activations in again (at 784 tokens on 2 cores that was half the
+    step time: 10 -> 22 img/s with this). Raise the mmap and trim thresholds (mallopt M_MMAP_THRESHOLD,
+    M_TRIM_THRESHOLD) so freed blocks are reused. The process keeps its peak memory. Without glibc
+    (macOS, Windows, musl) it does nothing. Returns whether it applied."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(-3, 1 << 30)) and bool(libc.mallopt(-1, (1 << 31) - 1))
+    except (OSError, AttributeError):
+        return False
 
 
 def rng_state():

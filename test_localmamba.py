@@ -19,7 +19,7 @@ Contents (one section per module, in the order a reader meets them):
     5. checkpoints: layouts, weights-only loading, checksums, other sizes
     6. the recipe's pieces: weight-decay groups, the schedule, EMA, the data, the flags
     7. train_mini.py end to end (subprocesses on the CPU, tiny data)
-    8. the small-scale study (experiments/study_scans.py)
+    8. the small-scale studies (experiments/study_scans.py) and the receptive field (experiments/receptive_field.py)
 """
 import os
 
@@ -35,14 +35,17 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 import localmamba as lm
 import localmamba_data
+import localmamba_helpers
 import scan_kernel
 import train_mini
 from localmamba import create_model, derive_directions, load_checkpoint, scan_order
@@ -1106,6 +1109,7 @@ SMALL = {  # every named model at a small image size
     "local_vmamba_tiny_search": dict(img_size=64),
     "local_vmamba_small_search": dict(img_size=64, depths=(1, 1, 2, 1)),
     "local_vim_nano": dict(in_chans=1),
+    "local_vim_nano_p1": dict(in_chans=1, img_size=12),
     "local_vim_nano_search": dict(in_chans=1),
 }
 
@@ -2882,16 +2886,15 @@ def test_best_checkpoint_and_absolute_lr(tmp_path):
 
 
 
-def _load_study():
-    """experiments/study_scans.py as a module (it is a script in a folder, not a package)."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("study_scans", HERE / "experiments" / "study_scans.py")
+def _load_experiment(name):
+    """experiments/NAME.py as a module (a script in a folder, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, HERE / "experiments" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
 
 
-study_scans = _load_study()
+study_scans = _load_experiment("study_scans")
 
 
 STUDY = ["--seeds", "1", "--max-steps", "2", "--val-per-class", "2", "--test-per-class", "2", "--batch-size", "10"]
@@ -2938,10 +2941,17 @@ def test_study_compares_found_lists_with_the_published_ones():
 @pytest.mark.slow
 @needs_fashion
 def test_study_runs_end_to_end_on_a_tiny_budget(tmp_path):
-    rc, so, se = run_cli(*STUDY, "--train-per-class", "4", "--out", tmp_path / "study", timeout=900,
-                         script="experiments/study_scans.py")
+    rc, so, se = run_cli(*STUDY, "--train-per-class", "4", "--search-seeds", "2", "--out", tmp_path / "study",
+                         timeout=900, script="experiments/study_scans.py")
     assert rc == 0, se
     res = json.loads((tmp_path / "study" / "results.json").read_text())
+    assert [f["seed"] for f in res["searches"]] == [0, 1] and len(res["search"]["same_per_layer"]) == NANO_DEPTH
+    seed1 = json.loads((tmp_path / "study" / "search-seed1" / "directions.json").read_text())
+    assert res["searches"][1]["directions"] == seed1["directions"] != []
+    assert res["search"]["same_per_layer"] == [set(a) == set(b) for a, b in zip(res["searches"][0]["directions"],
+                                                                                 seed1["directions"])]
+    arm_e, _ = read_log(tmp_path / "study" / "e_searched-seed0")      # arm (e) trains with seed 0's choice
+    assert arm_e["directions"] == res["searches"][0]["directions"]
     assert set(res["arms"]) == set(study_scans.ARMS)
     for arm, r in res["arms"].items():     # each run's test top-1 (its log's test record), not a validation figure
         _, test = read_log(tmp_path / "study" / f"{arm}-seed0", "test")
@@ -2950,7 +2960,7 @@ def test_study_runs_end_to_end_on_a_tiny_budget(tmp_path):
     assert len(res["compare_with_local_vim_tiny"]["per_layer"]) == NANO_DEPTH
     table = (tmp_path / "study" / "results.md").read_text()
     assert table.count("\n") == 2 + len(study_scans.ARMS)
-    assert (tmp_path / "study" / "search_heat_map.txt").exists()
+    assert (tmp_path / "study" / "search_heat_map_seed1.txt").exists()
     cfg, _ = read_log(tmp_path / "study" / "d_local_no_scattn-seed0")
     assert cfg["no_scattn"] is True
     if (tmp_path / "study" / "results.png").exists() or res["results_png"]:
@@ -2959,13 +2969,13 @@ def test_study_runs_end_to_end_on_a_tiny_budget(tmp_path):
     # the same command again: every finished run is read back, nothing retrained or rewritten
     study = tmp_path / "study"
     logs = {p: p.read_bytes() for p in study.glob("*/log.jsonl")}
-    assert len(logs) == 1 + len(study_scans.ARMS)     # the search + one seed per arm
+    assert len(logs) == 2 + len(study_scans.ARMS)     # two searches + one seed per arm
     # ...except two runs "killed" midway: one after its checkpoint (resumed from it), one before
     # its first checkpoint (moved aside, never deleted, and trained again)
     for name in ("b_global_hv-seed0", "c_local-seed0"):
         (study / name / "log.jsonl").write_text((study / name / "log.jsonl").read_text().splitlines()[0] + "\n")
     (study / "c_local-seed0" / "checkpoint.pt").unlink()
-    rc, so, se = run_cli(*STUDY, "--train-per-class", "4", "--out", study, timeout=900,
+    rc, so, se = run_cli(*STUDY, "--train-per-class", "4", "--search-seeds", "2", "--out", study, timeout=900,
                          script="experiments/study_scans.py")
     assert rc == 0, se
     again = json.loads((study / "results.json").read_text())
@@ -2985,3 +2995,137 @@ def test_study_runs_end_to_end_on_a_tiny_budget(tmp_path):
                          script="experiments/study_scans.py")
     assert rc == 2 and "train_per_class=4" in se and "another --out" in se, se
     assert (study / "results.json").read_text() == json.dumps(again, indent=1)
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--arms", "z_nothing"], "--arms z_nothing: the 14×14 study's arms are a_global_h"),
+    (["--grid", "28", "--arms", "a_global_h"], "--arms a_global_h: the 28×28 study's arms are b_global_hv"),
+    (["--arms", ","], "--arms (none)"), (["--search-seeds", "0"], "--search-seeds must be at least 1, got 0"),
+    (["--threads", "0"], "--threads must be at least 1"), (["--search-epochs", "nan"], "--search-epochs must be a"),
+    (["--grid", "21"], "argument --grid: invalid choice"),
+])
+def test_the_study_refuses_bad_flags_of_its_own(argv, needle, capsys):
+    with pytest.raises(SystemExit) as e:
+        study_scans.parse_args(argv)
+    assert e.value.code == 2 and needle in capsys.readouterr().err
+
+
+def test_the_studys_arms_differ_only_in_their_directions():
+    for grid, (model, arms) in study_scans.GRIDS.items():
+        assert create_model(model, in_chans=1).cfg.grid == (grid, grid)
+        fixed = {a: d for a, (_, d, scattn) in arms.items() if d != "search"}
+        assert all(len(d) == 1 and len(d[0]) == 4 for a, d in fixed.items() if a != "a_global_h")
+    assert study_scans.ARMS_28["c_local_w2"][1] == [["h", "h_flip", "w2", "w2_flip"]]
+    assert study_scans.ARMS_28["f_local_w7"][1] == [["h", "h_flip", "w7", "w7_flip"]]
+    assert study_scans.ARMS_28["b_global_hv"][1] == [["h", "h_flip", "v", "v_flip"]]
+
+
+def test_a_search_summary_says_how_decided_it_is(tmp_path):
+    probs = [[0.3, 0.2, 0.15, 0.12, 0.1, 0.06, 0.04, 0.03], [0.125] * 8]
+    early = [[0.16, 0.14, 0.1, 0.09, 0.2, 0.18, 0.08, 0.05], [0.125] * 8]
+    (tmp_path / "directions.json").write_text(json.dumps({"directions": [["h", "h_flip", "v", "v_flip"]] * 2,
+                                                          "probabilities": probs}))
+    recs = [{"total_steps": 4}, {"split": "val", "epoch": 1, "search_probs": early},
+            {"split": "val", "epoch": 2, "search_probs": probs}, {"split": "test", "epoch": 2, "search_probs": probs}]
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    found = study_scans.search_summary(tmp_path)
+    assert found["margin_4th_5th"] == [0.02, 0.0]
+    assert [h["epoch"] for h in found["top4_per_eval"]] == [1, 2]          # the validation records, not the test
+    assert found["top4_per_eval"][0]["top4"][0] == ["h", "h_flip", "w2", "w2_flip"]      # canonical order
+    assert found["top4_per_eval"][1]["top4"][0] == ["h", "h_flip", "v", "v_flip"]
+
+
+receptive_field = _load_experiment("receptive_field")
+
+
+class _ConvTokens(nn.Module):
+    """A stand-in with LocalVim's interface whose tokens see exactly a 3×3 neighbourhood of pixels
+    (with weights of both signs: a signed gradient would cancel over images)."""
+
+    def __init__(self, grid, patch):
+        super().__init__()
+        self.cfg = SimpleNamespace(grid=(grid, grid), patch_size=patch)
+        self.conv = nn.Conv2d(1, 4, 3, padding=1, bias=False)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.randn(4, 1, 3, 3))
+        self.patch = patch
+
+    def forward_features(self, x):
+        t = self.conv(x)
+        t = F.avg_pool2d(t, self.patch) if self.patch > 1 else t
+        return t.flatten(2).transpose(1, 2)                # (B, L, D)
+
+
+def test_the_receptive_field_of_a_model_that_sees_3x3():
+    torch.manual_seed(0)
+    m = _ConvTokens(9, 1)
+    x = torch.randn(40, 1, 9, 9)
+    erf = receptive_field.effective_receptive_field(m, x, batch_size=7)
+    want = torch.zeros(9, 9)
+    for img in x:                                          # one image at a time, by hand
+        xi = img[None].clone().requires_grad_(True)
+        m.forward_features(xi)[:, 4 * 9 + 4].relu().sum().backward()
+        want += xi.grad.abs()[0, 0]
+    torch.testing.assert_close(erf, want / len(x))
+    outside = erf.clone()
+    outside[3:6, 3:6] = 0
+    assert (erf[3:6, 3:6] > 0).all() and (outside == 0).all()
+    shares = receptive_field.field_shares(erf)
+    assert shares["in_3x3"] == 1.0 and shares["in_7x7"] == 1.0 and shares["half_in_square_of_side"] == 3
+    assert shares["own"] == round(float(erf[4, 4] / erf.sum()), 4)
+    # patch 2: the pixels of a token are added up, one value per token
+    m2 = _ConvTokens(4, 2)
+    x2 = torch.randn(6, 1, 8, 8)
+    erf2 = receptive_field.effective_receptive_field(m2, x2)
+    assert erf2.shape == (4, 4)
+    full = torch.zeros(8, 8)
+    for img in x2:
+        xi = img[None].clone().requires_grad_(True)
+        m2.forward_features(xi)[:, 2 * 4 + 2].relu().sum().backward()
+        full += xi.grad.abs()[0, 0]
+    torch.testing.assert_close(erf2, (full / len(x2)).view(4, 2, 4, 2).sum((1, 3)))
+
+
+def test_field_shares_count_the_centre_apart():
+    erf = torch.zeros(9, 9)
+    erf[4, 4], erf[4, 8], erf[1, 4], erf[5, 5], erf[0, 0] = 10.0, 1.0, 1.0, 1.0, 1.0   # row, column, diagonal
+    s = receptive_field.field_shares(erf)             # the 7×7 square holds (1, 4) and (5, 5): half of the rest
+    assert s == {"own": 0.7143, "in_3x3": 0.25, "in_7x7": 0.5, "in_row_and_column": 0.5,
+                 "half_in_square_of_side": 7}
+    assert "@" in receptive_field.draw_text(erf, "x").splitlines()[1 + 4 // 1]
+
+
+def test_keep_freed_memory_applies_under_glibc():
+    import platform
+    applied = localmamba_helpers.keep_freed_memory()
+    assert applied is (platform.libc_ver()[0] == "glibc")
+
+
+@pytest.mark.slow
+@needs_fashion
+def test_the_28_grid_study_and_its_receptive_field_end_to_end(tmp_path):
+    study = tmp_path / "s28"
+    rc, so, se = run_cli(*STUDY, "--grid", "28", "--train-per-class", "2", "--out", study, timeout=900,
+                         script="experiments/study_scans.py")
+    assert rc == 0, se
+    res = json.loads((study / "results.json").read_text())
+    assert res["grid"] == 28 and list(res["arms"]) == list(study_scans.ARMS_28) and "searches" not in res
+    for arm, r in res["arms"].items():
+        cfg, test = read_log(study / f"{arm}-seed0", "test")
+        assert cfg["model"] == "local_vim_nano_p1" and r["top1"] == [test[-1]["top1"]]
+        assert cfg["directions"] == study_scans.ARMS_28[arm][1] * NANO_DEPTH
+        assert ("minus_reference" in r) == (arm != "b_global_hv")
+    # the same folder asked for the 14×14 study: its runs are of another model, refused
+    rc, so, se = run_cli(*STUDY, "--train-per-class", "2", "--arms", "b_global_hv", "--out", study,
+                         script="experiments/study_scans.py")
+    assert rc == 2 and "model='local_vim_nano_p1'" in se and "another --out" in se, se
+    out = tmp_path / "rf" / "field.png"
+    rc, so, se = run_cli(study, "--images", "3", "--out", out, script="experiments/receptive_field.py")
+    assert rc == 0, se
+    rf = json.loads(out.with_suffix(".json").read_text())
+    assert list(rf["arms"]) == sorted(study_scans.ARMS_28) and rf["images"] == 3
+    assert all(len(rf["field"][a]) == 28 and rf["arms"][a]["models"] == 1 for a in rf["arms"])
+    assert out.with_suffix(".txt").read_text().count("in_3x3") == 3
+    assert rf["png"] == out.exists()
+    rc, so, se = run_cli(tmp_path / "nothing", script="experiments/receptive_field.py")
+    assert rc == 2 and se.startswith("error: ") and "is not a folder" in se

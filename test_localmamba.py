@@ -2950,6 +2950,8 @@ def test_study_runs_end_to_end_on_a_tiny_budget(tmp_path):
     assert res["searches"][1]["directions"] == seed1["directions"] != []
     assert res["search"]["same_per_layer"] == [set(a) == set(b) for a, b in zip(res["searches"][0]["directions"],
                                                                                  seed1["directions"])]
+    assert res["search"]["shared_per_layer"] == [len(set(a) & set(b)) for a, b in zip(
+        res["searches"][0]["directions"], seed1["directions"])]
     arm_e, _ = read_log(tmp_path / "study" / "e_searched-seed0")      # arm (e) trains with seed 0's choice
     assert arm_e["directions"] == res["searches"][0]["directions"]
     assert set(res["arms"]) == set(study_scans.ARMS)

@@ -240,8 +240,8 @@ def run_arms(args, out, base, model, arms):
 def report(results, searches, seeds):
     """The results table (markdown) and, after a search, its choices printed: per seed, whether the
     seeds agree per layer, and the comparison of seed 0's lists with the published ones."""
-    lines = [f"| arm | directions | params | test top-1 % (mean ± std, {seeds} seeds) | − {REFERENCE} ± SE | runs | "
-             "min per run |", "|---|---|---|---|---|---|---|"]
+    lines = [f"| arm | directions | params | test top-1 % (mean ± std, {seeds} seeds) | − {REFERENCE} ± SE | "
+             "runs | min per run |", "|---|---|---|---|---|---|---|"]
     for arm, r in results.items():
         diff = f"{r['minus_reference']:+.2f} ± {r['se_of_difference']:.2f}" if "minus_reference" in r else "—"
         lines.append(f"| {arm} | {r['what']} | {r['params']:,} | {r['mean']:.2f} ± {r['std']:.2f} | {diff} | "
@@ -256,7 +256,9 @@ def report(results, searches, seeds):
     if len(searches) > 1:
         same = [all(set(f["directions"][i]) == set(searches[0]["directions"][i]) for f in searches)
                 for i in range(len(searches[0]["directions"]))]
-        print(f"  the {len(searches)} seeds choose the same 4 directions in {sum(same)} of {len(same)} layers")
+        shared = [len(set.intersection(*(set(f["directions"][i]) for f in searches))) for i in range(len(same))]
+        print(f"  the {len(searches)} seeds choose the same 4 directions in {sum(same)} of {len(same)} layers; "
+              f"per layer they share {shared} of 4 (two random choices share 2.0 on average)")
     if searches:
         comparison = compare_with_published(searches[0]["directions"])
         for row in comparison["per_layer"]:
@@ -298,8 +300,8 @@ def run_study(args):
         heat = localmamba.draw_search_probabilities(torch.tensor(found["probabilities"]), localmamba.DIRECTIONS)
         (out / f"search_heat_map_seed{found['seed']}.txt").write_text(heat + "\n")
     table = report(results, searches, args.seeds)
-    bars = save_results_png(results, out / "results.png",
-                            f"LocalVim-nano, {args.grid}×{args.grid} tokens, Fashion-MNIST, {args.seeds} seeds per arm")
+    title = f"LocalVim-nano, {args.grid}×{args.grid} tokens, Fashion-MNIST, {args.seeds} seeds per arm"
+    bars = save_results_png(results, out / "results.png", title)
     minutes = (time.time() - t_start) / 60
     summary = {"command": "python experiments/study_scans.py " + " ".join(sys.argv[1:]), "minutes": round(minutes, 1),
                "grid": args.grid, "model": model, "run_minutes": round(seconds / 60, 1), "reused_runs": n_reused,
@@ -310,7 +312,9 @@ def run_study(args):
         summary["searches"] = searches
         summary["search"] = {"directions": searches[0]["directions"], "probabilities": searches[0]["probabilities"],
                              "same_per_layer": [all(set(f["directions"][i]) == set(searches[0]["directions"][i])
-                                                    for f in searches) for i in range(len(searches[0]["directions"]))]}
+                                                    for f in searches) for i in range(len(searches[0]["directions"]))],
+                             "shared_per_layer": [len(set.intersection(*(set(f["directions"][i]) for f in searches)))
+                                                  for i in range(len(searches[0]["directions"]))]}
         summary["compare_with_local_vim_tiny"] = compare_with_published(searches[0]["directions"])
     train_mini.save_atomic(summary, out / "results.json", write=lambda obj, p: p.write_text(json.dumps(obj, indent=1)))
     (out / "results.md").write_text(table + "\n")

@@ -660,9 +660,10 @@ def train(args):
     s = resolve_settings(args, None if ckpt is None else ckpt["config"], device, world)
     fine = localmamba.read_checkpoint(s.finetune) if s.finetune else None
     fine_dirs = adopt_finetune_directions(s, fine) if s.finetune else None
-    if device.type == "cpu":     # freed activations reused, not re-faulted (2× at 784 tokens); the scan in C++
-        localmamba_helpers.keep_freed_memory()
-        s.no_compile or scan_kernel.use_compiled_torch_path(True)   # (README: the scan bench)
+    if device.type == "cpu":
+        localmamba_helpers.keep_freed_memory()          # freed activations reused, not re-faulted (2× at 784 tokens)
+        if not s.no_compile:
+            scan_kernel.use_compiled_torch_path(True)   # the CPU scan as C++ kernels (README: the scan bench)
     seed_everything(s.seed + rank)                   # torch, Python's random and numpy (timm's transforms)
     r = Run(s=s, rank=rank, world=world, device=device, log=log,
             amp_dtype={"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[s.amp])

@@ -200,6 +200,12 @@ def search_summary(run_dir):
                                                              top4(r["search_probs"])]} for r in history]}
 
 
+def seed_agreement(searches):
+    """Per layer: do all the searches choose the same directions, and how many do they all share."""
+    layers = [[set(f["directions"][i]) for f in searches] for i in range(len(searches[0]["directions"]))]
+    return [all(s == sets[0] for s in sets) for sets in layers], [len(set.intersection(*sets)) for sets in layers]
+
+
 def run_arms(args, out, base, model, arms):
     """The searches (if arm e is asked for), then every seed × arm, seeds outermost (a study cut
     short has whole seeds). Returns (results per arm, search summaries, seconds, reused)."""
@@ -254,9 +260,7 @@ def report(results, searches, seeds):
         print(f"  margins {found['margin_4th_5th']}; top-4 at each epoch's end: " +
               "; ".join(f"epoch {h['epoch']:g} {h['top4']}" for h in found["top4_per_eval"]))
     if len(searches) > 1:
-        same = [all(set(f["directions"][i]) == set(searches[0]["directions"][i]) for f in searches)
-                for i in range(len(searches[0]["directions"]))]
-        shared = [len(set.intersection(*(set(f["directions"][i]) for f in searches))) for i in range(len(same))]
+        same, shared = seed_agreement(searches)
         print(f"  the {len(searches)} seeds choose the same 4 directions in {sum(same)} of {len(same)} layers; "
               f"per layer they share {shared} of 4 (two random choices share 2.0 on average)")
     if searches:
@@ -310,11 +314,9 @@ def run_study(args):
                "base_args": base}
     if searches:
         summary["searches"] = searches
+        same, shared = seed_agreement(searches)
         summary["search"] = {"directions": searches[0]["directions"], "probabilities": searches[0]["probabilities"],
-                             "same_per_layer": [all(set(f["directions"][i]) == set(searches[0]["directions"][i])
-                                                    for f in searches) for i in range(len(searches[0]["directions"]))],
-                             "shared_per_layer": [len(set.intersection(*(set(f["directions"][i]) for f in searches)))
-                                                  for i in range(len(searches[0]["directions"]))]}
+                             "same_per_layer": same, "shared_per_layer": shared}
         summary["compare_with_local_vim_tiny"] = compare_with_published(searches[0]["directions"])
     train_mini.save_atomic(summary, out / "results.json", write=lambda obj, p: p.write_text(json.dumps(obj, indent=1)))
     (out / "results.md").write_text(table + "\n")

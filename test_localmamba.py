@@ -2952,6 +2952,8 @@ def test_study_runs_end_to_end_on_a_tiny_budget(tmp_path):
                                                                                  seed1["directions"])]
     assert res["search"]["shared_per_layer"] == [len(set(a) & set(b)) for a, b in zip(
         res["searches"][0]["directions"], seed1["directions"])]
+    assert len(res["search"]["decided_per_layer"]) == len(res["search"]["seed_spread_per_layer"]) == NANO_DEPTH
+    assert (tmp_path / "study" / "search_margins.png").exists() == (study_scans._pyplot() is not None)
     arm_e, _ = read_log(tmp_path / "study" / "e_searched-seed0")      # arm (e) trains with seed 0's choice
     assert arm_e["directions"] == res["searches"][0]["directions"]
     assert set(res["arms"]) == set(study_scans.ARMS)
@@ -3035,6 +3037,23 @@ def test_a_search_summary_says_how_decided_it_is(tmp_path):
     assert [h["epoch"] for h in found["top4_per_eval"]] == [1, 2]          # the validation records, not the test
     assert found["top4_per_eval"][0]["top4"][0] == ["h", "h_flip", "w2", "w2_flip"]      # canonical order
     assert found["top4_per_eval"][1]["top4"][0] == ["h", "h_flip", "v", "v_flip"]
+    assert [h["margins"] for h in found["top4_per_eval"]] == [[0.04, 0.0], [0.02, 0.0]]   # 4th − 5th per eval
+
+
+def test_a_layer_counts_as_decided_only_when_every_seed_clears_the_spread_and_holds_its_top4():
+    A, B, C = ["h", "h_flip", "v", "v_flip"], ["h", "h_flip", "v", "w2"], ["w2", "w2_flip", "w7", "w7_flip"]
+    seed0 = [[0.30, 0.20, 0.15, 0.12, 0.06, 0.06, 0.06, 0.05],     # layer 0: margin 0.06, clear of the spread
+             [0.20, 0.20, 0.20, 0.15, 0.05, 0.05, 0.05, 0.10],     # layer 1: seed 0 clears, seed 1 does not
+             [0.25, 0.25, 0.20, 0.20, 0.03, 0.03, 0.02, 0.02]]     # layer 2: clear, but its top 4 moved late
+    seed1 = [[0.29, 0.21, 0.14, 0.13, 0.06, 0.05, 0.06, 0.06],
+             [0.20, 0.20, 0.20, 0.10, 0.09, 0.05, 0.06, 0.10],
+             [0.25, 0.25, 0.20, 0.20, 0.03, 0.03, 0.02, 0.02]]
+    history = [[C, A, A]] + [[A, A, A]] * 3 + [[A, A, B], [A, A, A]]   # 6 epoch ends: the last third is 2
+    searches = [{"probabilities": p, "margin_4th_5th": m, "top4_per_eval": [{"top4": t} for t in history]}
+                for p, m in ((seed0, [0.06, 0.10, 0.17]), (seed1, [0.07, 0.01, 0.17]))]
+    decided, spread = study_scans.decided_per_layer(searches)
+    assert spread == pytest.approx([0.01, 0.05, 0.0])
+    assert decided == [True, False, False]   # layer 0's early change (epoch 1) is outside the last third
 
 
 receptive_field = _load_experiment("receptive_field")

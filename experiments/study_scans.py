@@ -18,8 +18,9 @@ images of each class); each run's test top-1 (the test set, evaluated once at th
 run) is what the table reports, mean ± std over seeds, and each arm's difference from (b) with
 its standard error. Arm (e) first runs --search-seeds searches (seeds 0, 1, ...) and trains with
 seed 0's choice; the report says how decided each search is (the margin between the 4th and the
-5th probability of every layer, the top 4 at every epoch's end), whether the seeds choose the
-same directions per layer, and how seed 0's lists compare with the published LocalVim-T lists.
+5th probability of every layer, the top 4 at every epoch's end), whether it decided (the rule in
+decided_per_layer), whether the seeds choose the same directions per layer, and how seed 0's lists
+compare with the published LocalVim-T lists.
 
     python experiments/study_scans.py --out runs/study             # the 14×14 study, all five arms
     python experiments/study_scans.py --grid 28 --out runs/study28
@@ -31,7 +32,7 @@ an interrupted run resumes from its checkpoint (or, without one, is moved aside,
 and restarted), and a folder made with other settings is refused (exit 2). Runs go seed by seed
 (every arm's seed 0 first): a study cut short has whole seeds, and `--seeds 2` reports them.
 Writes results.md, results.json, search_heat_map_seed<k>.txt and, with matplotlib installed,
-results.png and search_heat_map_seed<k>.png into --out.
+results.png, search_heat_map_seed<k>.png and (with 2 or more searches) search_margins.png into --out.
 """
 import argparse
 import json
@@ -122,6 +123,30 @@ def save_heat_map_png(probs, path, title):
     return True
 
 
+def save_margins_png(searches, spread, path, title):
+    """How the search separates: per layer, each seed's margin (4th − 5th probability) at every epoch's
+    end, with the seeds' spread as a dashed line (the bar a margin must clear); False without matplotlib."""
+    plt = _pyplot()
+    if plt is None:
+        return False
+    layers = len(searches[0]["probabilities"])
+    fig, axes = plt.subplots(1, layers, figsize=(3.2 * layers, 3), sharey=True, squeeze=False)
+    for i, ax in enumerate(axes[0]):
+        for f in searches:
+            ax.plot([h["epoch"] for h in f["top4_per_eval"]], [h["margins"][i] for h in f["top4_per_eval"]],
+                    "o-", markersize=3, label=f"seed {f['seed']}")
+        ax.axhline(spread[i], color="k", linestyle="--", linewidth=1, label="seeds' spread")
+        ax.set_title(f"layer {i}")
+        ax.set_xlabel("epoch")
+    axes[0][0].set_ylabel("4th − 5th softmax(α)")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def save_results_png(results, path, title):
     """Test top-1 per arm as a PNG: each seed a dot, the mean a bar, ± std as an error bar."""
     plt = _pyplot()
@@ -194,16 +219,33 @@ def search_summary(run_dir):
     lines = [json.loads(s) for s in (run_dir / "log.jsonl").read_text().splitlines() if s.strip()]
     history = [r for r in lines if r.get("split") == "val" and "search_probs" in r]
     top4 = lambda probs: [sorted(sorted(range(len(row)), key=lambda j: -row[j])[:4]) for row in probs]
-    margins = [round(sorted(row, reverse=True)[3] - sorted(row, reverse=True)[4], 5) for row in found["probabilities"]]
-    return {"directions": found["directions"], "probabilities": found["probabilities"], "margin_4th_5th": margins,
-            "top4_per_eval": [{"epoch": r["epoch"], "top4": [[localmamba.DIRECTIONS[j] for j in t] for t in
-                                                             top4(r["search_probs"])]} for r in history]}
+    margins = lambda probs: [round(sorted(row, reverse=True)[3] - sorted(row, reverse=True)[4], 5) for row in probs]
+    return {"directions": found["directions"], "probabilities": found["probabilities"],
+            "margin_4th_5th": margins(found["probabilities"]),
+            "top4_per_eval": [{"epoch": r["epoch"], "margins": margins(r["search_probs"]),
+                               "top4": [[localmamba.DIRECTIONS[j] for j in t] for t in top4(r["search_probs"])]}
+                              for r in history]}
 
 
 def seed_agreement(searches):
     """Per layer: do all the searches choose the same directions, and how many do they all share."""
     layers = [[set(f["directions"][i]) for f in searches] for i in range(len(searches[0]["directions"]))]
     return [all(s == sets[0] for s in sets) for sets in layers], [len(set.intersection(*sets)) for sets in layers]
+
+
+def decided_per_layer(searches):
+    """Per layer, the rule README states for "the search decided": in every seed the final margin
+    (4th − 5th probability) exceeds the seed-to-seed spread of that layer's probabilities (the largest
+    max − min over seeds of one direction's probability), and the top 4 is the same at every epoch end
+    of the search's last third (at least the last two). Returns (decided, spread) per layer; needs ≥ 2 seeds."""
+    probs = torch.tensor([f["probabilities"] for f in searches])            # (seeds, layers, 8)
+    spread = (probs.max(0).values - probs.min(0).values).max(-1).values.tolist()
+    decided = []
+    for i, s in enumerate(spread):
+        tails = [[h["top4"][i] for h in f["top4_per_eval"][-max(2, len(f["top4_per_eval"]) // 3):]] for f in searches]
+        decided.append(all(f["margin_4th_5th"][i] > s and all(t == tail[-1] for t in tail)
+                           for f, tail in zip(searches, tails)))
+    return decided, [round(s, 5) for s in spread]
 
 
 def run_arms(args, out, base, model, arms):
@@ -257,12 +299,15 @@ def report(results, searches, seeds):
     for found in searches:
         print(f"\nsearch seed {found['seed']} (softmax(α) per layer; margin = 4th − 5th probability):\n" +
               localmamba.draw_search_probabilities(torch.tensor(found["probabilities"]), localmamba.DIRECTIONS))
-        print(f"  margins {found['margin_4th_5th']}; top-4 at each epoch's end: " +
-              "; ".join(f"epoch {h['epoch']:g} {h['top4']}" for h in found["top4_per_eval"]))
+        print(f"  margins {found['margin_4th_5th']}; at each epoch's end, the margins and the top 4: " +
+              "; ".join(f"epoch {h['epoch']:g} {h['margins']} {h['top4']}" for h in found["top4_per_eval"]))
     if len(searches) > 1:
         same, shared = seed_agreement(searches)
         print(f"  the {len(searches)} seeds choose the same 4 directions in {sum(same)} of {len(same)} layers; "
               f"per layer they share {shared} of 4 (two random choices share 2.0 on average)")
+        decided, spread = decided_per_layer(searches)
+        print(f"  decided (every seed's margin > the seeds' spread {spread}, top 4 stable over the last third): "
+              f"{decided}")
     if searches:
         comparison = compare_with_published(searches[0]["directions"])
         for row in comparison["per_layer"]:
@@ -303,6 +348,9 @@ def run_study(args):
                           f"LocalVim-nano search on Fashion-MNIST, seed {found['seed']}: softmax(α)")
         heat = localmamba.draw_search_probabilities(torch.tensor(found["probabilities"]), localmamba.DIRECTIONS)
         (out / f"search_heat_map_seed{found['seed']}.txt").write_text(heat + "\n")
+    if len(searches) > 1:
+        save_margins_png(searches, decided_per_layer(searches)[1], out / "search_margins.png",
+                         "LocalVim-nano search on Fashion-MNIST: does the cut at 4 directions separate?")
     table = report(results, searches, args.seeds)
     title = f"LocalVim-nano, {args.grid}×{args.grid} tokens, Fashion-MNIST, {args.seeds} seeds per arm"
     bars = save_results_png(results, out / "results.png", title)
@@ -317,6 +365,9 @@ def run_study(args):
         same, shared = seed_agreement(searches)
         summary["search"] = {"directions": searches[0]["directions"], "probabilities": searches[0]["probabilities"],
                              "same_per_layer": same, "shared_per_layer": shared}
+        if len(searches) > 1:
+            summary["search"]["decided_per_layer"], summary["search"]["seed_spread_per_layer"] = \
+                decided_per_layer(searches)
         summary["compare_with_local_vim_tiny"] = compare_with_published(searches[0]["directions"])
     train_mini.save_atomic(summary, out / "results.json", write=lambda obj, p: p.write_text(json.dumps(obj, indent=1)))
     (out / "results.md").write_text(table + "\n")

@@ -1,6 +1,6 @@
 """
 benchmark.py: how fast, and how much memory, the models are, beside the transformers the paper
-compares with (a measurement, not a test; README "Model benchmark").
+compares with (a measurement, not a test; the table is in docs/benchmark.md).
 
 For each model, at its own image size (its pretrained_cfg) and one stated batch: images per
 second and peak memory for inference (no grad) and for a training step (forward, backward and
@@ -9,7 +9,7 @@ installed, DeiT-Ti and DeiT-S (timm's deit_tiny/small_patch16_224: the paper's s
 transformers), and a Vim-style LocalVim-T (every layer scans h, h_flip only), so the cost of
 LocalMamba's 4 directions is visible.
 
-    python benchmark.py                              # CPU: every model, batch 2, ~10 minutes on 2 cores
+    python benchmark.py                              # CPU: every model, batch 2, ~5 minutes on 2 cores
     python benchmark.py --device cuda --batch 64     # GPU: the Triton scan; also the PyTorch scan on the GPU
     python benchmark.py --models local_vim_tiny deit_tiny --reps 5
 

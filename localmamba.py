@@ -60,8 +60,8 @@ import torch.nn.functional as F
 from scan_kernel import selective_scan
 # the generic plumbing (timm's interface, checkpoint files, MAC counting) lives beside this file;
 # what a user calls from it is re-exported here, so `from localmamba import ...` is the one import
-from localmamba_helpers import (FASHION_MEAN_STD, IMAGENET_MEAN_STD, BadInput, DropPath, FeatureInfo, FeatureMaps,
-                                RMSNorm, TimmInterface, check_fields, check_image, count_macs, draw_scan_orders_png,
+from localmamba_helpers import (FASHION_MEAN_STD, IMAGENET_MEAN_STD, BadInput, FeatureInfo, FeatureMaps,
+                                TimmInterface, check_fields, check_image, count_macs, draw_scan_orders_png,
                                 maybe_checkpoint, model_table, register_with_timm, take_indices)
 from localmamba_helpers import (configure_optimizer, count_flops_fvcore, draw_search_probabilities,  # noqa: F401
                                 load_checkpoint, load_directions, load_state_dict_strict, read_checkpoint, weights_of,
@@ -269,7 +269,42 @@ class MultiScan(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# Shared parts: PatchEmbed, the direction lists' check, init (DropPath and the image check: helpers)
+# Shared parts: DropPath, RMSNorm, PatchEmbed, the direction lists' check, init (the image check: helpers)
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample (Huang et al. 2016): drop the whole branch with prob p, scale the
+    kept ones by 1/(1-p). (B, ...) -> (B, ...)."""
+
+    def __init__(self, p=0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1 - self.p)
+        return x * keep / (1 - self.p)
+
+    def extra_repr(self):
+        return f"p={self.p}"
+
+
+class RMSNorm(nn.Module):
+    """Mamba's RMSNorm (Zhang & Sennrich 2019): x / sqrt(mean(x^2) + eps) * weight over the last
+    dimension, (..., D) -> (..., D). nn.RMSNorm's math and state_dict ("weight"), written out because the legacy ONNX
+    exporter has no aten::rms_norm."""
+
+    def __init__(self, dim, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+    def extra_repr(self):
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
 
 class PatchEmbed(nn.Module):
     """Conv2d(in_chans, D, p, stride p): (B, C, H, W) -> (B, H/p * W/p, D)."""

@@ -1,5 +1,6 @@
 """
-scan_kernel.py: the selective scan (S6) of Mamba, four ways (a loop, PyTorch, Triton, export), one contract.
+scan_kernel.py: the selective scan (S6) of Mamba, five ways (a loop, Triton, PyTorch, C++ for the
+CPU, export), one contract.
 
 Reading guide
 -------------
@@ -41,22 +42,26 @@ Math (state starts at 0, all arithmetic in fp32, or fp64 for fp64 inputs on ref/
     y_l = sum_n x_l C_l + D u_l
     out = y * silu(z)                             (if z is given), in u's dtype
 
-Backends, switched by one readable condition in `selective_scan`:
+The file, top to bottom (the backends, switched by one readable condition in `selective_scan`):
+    input checks  `_check_inputs`: one message per bad argument, the same for every backend
     "ref"     `selective_scan_ref`: the obvious loop over L, autograd does the backward.
               The oracle every other path is tested against.
+    "triton"  `_scan_fwd_kernel`, `_scan_bwd_kernel`: chunked Triton kernels, forward and
+              backward. On CUDA, or on the CPU under TRITON_INTERPRET=1 (how CI tests them).
     "torch"   `selective_scan_torch`: the Triton kernels' chunked algorithm in PyTorch ops, with
               a hand-written backward; the path for CPU and MPS. With compile=True (or
               LOCALMAMBA_COMPILE=1, train_mini.py's CPU default) it runs "cpu" on the CPU.
-    "cpu"     `selective_scan_cpu`: two hand-written C++ loops (forward, backward), built at first
-              use by the C++ toolchain torch.compile uses; the fast CPU path, fp32/fp16/bf16.
-    "triton"  `_SelectiveScanTriton`: chunked Triton kernels, forward and backward. On CUDA,
-              or on the CPU under TRITON_INTERPRET=1 (how CI tests it).
+    "cpu"     `selective_scan_cpu`: two hand-written C++ loops (forward, backward) whose source
+              is scan_kernel_cpu.py (optional, as Triton is), built at first use by the C++
+              toolchain torch.compile uses; the fast CPU path, fp32/fp16/bf16.
     "export"  `selective_scan_export`: the "ref" math with its loop as torch's `scan` op, which
               torch.export and torch.onnx keep as one loop (an ONNX `Scan`). Forward only.
     "auto"    "export" while exporting ("ref" under the legacy ONNX exporter, which traces); "triton"
               for CUDA tensors when Triton imports; else "torch" (so "cpu" when compiling is on).
+    then `selective_scan` (the one entry point) and `compile_check` (the GPU compiler, no GPU).
 
-`python scan_kernel.py --bench` times the backends available here (see README.md).
+`python scan_kernel.py --compile-check 80 90` compiles the Triton kernels for A100 / H100 without
+a GPU; `python experiments/bench_scan.py` times the backends available here (docs/scan.md).
 """
 import contextlib
 import functools
@@ -73,10 +78,15 @@ try:  # Triton is optional: it is missing on macOS/Windows wheels and not needed
 except ImportError:  # pragma: no cover - depends on the install
     triton, tl, HAS_TRITON = None, None, False
 
+try:  # the C++ CPU kernels' source is optional too: without it the CPU runs the PyTorch path
+    import scan_kernel_cpu
+except ImportError:  # pragma: no cover - a copy of scan_kernel.py alone
+    scan_kernel_cpu = None
+
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 __all__ = ["selective_scan", "selective_scan_ref", "selective_scan_torch", "selective_scan_cpu",
-           "selective_scan_export", "HAS_TRITON"]
+           "selective_scan_triton", "selective_scan_export", "HAS_TRITON"]
 
 
 # -----------------------------------------------------------------------------
@@ -167,554 +177,6 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     out = y if z is None else y * F.silu(z.to(f))
     out = out.to(out_dtype)
     return (out, x.detach()) if return_last_state else out
-
-
-# -----------------------------------------------------------------------------
-# "torch": the fallback for every non-CUDA tensor. The same algorithm as the Triton kernels,
-# in PyTorch ops. L is cut into chunks of TORCH_CHUNK = 8 steps and the batch into blocks of a
-# few samples, so that every temporary (T, block, G, Dg, N) stays in the CPU cache (T = steps in
-# a chunk, Dg = D / G channels per group); in a chunk, everything that does not depend on the
-# previous state (exp(ΔA), ΔBu, the contractions with C, every gradient) is one op over the
-# chunk, and only the multiply-add of the recurrence loops over the T steps. The forward keeps
-# the state at the start of each chunk; the backward walks the chunks in reverse, recomputes
-# each chunk's states from its chunk start and runs the reverse scan. So autograd saves
-# O(batch·D·L), not O(batch·D·L·N).
-#
-# The two chunk functions have static shapes (the last chunk is padded with Δ = 0 and the
-# last block with u = 0, B = 0, which leave the state unchanged). On the CPU, compile=True runs
-# the C++ kernels of the next section instead (`selective_scan_cpu`); on other devices it runs
-# the chunk functions through `torch.compile`. Whether backend "torch" compiles is decided once,
-# at start-up: LOCALMAMBA_COMPILE=1 in the environment, or `use_compiled_torch_path(True)` before
-# the first scan (train_mini.py does this on CPU unless --no-compile).
-# `selective_scan_torch(..., compile=...)` chooses per call.
-
-LOG2E = 1.4426950408889634
-TORCH_CHUNK = 8            # steps per chunk of the torch path (one saved chunk start each)
-BLOCK_ELEMS = 1 << 19      # (TORCH_CHUNK, block, D, N) temporaries of about 2 MB
-COMPILE_TORCH_PATH = os.environ.get("LOCALMAMBA_COMPILE", "0") == "1"
-
-
-def use_compiled_torch_path(enable=True):
-    """Decide, once at start-up, whether backend "torch" compiles: the C++ kernels on the CPU, its
-    chunk functions through torch.compile elsewhere. A build that fails later raises
-    TorchCompileError saying how to turn it off."""
-    global COMPILE_TORCH_PATH
-    COMPILE_TORCH_PATH = bool(enable)
-
-
-class TorchCompileError(RuntimeError):
-    """The compiled scan could not be built (no C++ compiler, an unsupported platform)."""
-
-
-def _block_size(batch, dim, N):
-    """Samples per block: a large batch runs in blocks whose chunk temporaries fit in cache."""
-    return max(1, min(batch, BLOCK_ELEMS // (TORCH_CHUNK * dim * N)))
-
-
-def _chunk_states(dt, u, A2, B, x0):
-    """A chunk's states from the state x0 before it. dt, u: (T, b, G, Dg); A2 = A·log2(e):
-    (G, Dg, N); B: (T, b, G, N); x0: (b, G, Dg, N). Returns exp(ΔA), ΔBu and the states x_t,
-    each (T, b, G, Dg, N)."""
-    dA = torch.exp2(dt[..., None] * A2)                                       # exp(Δ A)
-    dBu = (dt * u)[..., None] * B[:, :, :, None, :]                          # Δ B u
-    x, xs = x0, []
-    for t in range(dt.shape[0]):
-        x = dA[t] * x + dBu[t]                                                # x_t = exp(Δ_t A) x_{t-1} + Δ_t B_t u_t
-        xs.append(x)
-    return dA, dBu, torch.stack(xs)
-
-
-def _chunk_fwd(dt, u, A2, B, C, x0):
-    """One chunk forward (shapes in _chunk_states; C like B). Returns y (T, b, G, Dg) and the
-    chunk's last state."""
-    _, _, xs = _chunk_states(dt, u, A2, B, x0)
-    y = (xs * C[:, :, :, None, :]).sum(-1)                                    # (T, b, G, Dg) = sum_n x C
-    return y, xs[-1]
-
-
-def _chunk_bwd(dt, u, A, A2, B, C, x0, g, dh_next, dA_next):
-    """One chunk backward (the reverse scan of the module docstring's math). g = dL/dy
-    (T, b, G, Dg); dh_next, dA_next: dh and exp(Δ A) at the step after the chunk."""
-    dA, dBu, xs = _chunk_states(dt, u, A2, B, x0)                             # recomputed from x0
-    gC = g[..., None] * C[:, :, :, None, :]
-    dh, dhs = dh_next * dA_next, []
-    for t in reversed(range(dt.shape[0])):
-        dh = gC[t] + (dh if t == dt.shape[0] - 1 else dA[t + 1] * dh)        # dh_t = g_t C_t + exp(Δ_{t+1} A) dh_{t+1}
-        dhs.append(dh)
-    dhs = torch.stack(dhs[::-1])                                              # (T, b, G, Dg, N)
-    w = dhs * (xs - dBu)                                                      # dh · exp(Δ_t A) x_{t-1}
-    dhB = (dhs * B[:, :, :, None, :]).sum(-1)                                 # sum_n dh B
-    ddt = (w * A).sum(-1) + u * dhB                                           # dL/dΔ
-    dA_part = (w * dt[..., None]).sum((0, 1))                                 # (G, Dg, N)
-    du = dt * dhB
-    dB = (dhs * (dt * u)[..., None]).sum(-2)                                  # (T, b, G, N): over the group's channels
-    dC = (xs * g[..., None]).sum(-2)
-    y = (xs * C[:, :, :, None, :]).sum(-1)
-    return ddt, du, dA_part, dB, dC, y, dhs[0], dA[0]
-
-
-def _compiled(fn):
-    """fn through torch.compile; a failure (at the first call, when compiling happens) becomes
-    one TorchCompileError that says how to run without it."""
-    compiled = torch.compile(fn, dynamic=False)
-
-    def run(*args):
-        try:
-            return compiled(*args)
-        except Exception as e:
-            raise TorchCompileError(
-                f"torch.compile could not build the CPU scan ({type(e).__name__}: {str(e)[:300]}); run without "
-                f"it: `python train_mini.py --no-compile`, or LOCALMAMBA_COMPILE=0, or "
-                f"selective_scan_torch(compile=False)"
-            ) from e
-    return run
-
-
-@functools.lru_cache(maxsize=None)
-def _chunk_fns(compile):
-    """(forward, backward) chunk functions, eager or compiled (compiled once per process)."""
-    return (_compiled(_chunk_fwd), _compiled(_chunk_bwd)) if compile else (_chunk_fwd, _chunk_bwd)
-
-
-def _torch_layout(u, delta, A, B, C, delta_bias, delta_softplus):
-    """Cast to the compute dtype, pad L to whole chunks, lay out L-major with channels in groups."""
-    f = _compute_dtype(u)
-    batch, dim, L = u.shape
-    Bg, Cg = _as_groups(B), _as_groups(C)
-    G = Bg.shape[1]
-    pad = -L % TORCH_CHUNK
-    dt_raw = delta.to(f)
-    if delta_bias is not None:
-        dt_raw = dt_raw + delta_bias.to(f)[None, :, None]
-    dt = F.softplus(dt_raw) if delta_softplus else dt_raw                     # (batch, D, L)
-    lbgk = lambda t: F.pad(t.to(f), (0, pad)).permute(2, 0, 1).reshape(L + pad, batch, G, dim // G).contiguous()
-    lbgn = lambda t: F.pad(t.to(f), (0, pad)).permute(3, 0, 1, 2).contiguous()  # (L', batch, G, N)
-    A_g = A.to(f).reshape(G, dim // G, -1)                                     # (G, Dg, N)
-    return dict(dt_raw=dt_raw, dt=lbgk(dt), u=lbgk(u), A=A_g, A2=A_g * LOG2E, B=lbgn(Bg), C=lbgn(Cg), L=L)
-
-
-class _SelectiveScanTorch(torch.autograd.Function):
-    """One block of the batch (see selective_scan_torch). `fns`: the (forward, backward) chunk
-    functions, eager or compiled."""
-
-    @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, fns):
-        f = _compute_dtype(u)
-        batch, dim, L = u.shape
-        p = _torch_layout(u, delta, A, B, C, delta_bias, delta_softplus)
-        G, N = p["A"].shape[0], p["A"].shape[2]
-        x = u.new_zeros(batch, G, dim // G, N, dtype=f)                       # (batch, G, Dg, N)
-        ys, starts = [], []
-        for c0 in range(0, L, TORCH_CHUNK):
-            sl = slice(c0, c0 + TORCH_CHUNK)
-            starts.append(x)
-            y, x = fns[0](p["dt"][sl], p["u"][sl], p["A2"], p["B"][sl], p["C"][sl], x)
-            ys.append(y)
-        y = torch.cat(ys)[:L].reshape(L, batch, dim).permute(1, 2, 0)          # (batch, D, L)
-        if D is not None:
-            y = y + D.to(f)[None, :, None] * u.to(f)
-        out = y if z is None else y * F.silu(z.to(f))
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, torch.stack(starts))
-        ctx.delta_softplus, ctx.fns = delta_softplus, fns
-        last = x.reshape(batch, dim, N).clone()
-        ctx.mark_non_differentiable(last)
-        return out.to(u.dtype), last
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dout, _dlast):
-        u, delta, A, B, C, D, z, delta_bias, starts = ctx.saved_tensors
-        f = _compute_dtype(u)
-        batch, dim, L = u.shape
-        p = _torch_layout(u, delta, A, B, C, delta_bias, ctx.delta_softplus)
-        G, N = p["A"].shape[0], p["A"].shape[2]
-        Lp = p["dt"].shape[0]
-        dout, uf = dout.to(f), u.to(f)
-        if z is not None:                                                     # out = y silu(z)
-            zf = z.to(f)
-            sz = torch.sigmoid(zf)
-            g = dout * zf * sz                                                # dL/dy, (batch, D, L)
-        else:
-            g = dout
-        gT = F.pad(g, (0, Lp - L)).permute(2, 0, 1).reshape(Lp, batch, G, dim // G).contiguous()
-        ddt, du, y = (torch.empty(Lp, batch, G, dim // G, dtype=f, device=u.device) for _ in range(3))
-        dB, dC = (torch.empty(Lp, batch, G, N, dtype=f, device=u.device) for _ in range(2))
-        dA_grad = torch.zeros_like(p["A"])                                    # (G, Dg, N)
-        dh_next = torch.zeros_like(starts[0])                                  # dh after the last chunk: 0
-        dA_next = torch.zeros_like(starts[0])
-        for i in reversed(range(len(starts))):
-            sl = slice(i * TORCH_CHUNK, (i + 1) * TORCH_CHUNK)
-            ddt[sl], du[sl], dA_part, dB[sl], dC[sl], y[sl], dh_next, dA_next = ctx.fns[1](
-                p["dt"][sl], p["u"][sl], p["A"], p["A2"], p["B"][sl], p["C"][sl], starts[i], gT[sl],
-                dh_next, dA_next)
-            dA_grad += dA_part
-        to_bdl = lambda t: t[:L].reshape(L, batch, dim).permute(1, 2, 0)     # -> (batch, D, L)
-        du, ddt = to_bdl(du), to_bdl(ddt)
-        dD = dz = None
-        if D is not None:
-            du = du + g * D.to(f)[None, :, None]
-            dD = (g * uf).sum((0, 2)).to(D.dtype)
-        if z is not None:
-            yf = to_bdl(y) + (D.to(f)[None, :, None] * uf if D is not None else 0)
-            dz = (dout * yf * sz * (1 + zf * (1 - sz))).to(z.dtype)
-        if ctx.delta_softplus:
-            dt_raw = p["dt_raw"]
-            ddt = ddt * torch.where(dt_raw <= 20.0, torch.sigmoid(dt_raw), torch.ones_like(dt_raw))
-        ddelta_bias = None if delta_bias is None else ddt.sum((0, 2)).to(delta_bias.dtype)
-        dB, dC = dB[:L].permute(1, 2, 3, 0), dC[:L].permute(1, 2, 3, 0)       # (batch, G, N, L)
-        if B.dim() == 3:
-            dB = dB.squeeze(1)
-        if C.dim() == 3:
-            dC = dC.squeeze(1)
-        return (du.to(u.dtype), ddt.to(delta.dtype), dA_grad.reshape(dim, N).to(A.dtype), dB.to(B.dtype),
-                dC.to(C.dtype), dD, dz, ddelta_bias, None, None)
-
-
-def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None,
-                         delta_softplus=False, return_last_state=False, compile=None):
-    """The pure-PyTorch path (any device, any float dtype): see `_SelectiveScanTorch`. The batch
-    runs in blocks of `_block_size` samples (the last block padded, so shapes stay static).
-    compile: on the CPU, run the C++ kernels (`selective_scan_cpu`; fp64 stays eager); on other
-    devices the chunk functions through torch.compile. None = the start-up choice
-    (COMPILE_TORCH_PATH)."""
-    _check_inputs(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
-    compile = COMPILE_TORCH_PATH if compile is None else bool(compile)
-    if compile and _cpu_kernels_take(u, delta, A, B, C, D, z, delta_bias):
-        out, last = _SelectiveScanCPU.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
-        return (out, last.detach()) if return_last_state else out
-    fns = _chunk_fns(compile and u.device.type != "cpu")                     # fp64 on the CPU: eager
-    batch = u.shape[0]
-    blk = _block_size(batch, u.shape[1], A.shape[1])
-    pad = -batch % blk
-    if pad:   # zero samples: Δ = softplus(bias) but u = 0 and B = 0, their outputs are dropped
-        padb = lambda t: None if t is None else F.pad(t, (0, 0) * (t.dim() - 1) + (0, pad))
-        u, delta, B, C, z = padb(u), padb(delta), padb(B), padb(C), padb(z)
-    parts = [_SelectiveScanTorch.apply(u[i:i + blk], delta[i:i + blk], A, B[i:i + blk], C[i:i + blk], D,
-                                       None if z is None else z[i:i + blk], delta_bias, delta_softplus, fns)
-             for i in range(0, u.shape[0], blk)]
-    out = torch.cat([p[0] for p in parts])[:batch]
-    last = torch.cat([p[1] for p in parts])[:batch]
-    return (out, last.detach()) if return_last_state else out
-
-
-# -----------------------------------------------------------------------------
-# "torch" on the CPU, compiled: the scan as two hand-written C++ loops (forward, backward),
-# built at first use by the C++ toolchain torch.compile uses (torch._inductor's code cache: the
-# same compiler, flags and vector headers as Inductor's own kernels; no other build step).
-#
-# Why not Inductor-generated code: Inductor cannot keep the N-state in registers across steps
-# and also reduce it (sum_n x C) in the same loop, so every chunk materialises (T, b, D, N)
-# temporaries, and the (batch, D, L) <-> (L, batch, D) layout changes around the chunks cost as
-# much as the recurrence. Here one loop iteration owns VL channels (VL = the vector width: 8
-# fp32 on AVX2, 16 on AVX-512) of one batch row, vectorised over those channels, with the N
-# states of each channel in N vectors for all L steps; u, Δ, z are read in (VL x T) tiles of
-# their (batch, D, L) layout, B and C (transposed once to (batch, G, L, N)) as broadcasts.
-# OpenMP threads take the (batch row, group, channel split) work items.
-#
-# Forward: the recurrence, y = sum_n x C + D u, the gate, and the state before every chunk of
-# T steps (the chunk starts, (batch, D, n_chunks, N)). Backward, chunk by chunk in reverse: the
-# chunk's states and exp(ΔA) recomputed from its start into an L1-sized buffer, then the
-# reverse scan dh_t = g_t C_t + exp(Δ_{t+1} A) dh_{t+1} and every gradient in the same pass.
-# dB and dC are sums over a group's channels: each work item sums its channel vectors lane-wise
-# (an (L, N) buffer of vectors), adds the lanes once at its end into its own slice of a
-# (batch, G, splits, L, N) buffer, and the splits are summed afterwards; dA and dD likewise over
-# the batch. The arithmetic is fp32 (fp16/bf16 inputs are cast first; fp64 takes the PyTorch path).
-
-CPU_CHUNK = 16             # steps per chunk of the C++ kernels (one saved chunk start each)
-
-_CPU_COMMON = r'''
-#include <torch/csrc/inductor/cpp_prefix.h>
-using Vec = at::vec::Vectorized<float>;
-constexpr int64_t N = %(N)d;            // states per channel (a compile-time constant: one build per N)
-constexpr int64_t T = %(T)d;            // steps per chunk
-constexpr int64_t VL = Vec::size();     // channels per vector
-constexpr float LN2 = 0.6931471805599453f;
-// 2^x: on AVX2 / AVX-512 inline, as 2^round(x) (built in the exponent bits) times a degree-6
-// polynomial of 2^f on [-1/2, 1/2] (relative error < 2e-7; x clamped to [-126, 126]); elsewhere
-// at::vec's exp2 (Sleef, a call). Both the kernels and the floor use it.
-static inline Vec exp2v(const Vec& x) {
-#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
-    const Vec v = at::vec::minimum(at::vec::maximum(x, Vec(-126.f)), Vec(126.f));
-    const Vec r = v.round(), f = v - r;
-    Vec p(1.5403530393381609e-4f);
-    p = at::vec::fmadd(p, f, Vec(1.3333558146428443e-3f));
-    p = at::vec::fmadd(p, f, Vec(9.618129107628477e-3f));
-    p = at::vec::fmadd(p, f, Vec(5.550410866482158e-2f));
-    p = at::vec::fmadd(p, f, Vec(0.2402265069591007f));
-    p = at::vec::fmadd(p, f, Vec(0.6931471805599453f));
-    p = at::vec::fmadd(p, f, Vec(1.f));
-#if defined(CPU_CAPABILITY_AVX512)
-    return p * Vec(_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(r),
-                                                                          _mm512_set1_epi32(127)), 23)));
-#else
-    return p * Vec(_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(r),
-                                                                          _mm256_set1_epi32(127)), 23)));
-#endif
-#else
-    return x.exp2();
-#endif
-}
-static inline Vec softplus(const Vec& x) { return Vec::blendv(x.exp().log1p(), x, x > Vec(20.f)); }
-static inline Vec sigmoid(const Vec& x) { return Vec(1.f) / (Vec(1.f) + x.neg().exp()); }
-static inline float hsum(const Vec& x) {
-    return at::vec::vec_reduce_all<float>([](Vec& p, Vec& q) { return p + q; }, x);
-}
-// a (T steps) x (VL channels) tile of the rows src[c * L + t0 + t], c < nc, t < nt: buf[t * VL + c], zero elsewhere
-static inline void load_tile(const float* src, int64_t L, int64_t t0, int64_t nt, int64_t nc, float* buf) {
-    for (int64_t i = 0; i < T * VL; i++) buf[i] = 0.f;
-    for (int64_t c = 0; c < nc; c++) for (int64_t t = 0; t < nt; t++) buf[t * VL + c] = src[c * L + t0 + t];
-}
-static inline void store_tile(float* dst, int64_t L, int64_t t0, int64_t nt, int64_t nc, const float* buf) {
-    for (int64_t c = 0; c < nc; c++) for (int64_t t = 0; t < nt; t++) dst[c * L + t0 + t] = buf[t * VL + c];
-}
-// channel values p[c * stride], c < nc, as one vector (zero in the unused lanes)
-static inline Vec gather(const float* p, int64_t stride, int64_t nc) {
-    alignas(64) float lane[VL] = {0.f};
-    for (int64_t c = 0; c < nc; c++) lane[c] = p[c * stride];
-    return Vec::loadu(lane);
-}
-static inline void scatter(const Vec& v, float* p, int64_t stride, int64_t nc) {
-    alignas(64) float lane[VL];
-    v.store(lane);
-    for (int64_t c = 0; c < nc; c++) p[c * stride] = lane[c];
-}
-// work item w -> batch row b, group g, channels [d0, d0 + nc) of split s (splits of whole vectors)
-#define WORK_ITEM                                                                              \
-    const int64_t Dg = dim / G, nvec = (Dg + VL - 1) / VL, per = (nvec + S - 1) / S;            \
-    const int64_t b = w / (G * S), g = (w / S) %% G, s = w %% S;                                 \
-    const float* Bn0 = Bt + (b * G + g) * L * N; const float* Cn0 = Ct + (b * G + g) * L * N;
-'''
-
-_CPU_FWD = _CPU_COMMON + r'''
-extern "C" void kernel(const float* u, const float* delta, const float* A2t, const float* Bt, const float* Ct,
-                       const float* Dskip, const float* z, const float* bias, float* out, float* starts, float* last,
-                       int64_t batch, int64_t dim, int64_t L, int64_t G, int64_t S, int64_t flags) {
-    const bool has_D = flags & 1, has_z = flags & 2, has_bias = flags & 4, sp = flags & 8;
-    const int64_t n_chunks = (L + T - 1) / T;
-    #pragma omp parallel for schedule(dynamic)
-    for (int64_t w = 0; w < batch * G * S; w++) {
-        WORK_ITEM
-        for (int64_t v = s * per; v < std::min(nvec, (s + 1) * per); v++) {
-            const int64_t d0 = g * Dg + v * VL, nc = std::min(VL, g * Dg + Dg - d0), row = (b * dim + d0) * L;
-            Vec a[N], x[N];                                                   // A log2(e), and the state
-            for (int64_t n = 0; n < N; n++) { a[n] = gather(A2t + n * dim + d0, 1, nc); x[n] = Vec(0.f); }
-            const Vec vbias = has_bias ? gather(bias + d0, 1, nc) : Vec(0.f);
-            const Vec vD = has_D ? gather(Dskip + d0, 1, nc) : Vec(0.f);
-            alignas(64) float dtb[T * VL], ub[T * VL], yb[T * VL];
-            for (int64_t k = 0; k < n_chunks; k++) {
-                const int64_t t0 = k * T, nt = std::min(T, L - t0);
-                for (int64_t n = 0; n < N; n++)                               // chunk start: (batch, D, n_chunks, N)
-                    scatter(x[n], starts + ((b * dim + d0) * n_chunks + k) * N + n, n_chunks * N, nc);
-                load_tile(delta + row, L, t0, nt, nc, dtb);
-                load_tile(u + row, L, t0, nt, nc, ub);
-                for (int64_t t = 0; t < nt; t++) {
-                    Vec dt = Vec::loadu(dtb + t * VL) + vbias;
-                    if (sp) dt = softplus(dt);                                // Δ
-                    const Vec uu = Vec::loadu(ub + t * VL), dtu = dt * uu;
-                    const float* Bn = Bn0 + (t0 + t) * N; const float* Cn = Cn0 + (t0 + t) * N;
-                    Vec y[4] = {vD * uu, Vec(0.f), Vec(0.f), Vec(0.f)};      // 4 partial sums: short add chains
-                    for (int64_t n = 0; n < N; n++) {
-                        x[n] = at::vec::fmadd(exp2v(a[n] * dt), x[n], dtu * Vec(Bn[n]));  // exp(ΔA) x + ΔBu
-                        y[n %% 4] = at::vec::fmadd(x[n], Vec(Cn[n]), y[n %% 4]);            // y_t = sum_n x C + D u
-                    }
-                    ((y[0] + y[1]) + (y[2] + y[3])).store(yb + t * VL);
-                }
-                if (has_z) {                                                  // out = y silu(z)
-                    load_tile(z + row, L, t0, nt, nc, dtb);
-                    for (int64_t t = 0; t < nt; t++) {
-                        const Vec zz = Vec::loadu(dtb + t * VL);
-                        (Vec::loadu(yb + t * VL) * zz * sigmoid(zz)).store(yb + t * VL);
-                    }
-                }
-                store_tile(out + row, L, t0, nt, nc, yb);
-            }
-            for (int64_t n = 0; n < N; n++) scatter(x[n], last + (b * dim + d0) * N + n, N, nc);   // (batch, D, N)
-        }
-    }
-}
-'''
-
-_CPU_BWD = _CPU_COMMON + r'''
-extern "C" void kernel(const float* u, const float* delta, const float* A2t, const float* Bt, const float* Ct,
-                       const float* Dskip, const float* z, const float* bias, const float* starts, const float* dout,
-                       float* du, float* ddelta, float* dz, float* dBs, float* dCs, float* dAb, float* dDb,
-                       int64_t batch, int64_t dim, int64_t L, int64_t G, int64_t S, int64_t flags) {
-    const bool has_D = flags & 1, has_z = flags & 2, has_bias = flags & 4, sp = flags & 8;
-    const int64_t n_chunks = (L + T - 1) / T;
-    #pragma omp parallel for schedule(dynamic)
-    for (int64_t w = 0; w < batch * G * S; w++) {
-        WORK_ITEM
-        float* dBw = dBs + ((b * G + g) * S + s) * L * N;                     // this item's part of dB, dC: (L, N)
-        float* dCw = dCs + ((b * G + g) * S + s) * L * N;
-        std::vector<Vec> sumB(L * N, Vec(0.f)), sumC(L * N, Vec(0.f));       // over its channel vectors, lane-wise
-        for (int64_t v = s * per; v < std::min(nvec, (s + 1) * per); v++) {
-            const int64_t d0 = g * Dg + v * VL, nc = std::min(VL, g * Dg + Dg - d0), row = (b * dim + d0) * L;
-            Vec a[N], dh[N], dA_sum[N];
-            for (int64_t n = 0; n < N; n++) {
-                a[n] = gather(A2t + n * dim + d0, 1, nc); dh[n] = Vec(0.f); dA_sum[n] = Vec(0.f);
-            }
-            const Vec vbias = has_bias ? gather(bias + d0, 1, nc) : Vec(0.f);
-            const Vec vD = has_D ? gather(Dskip + d0, 1, nc) : Vec(0.f);
-            Vec dD_sum(0.f);
-            alignas(64) float db[T * VL], ub[T * VL], gb[T * VL], zb[T * VL], o1[T * VL], o2[T * VL], o3[T * VL];
-            alignas(64) float dtb[T * VL];                                    // Δ, from the recompute
-            alignas(64) float xs[(T + 1) * N * VL], eA[T * N * VL];  // the chunk: x0 and its states, exp(ΔA)
-            for (int64_t k = n_chunks - 1; k >= 0; k--) {
-                const int64_t t0 = k * T, nt = std::min(T, L - t0);
-                load_tile(delta + row, L, t0, nt, nc, db);
-                load_tile(u + row, L, t0, nt, nc, ub);
-                load_tile(dout + row, L, t0, nt, nc, gb);
-                if (has_z) load_tile(z + row, L, t0, nt, nc, zb);
-                for (int64_t n = 0; n < N; n++)
-                    gather(starts + ((b * dim + d0) * n_chunks + k) * N + n, n_chunks * N, nc).store(xs + n * VL);
-                for (int64_t t = 0; t < nt; t++) {                           // the chunk forward again, from its start
-                    Vec dt = Vec::loadu(db + t * VL) + vbias;
-                    if (sp) dt = softplus(dt);
-                    dt.store(dtb + t * VL);
-                    const Vec dtu = dt * Vec::loadu(ub + t * VL);
-                    const float* Bn = Bn0 + (t0 + t) * N;
-                    for (int64_t n = 0; n < N; n++) {
-                        const Vec e = exp2v(a[n] * dt);
-                        e.store(eA + (t * N + n) * VL);
-                        const Vec x = at::vec::fmadd(e, Vec::loadu(xs + (t * N + n) * VL), dtu * Vec(Bn[n]));
-                        x.store(xs + ((t + 1) * N + n) * VL);
-                    }
-                }
-                for (int64_t t = nt - 1; t >= 0; t--) {                      // the reverse scan
-                    const Vec raw = Vec::loadu(db + t * VL) + vbias, dt = Vec::loadu(dtb + t * VL);
-                    const Vec uu = Vec::loadu(ub + t * VL), go = Vec::loadu(gb + t * VL), dtu = dt * uu;
-                    const Vec zz = has_z ? Vec::loadu(zb + t * VL) : Vec(0.f), sz = has_z ? sigmoid(zz) : Vec(1.f);
-                    const Vec gy = has_z ? go * zz * sz : go;                 // dL/dy
-                    const float* Bn = Bn0 + (t0 + t) * N; const float* Cn = Cn0 + (t0 + t) * N;
-                    Vec* sB = sumB.data() + (t0 + t) * N; Vec* sC = sumC.data() + (t0 + t) * N;
-                    Vec wA[2] = {Vec(0.f), Vec(0.f)}, hB[2] = {Vec(0.f), Vec(0.f)}, y[2] = {vD * uu, Vec(0.f)};
-                    for (int64_t n = 0; n < N; n++) {
-                        const Vec xt = Vec::loadu(xs + ((t + 1) * N + n) * VL), xp = Vec::loadu(xs + (t * N + n) * VL);
-                        const Vec e = Vec::loadu(eA + (t * N + n) * VL), vB(Bn[n]), vC(Cn[n]);
-                        dh[n] = at::vec::fmadd(gy, vC, dh[n]);               // dh_t = g_t C_t + carry
-                        const Vec wn = dh[n] * e * xp;                        // dh · exp(Δ_t A) x_{t-1}
-                        wA[n & 1] = at::vec::fmadd(wn, a[n], wA[n & 1]);      // sum_n dh exp(ΔA) x A log2(e)
-                        dA_sum[n] = at::vec::fmadd(wn, dt, dA_sum[n]);
-                        hB[n & 1] = at::vec::fmadd(dh[n], vB, hB[n & 1]);     // sum_n dh B
-                        y[n & 1] = at::vec::fmadd(xt, vC, y[n & 1]);          // y_t, for dz
-                        sB[n] = at::vec::fmadd(dh[n], dtu, sB[n]);            // dB, dC: sums over the channels
-                        sC[n] = at::vec::fmadd(xt, gy, sC[n]);
-                        dh[n] = dh[n] * e;                                    // the carry into step t - 1
-                    }
-                    const Vec dhB = hB[0] + hB[1];
-                    Vec ddt = (wA[0] + wA[1]) * Vec(LN2) + uu * dhB;         // dL/dΔ
-                    (dt * dhB + gy * vD).store(o1 + t * VL);                  // du
-                    dD_sum = at::vec::fmadd(gy, uu, dD_sum);
-                    if (has_z) (go * (y[0] + y[1]) * sz * (Vec(1.f) + zz * (Vec(1.f) - sz))).store(o3 + t * VL);
-                    if (sp) ddt = ddt * Vec::blendv(sigmoid(raw), Vec(1.f), raw > Vec(20.f));
-                    ddt.store(o2 + t * VL);
-                }
-                store_tile(du + row, L, t0, nt, nc, o1);
-                store_tile(ddelta + row, L, t0, nt, nc, o2);
-                if (has_z) store_tile(dz + row, L, t0, nt, nc, o3);
-            }
-            for (int64_t n = 0; n < N; n++) scatter(dA_sum[n], dAb + (b * dim + d0) * N + n, N, nc);   // (batch, D, N)
-            scatter(dD_sum, dDb + b * dim + d0, 1, nc);                                       // (batch, D)
-        }
-        for (int64_t i = 0; i < L * N; i++) { dBw[i] = hsum(sumB[i]); dCw[i] = hsum(sumC[i]); }   // lanes: summed once
-    }
-}
-'''
-
-
-@functools.lru_cache(maxsize=None)
-def _cpu_kernel(kind, N, T):
-    """The forward or backward C++ loop for state size N, built once per process (a few seconds;
-    Inductor caches the binary on disk too). A failure becomes one TorchCompileError."""
-    try:
-        from torch._inductor.codecache import CppPythonBindingsCodeCache
-        src = (_CPU_FWD if kind == "fwd" else _CPU_BWD) % dict(N=N, T=T)
-        n_in, n_out = (8, 3) if kind == "fwd" else (10, 7)
-        return CppPythonBindingsCodeCache.load_pybinding(["const float*"] * n_in + ["float*"] * n_out
-                                                         + ["int64_t"] * 6, src)
-    except Exception as e:
-        raise TorchCompileError(
-            f"the compiled CPU scan could not be built ({type(e).__name__}: {str(e)[:300]}); run without it: "
-            f"`python train_mini.py --no-compile`, or LOCALMAMBA_COMPILE=0, or selective_scan_torch(compile=False)"
-        ) from e
-
-
-def _cpu_kernels_take(u, *others):
-    """Whether the C++ kernels run this call: CPU tensors (all on u's device, checked before), no
-    fp64 among them."""
-    return u.device.type == "cpu" and all(t.dtype != torch.float64 for t in (u, *others) if t is not None)
-
-
-def _cpu_splits(batch, G, Dg):
-    """Channel splits per (batch row, group): enough work items for every thread (4 each). The
-    vectors are counted at AVX2's 8 lanes; with wider ones some splits are empty (no work)."""
-    nvec = -(-Dg // 8)
-    return max(1, min(nvec, -(-4 * torch.get_num_threads() // (batch * G))))
-
-
-def _cpu_args(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
-    """fp32 contiguous inputs in the kernels' layouts, the launch sizes and the flag bits."""
-    f32 = lambda t: t.detach().to(torch.float32).contiguous()
-    batch, dim, L = u.shape
-    Bg, Cg = _as_groups(B), _as_groups(C)
-    G = Bg.shape[1]
-    none = u.new_empty(0, dtype=torch.float32)
-    opt = lambda t: none if t is None else f32(t)
-    flags = (D is not None) | (z is not None) << 1 | (delta_bias is not None) << 2 | bool(delta_softplus) << 3
-    ins = [f32(u), f32(delta), f32(A.detach().to(torch.float32) * LOG2E).t().contiguous(),
-           f32(Bg.transpose(2, 3)), f32(Cg.transpose(2, 3)), opt(D), opt(z), opt(delta_bias)]
-    return ins, (batch, dim, L, G, _cpu_splits(batch, G, dim // G), flags)
-
-
-class _SelectiveScanCPU(torch.autograd.Function):
-    """The compiled CPU scan (see the section comment): one C++ call forward, one backward."""
-
-    @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
-        ins, sizes = _cpu_args(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
-        batch, dim, L = u.shape
-        N = A.shape[1]
-        out = torch.empty(batch, dim, L)
-        starts = torch.empty(batch, dim, -(-L // CPU_CHUNK), N)
-        last = torch.empty(batch, dim, N)
-        _cpu_kernel("fwd", N, CPU_CHUNK)(*ins, out, starts, last, *sizes)
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, starts)
-        ctx.delta_softplus = delta_softplus
-        ctx.mark_non_differentiable(last)
-        return out.to(u.dtype), last
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dout, _dlast):
-        u, delta, A, B, C, D, z, delta_bias, starts = ctx.saved_tensors
-        ins, sizes = _cpu_args(u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus)
-        batch, dim, L, G, S, _ = sizes
-        N = A.shape[1]
-        du, ddelta, dz = (torch.empty(batch, dim, L) for _ in range(3))
-        dBs, dCs = (torch.zeros(batch, G, S, L, N) for _ in range(2))       # per channel split, summed below
-        dAb, dDb = torch.empty(batch, dim, N), torch.empty(batch, dim)       # per batch row, summed below
-        _cpu_kernel("bwd", N, CPU_CHUNK)(*ins, starts, dout.to(torch.float32).contiguous(), du, ddelta, dz,
-                                         dBs, dCs, dAb, dDb, *sizes)
-        dB, dC = (t.sum(2).transpose(2, 3) for t in (dBs, dCs))             # (batch, G, N, L)
-        if B.dim() == 3:
-            dB, dC = dB.squeeze(1), dC.squeeze(1)
-        opt = lambda t, like: None if like is None else t.to(like.dtype)
-        return (du.to(u.dtype), ddelta.to(delta.dtype), dAb.sum(0).to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
-                opt(dDb.sum(0), D), opt(dz, z), opt(ddelta.sum((0, 2)), delta_bias), None)
-
-
-def selective_scan_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None,
-                       delta_softplus=False, return_last_state=False):
-    """The compiled CPU scan (`_SelectiveScanCPU`): CPU tensors in fp32, fp16 or bf16. What
-    `selective_scan_torch(compile=True)` runs on the CPU."""
-    _check_inputs(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
-    if not _cpu_kernels_take(u, delta, A, B, C, D, z, delta_bias):
-        tensors = [t for t in (u, delta, A, B, C, D, z, delta_bias) if t is not None]
-        raise ValueError(f"selective_scan: backend 'cpu' takes CPU tensors in float32, float16 or bfloat16, got "
-                         f"{sorted({str(t.dtype).replace('torch.', '') for t in tensors})} on {u.device}; "
-                         f"use backend='torch' (any device, float64 too)")
-    out, last = _SelectiveScanCPU.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
-    return (out, last.detach()) if return_last_state else out
 
 
 # -----------------------------------------------------------------------------
@@ -1040,6 +502,338 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None,
 
 
 # -----------------------------------------------------------------------------
+# "torch": the fallback for every non-CUDA tensor. The same algorithm as the Triton kernels,
+# in PyTorch ops. L is cut into chunks of TORCH_CHUNK = 8 steps and the batch into blocks of a
+# few samples, so that every temporary (T, block, G, Dg, N) stays in the CPU cache (T = steps in
+# a chunk, Dg = D / G channels per group); in a chunk, everything that does not depend on the
+# previous state (exp(ΔA), ΔBu, the contractions with C, every gradient) is one op over the
+# chunk, and only the multiply-add of the recurrence loops over the T steps. The forward keeps
+# the state at the start of each chunk; the backward walks the chunks in reverse, recomputes
+# each chunk's states from its chunk start and runs the reverse scan. So autograd saves
+# O(batch·D·L), not O(batch·D·L·N).
+#
+# The two chunk functions have static shapes (the last chunk is padded with Δ = 0 and the
+# last block with u = 0, B = 0, which leave the state unchanged). On the CPU, compile=True runs
+# the C++ kernels of the next section instead (`selective_scan_cpu`); on other devices it runs
+# the chunk functions through `torch.compile`. Whether backend "torch" compiles is decided once,
+# at start-up: LOCALMAMBA_COMPILE=1 in the environment, or `use_compiled_torch_path(True)` before
+# the first scan (train_mini.py does this on CPU unless --no-compile).
+# `selective_scan_torch(..., compile=...)` chooses per call.
+
+LOG2E = 1.4426950408889634
+TORCH_CHUNK = 8            # steps per chunk of the torch path (one saved chunk start each)
+BLOCK_ELEMS = 1 << 19      # (TORCH_CHUNK, block, D, N) temporaries of about 2 MB
+COMPILE_TORCH_PATH = os.environ.get("LOCALMAMBA_COMPILE", "0") == "1"
+
+
+def use_compiled_torch_path(enable=True):
+    """Decide, once at start-up, whether backend "torch" compiles: the C++ kernels on the CPU, its
+    chunk functions through torch.compile elsewhere. A build that fails later raises
+    TorchCompileError saying how to turn it off."""
+    global COMPILE_TORCH_PATH
+    COMPILE_TORCH_PATH = bool(enable)
+
+
+class TorchCompileError(RuntimeError):
+    """The compiled scan could not be built (no C++ compiler, an unsupported platform)."""
+
+
+def _block_size(batch, dim, N):
+    """Samples per block: a large batch runs in blocks whose chunk temporaries fit in cache."""
+    return max(1, min(batch, BLOCK_ELEMS // (TORCH_CHUNK * dim * N)))
+
+
+def _chunk_states(dt, u, A2, B, x0):
+    """A chunk's states from the state x0 before it. dt, u: (T, b, G, Dg); A2 = A·log2(e):
+    (G, Dg, N); B: (T, b, G, N); x0: (b, G, Dg, N). Returns exp(ΔA), ΔBu and the states x_t,
+    each (T, b, G, Dg, N)."""
+    dA = torch.exp2(dt[..., None] * A2)                                       # exp(Δ A)
+    dBu = (dt * u)[..., None] * B[:, :, :, None, :]                          # Δ B u
+    x, xs = x0, []
+    for t in range(dt.shape[0]):
+        x = dA[t] * x + dBu[t]                                                # x_t = exp(Δ_t A) x_{t-1} + Δ_t B_t u_t
+        xs.append(x)
+    return dA, dBu, torch.stack(xs)
+
+
+def _chunk_fwd(dt, u, A2, B, C, x0):
+    """One chunk forward (shapes in _chunk_states; C like B). Returns y (T, b, G, Dg) and the
+    chunk's last state."""
+    _, _, xs = _chunk_states(dt, u, A2, B, x0)
+    y = (xs * C[:, :, :, None, :]).sum(-1)                                    # (T, b, G, Dg) = sum_n x C
+    return y, xs[-1]
+
+
+def _chunk_bwd(dt, u, A, A2, B, C, x0, g, dh_next, dA_next):
+    """One chunk backward (the reverse scan of the module docstring's math). g = dL/dy
+    (T, b, G, Dg); dh_next, dA_next: dh and exp(Δ A) at the step after the chunk."""
+    dA, dBu, xs = _chunk_states(dt, u, A2, B, x0)                             # recomputed from x0
+    gC = g[..., None] * C[:, :, :, None, :]
+    dh, dhs = dh_next * dA_next, []
+    for t in reversed(range(dt.shape[0])):
+        dh = gC[t] + (dh if t == dt.shape[0] - 1 else dA[t + 1] * dh)        # dh_t = g_t C_t + exp(Δ_{t+1} A) dh_{t+1}
+        dhs.append(dh)
+    dhs = torch.stack(dhs[::-1])                                              # (T, b, G, Dg, N)
+    w = dhs * (xs - dBu)                                                      # dh · exp(Δ_t A) x_{t-1}
+    dhB = (dhs * B[:, :, :, None, :]).sum(-1)                                 # sum_n dh B
+    ddt = (w * A).sum(-1) + u * dhB                                           # dL/dΔ
+    dA_part = (w * dt[..., None]).sum((0, 1))                                 # (G, Dg, N)
+    du = dt * dhB
+    dB = (dhs * (dt * u)[..., None]).sum(-2)                                  # (T, b, G, N): over the group's channels
+    dC = (xs * g[..., None]).sum(-2)
+    y = (xs * C[:, :, :, None, :]).sum(-1)
+    return ddt, du, dA_part, dB, dC, y, dhs[0], dA[0]
+
+
+def _compiled(fn):
+    """fn through torch.compile; a failure (at the first call, when compiling happens) becomes
+    one TorchCompileError that says how to run without it."""
+    compiled = torch.compile(fn, dynamic=False)
+
+    def run(*args):
+        try:
+            return compiled(*args)
+        except Exception as e:
+            raise TorchCompileError(
+                f"torch.compile could not build the CPU scan ({type(e).__name__}: {str(e)[:300]}); run without "
+                f"it: `python train_mini.py --no-compile`, or LOCALMAMBA_COMPILE=0, or "
+                f"selective_scan_torch(compile=False)"
+            ) from e
+    return run
+
+
+@functools.lru_cache(maxsize=None)
+def _chunk_fns(compile):
+    """(forward, backward) chunk functions, eager or compiled (compiled once per process)."""
+    return (_compiled(_chunk_fwd), _compiled(_chunk_bwd)) if compile else (_chunk_fwd, _chunk_bwd)
+
+
+def _torch_layout(u, delta, A, B, C, delta_bias, delta_softplus):
+    """Cast to the compute dtype, pad L to whole chunks, lay out L-major with channels in groups."""
+    f = _compute_dtype(u)
+    batch, dim, L = u.shape
+    Bg, Cg = _as_groups(B), _as_groups(C)
+    G = Bg.shape[1]
+    pad = -L % TORCH_CHUNK
+    dt_raw = delta.to(f)
+    if delta_bias is not None:
+        dt_raw = dt_raw + delta_bias.to(f)[None, :, None]
+    dt = F.softplus(dt_raw) if delta_softplus else dt_raw                     # (batch, D, L)
+    lbgk = lambda t: F.pad(t.to(f), (0, pad)).permute(2, 0, 1).reshape(L + pad, batch, G, dim // G).contiguous()
+    lbgn = lambda t: F.pad(t.to(f), (0, pad)).permute(3, 0, 1, 2).contiguous()  # (L', batch, G, N)
+    A_g = A.to(f).reshape(G, dim // G, -1)                                     # (G, Dg, N)
+    return dict(dt_raw=dt_raw, dt=lbgk(dt), u=lbgk(u), A=A_g, A2=A_g * LOG2E, B=lbgn(Bg), C=lbgn(Cg), L=L)
+
+
+class _SelectiveScanTorch(torch.autograd.Function):
+    """One block of the batch (see selective_scan_torch). `fns`: the (forward, backward) chunk
+    functions, eager or compiled."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, fns):
+        f = _compute_dtype(u)
+        batch, dim, L = u.shape
+        p = _torch_layout(u, delta, A, B, C, delta_bias, delta_softplus)
+        G, N = p["A"].shape[0], p["A"].shape[2]
+        x = u.new_zeros(batch, G, dim // G, N, dtype=f)                       # (batch, G, Dg, N)
+        ys, starts = [], []
+        for c0 in range(0, L, TORCH_CHUNK):
+            sl = slice(c0, c0 + TORCH_CHUNK)
+            starts.append(x)
+            y, x = fns[0](p["dt"][sl], p["u"][sl], p["A2"], p["B"][sl], p["C"][sl], x)
+            ys.append(y)
+        y = torch.cat(ys)[:L].reshape(L, batch, dim).permute(1, 2, 0)          # (batch, D, L)
+        if D is not None:
+            y = y + D.to(f)[None, :, None] * u.to(f)
+        out = y if z is None else y * F.silu(z.to(f))
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, torch.stack(starts))
+        ctx.delta_softplus, ctx.fns = delta_softplus, fns
+        last = x.reshape(batch, dim, N).clone()
+        ctx.mark_non_differentiable(last)
+        return out.to(u.dtype), last
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout, _dlast):
+        u, delta, A, B, C, D, z, delta_bias, starts = ctx.saved_tensors
+        f = _compute_dtype(u)
+        batch, dim, L = u.shape
+        p = _torch_layout(u, delta, A, B, C, delta_bias, ctx.delta_softplus)
+        G, N = p["A"].shape[0], p["A"].shape[2]
+        Lp = p["dt"].shape[0]
+        dout, uf = dout.to(f), u.to(f)
+        if z is not None:                                                     # out = y silu(z)
+            zf = z.to(f)
+            sz = torch.sigmoid(zf)
+            g = dout * zf * sz                                                # dL/dy, (batch, D, L)
+        else:
+            g = dout
+        gT = F.pad(g, (0, Lp - L)).permute(2, 0, 1).reshape(Lp, batch, G, dim // G).contiguous()
+        ddt, du, y = (torch.empty(Lp, batch, G, dim // G, dtype=f, device=u.device) for _ in range(3))
+        dB, dC = (torch.empty(Lp, batch, G, N, dtype=f, device=u.device) for _ in range(2))
+        dA_grad = torch.zeros_like(p["A"])                                    # (G, Dg, N)
+        dh_next = torch.zeros_like(starts[0])                                  # dh after the last chunk: 0
+        dA_next = torch.zeros_like(starts[0])
+        for i in reversed(range(len(starts))):
+            sl = slice(i * TORCH_CHUNK, (i + 1) * TORCH_CHUNK)
+            ddt[sl], du[sl], dA_part, dB[sl], dC[sl], y[sl], dh_next, dA_next = ctx.fns[1](
+                p["dt"][sl], p["u"][sl], p["A"], p["A2"], p["B"][sl], p["C"][sl], starts[i], gT[sl],
+                dh_next, dA_next)
+            dA_grad += dA_part
+        to_bdl = lambda t: t[:L].reshape(L, batch, dim).permute(1, 2, 0)     # -> (batch, D, L)
+        du, ddt = to_bdl(du), to_bdl(ddt)
+        dD = dz = None
+        if D is not None:
+            du = du + g * D.to(f)[None, :, None]
+            dD = (g * uf).sum((0, 2)).to(D.dtype)
+        if z is not None:
+            yf = to_bdl(y) + (D.to(f)[None, :, None] * uf if D is not None else 0)
+            dz = (dout * yf * sz * (1 + zf * (1 - sz))).to(z.dtype)
+        if ctx.delta_softplus:
+            dt_raw = p["dt_raw"]
+            ddt = ddt * torch.where(dt_raw <= 20.0, torch.sigmoid(dt_raw), torch.ones_like(dt_raw))
+        ddelta_bias = None if delta_bias is None else ddt.sum((0, 2)).to(delta_bias.dtype)
+        dB, dC = dB[:L].permute(1, 2, 3, 0), dC[:L].permute(1, 2, 3, 0)       # (batch, G, N, L)
+        if B.dim() == 3:
+            dB = dB.squeeze(1)
+        if C.dim() == 3:
+            dC = dC.squeeze(1)
+        return (du.to(u.dtype), ddt.to(delta.dtype), dA_grad.reshape(dim, N).to(A.dtype), dB.to(B.dtype),
+                dC.to(C.dtype), dD, dz, ddelta_bias, None, None)
+
+
+def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None,
+                         delta_softplus=False, return_last_state=False, compile=None):
+    """The pure-PyTorch path (any device, any float dtype): see `_SelectiveScanTorch`. The batch
+    runs in blocks of `_block_size` samples (the last block padded, so shapes stay static).
+    compile: on the CPU, run the C++ kernels (`selective_scan_cpu`; fp64 stays eager); on other
+    devices the chunk functions through torch.compile. None = the start-up choice
+    (COMPILE_TORCH_PATH)."""
+    _check_inputs(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    compile = COMPILE_TORCH_PATH if compile is None else bool(compile)
+    if compile and _cpu_kernels_take(u, delta, A, B, C, D, z, delta_bias):
+        out, last = _SelectiveScanCPU.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+        return (out, last.detach()) if return_last_state else out
+    fns = _chunk_fns(compile and u.device.type != "cpu")                     # fp64 on the CPU: eager
+    batch = u.shape[0]
+    blk = _block_size(batch, u.shape[1], A.shape[1])
+    pad = -batch % blk
+    if pad:   # zero samples: Δ = softplus(bias) but u = 0 and B = 0, their outputs are dropped
+        padb = lambda t: None if t is None else F.pad(t, (0, 0) * (t.dim() - 1) + (0, pad))
+        u, delta, B, C, z = padb(u), padb(delta), padb(B), padb(C), padb(z)
+    parts = [_SelectiveScanTorch.apply(u[i:i + blk], delta[i:i + blk], A, B[i:i + blk], C[i:i + blk], D,
+                                       None if z is None else z[i:i + blk], delta_bias, delta_softplus, fns)
+             for i in range(0, u.shape[0], blk)]
+    out = torch.cat([p[0] for p in parts])[:batch]
+    last = torch.cat([p[1] for p in parts])[:batch]
+    return (out, last.detach()) if return_last_state else out
+
+
+# -----------------------------------------------------------------------------
+# "cpu": the scan as two hand-written C++ loops (forward, backward), what "torch" runs on the CPU
+# when compiling is on. Their source, and why they are written so, is scan_kernel_cpu.py; here is
+# the Python side: fp32 contiguous inputs in the kernels' layouts (B and C transposed once to
+# (batch, G, L, N)), the launch sizes, the autograd Function, and the backward's last sums (dB and
+# dC over the channel splits, dA and dD over the batch).
+
+CPU_CHUNK = scan_kernel_cpu.CPU_CHUNK if scan_kernel_cpu else 16   # steps per chunk start the kernels save
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_kernel(kind, N, T):
+    """The forward or backward C++ loop for state size N, built once per process (a few seconds;
+    Inductor caches the binary on disk too). A failure becomes one TorchCompileError."""
+    try:
+        return scan_kernel_cpu.build(kind, N, T)
+    except Exception as e:
+        raise TorchCompileError(
+            f"the compiled CPU scan could not be built ({type(e).__name__}: {str(e)[:300]}); run without it: "
+            f"`python train_mini.py --no-compile`, or LOCALMAMBA_COMPILE=0, or selective_scan_torch(compile=False)"
+        ) from e
+
+def _cpu_kernels_take(u, *others):
+    """Whether the C++ kernels run this call: their source is here (scan_kernel_cpu.py), CPU tensors
+    (all on u's device, checked before), no fp64 among them."""
+    return scan_kernel_cpu is not None and u.device.type == "cpu" and all(
+        t.dtype != torch.float64 for t in (u, *others) if t is not None)
+
+
+def _cpu_splits(batch, G, Dg):
+    """Channel splits per (batch row, group): enough work items for every thread (4 each). The
+    vectors are counted at AVX2's 8 lanes; with wider ones some splits are empty (no work)."""
+    nvec = -(-Dg // 8)
+    return max(1, min(nvec, -(-4 * torch.get_num_threads() // (batch * G))))
+
+
+def _cpu_args(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    """fp32 contiguous inputs in the kernels' layouts, the launch sizes and the flag bits."""
+    f32 = lambda t: t.detach().to(torch.float32).contiguous()
+    batch, dim, L = u.shape
+    Bg, Cg = _as_groups(B), _as_groups(C)
+    G = Bg.shape[1]
+    none = u.new_empty(0, dtype=torch.float32)
+    opt = lambda t: none if t is None else f32(t)
+    flags = (D is not None) | (z is not None) << 1 | (delta_bias is not None) << 2 | bool(delta_softplus) << 3
+    ins = [f32(u), f32(delta), f32(A.detach().to(torch.float32) * LOG2E).t().contiguous(),
+           f32(Bg.transpose(2, 3)), f32(Cg.transpose(2, 3)), opt(D), opt(z), opt(delta_bias)]
+    return ins, (batch, dim, L, G, _cpu_splits(batch, G, dim // G), flags)
+
+
+class _SelectiveScanCPU(torch.autograd.Function):
+    """The compiled CPU scan (scan_kernel_cpu.py): one C++ call forward, one backward."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+        ins, sizes = _cpu_args(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+        batch, dim, L = u.shape
+        N = A.shape[1]
+        out = torch.empty(batch, dim, L)
+        starts = torch.empty(batch, dim, -(-L // CPU_CHUNK), N)
+        last = torch.empty(batch, dim, N)
+        _cpu_kernel("fwd", N, CPU_CHUNK)(*ins, out, starts, last, *sizes)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, starts)
+        ctx.delta_softplus = delta_softplus
+        ctx.mark_non_differentiable(last)
+        return out.to(u.dtype), last
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout, _dlast):
+        u, delta, A, B, C, D, z, delta_bias, starts = ctx.saved_tensors
+        ins, sizes = _cpu_args(u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus)
+        batch, dim, L, G, S, _ = sizes
+        N = A.shape[1]
+        du, ddelta, dz = (torch.empty(batch, dim, L) for _ in range(3))
+        dBs, dCs = (torch.zeros(batch, G, S, L, N) for _ in range(2))       # per channel split, summed below
+        dAb, dDb = torch.empty(batch, dim, N), torch.empty(batch, dim)       # per batch row, summed below
+        _cpu_kernel("bwd", N, CPU_CHUNK)(*ins, starts, dout.to(torch.float32).contiguous(), du, ddelta, dz,
+                                         dBs, dCs, dAb, dDb, *sizes)
+        dB, dC = (t.sum(2).transpose(2, 3) for t in (dBs, dCs))             # (batch, G, N, L)
+        if B.dim() == 3:
+            dB, dC = dB.squeeze(1), dC.squeeze(1)
+        opt = lambda t, like: None if like is None else t.to(like.dtype)
+        return (du.to(u.dtype), ddelta.to(delta.dtype), dAb.sum(0).to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
+                opt(dDb.sum(0), D), opt(dz, z), opt(ddelta.sum((0, 2)), delta_bias), None)
+
+
+def selective_scan_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None,
+                       delta_softplus=False, return_last_state=False):
+    """The compiled CPU scan (`_SelectiveScanCPU`): CPU tensors in fp32, fp16 or bf16. What
+    `selective_scan_torch(compile=True)` runs on the CPU."""
+    _check_inputs(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    if scan_kernel_cpu is None:
+        raise RuntimeError("selective_scan: backend 'cpu' needs scan_kernel_cpu.py (the C++ source) beside "
+                           "scan_kernel.py; copy it there, or use backend='torch'")
+    if not _cpu_kernels_take(u, delta, A, B, C, D, z, delta_bias):
+        tensors = [t for t in (u, delta, A, B, C, D, z, delta_bias) if t is not None]
+        raise ValueError(f"selective_scan: backend 'cpu' takes CPU tensors in float32, float16 or bfloat16, got "
+                         f"{sorted({str(t.dtype).replace('torch.', '') for t in tensors})} on {u.device}; "
+                         f"use backend='torch' (any device, float64 too)")
+    out, last = _SelectiveScanCPU.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    return (out, last.detach()) if return_last_state else out
+
+
+# -----------------------------------------------------------------------------
 # "export": the recurrence as ONE loop that exporters keep (torch.export, torch.onnx's dynamo
 # path): torch's `scan` higher-order op, which becomes a single ONNX `Scan` node. The "torch"
 # path's Python chunk loop would be unrolled into ~100 nodes per chunk (tens of thousands per
@@ -1148,180 +942,10 @@ def compile_check(archs=(80, 90)):
     return rows
 
 
-# -----------------------------------------------------------------------------
-# benchmark: python scan_kernel.py --bench   (a measurement, never a test)
-
-def _bench_inputs(batch, dim, N, L, G, dtype, device):
-    g = torch.Generator(device="cpu").manual_seed(0)
-    r = lambda *s: torch.randn(*s, generator=g)
-    t = dict(u=r(batch, dim, L).to(dtype), delta=(0.5 * r(batch, dim, L)).to(dtype), A=-torch.exp(0.5 * r(dim, N)),
-             B=r(batch, G, N, L).to(dtype), C=r(batch, G, N, L).to(dtype), D=r(dim), z=r(batch, dim, L).to(dtype),
-             delta_bias=0.3 * r(dim))
-    return {k: v.to(device).requires_grad_() for k, v in t.items()}
-
-
-def _min_bytes_fwd(batch, dim, N, L, G, dtype):
-    """Bytes a fused forward must move at least: u, delta, z, B, C read once, out written once."""
-    e = torch.finfo(dtype).bits // 8
-    return 4 * batch * dim * L * e + 2 * batch * G * N * L * e
-
-
-def _time_cpu(fn, reps):
-    import statistics
-    import time
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts) * 1e3
-
-
-def _bench_call(be, x):
-    """The scan call of one benchmark row, on inputs x: a backend of this file, or mamba_ssm's."""
-    if be == "mamba_ssm":
-        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
-        return lambda: selective_scan_fn(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"],
-                                         x["delta_bias"], True)
-    fn = _BACKENDS[be]
-    opt = dict(compile=False) if be == "torch" else {}
-    return lambda: fn(x["u"], x["delta"], x["A"], x["B"], x["C"], D=x["D"], z=x["z"], delta_bias=x["delta_bias"],
-                      delta_softplus=True, **opt)
-
-
-def _bench_row(be, dev, dtype, shape, reps):
-    """(forward ms, forward+backward ms) of one backend at one shape: do_bench on CUDA, the median
-    of reps on the CPU (2 for the slow loop at the large shape), after a warm-up that compiles."""
-    batch, dim, N, L, G = shape
-    x = _bench_inputs(batch, dim, N, L, G, dtype, dev)
-    call = _bench_call(be, x)
-    dout = torch.randn_like(x["u"])
-    fwd_bwd = lambda: call().backward(dout)
-    if dev == "cuda":
-        from triton.testing import do_bench
-        with torch.no_grad():
-            t_f = do_bench(call, return_mode="median")
-        return t_f, do_bench(fwd_bwd, return_mode="median")
-    n = 2 if (be == "ref" and batch * dim > 20000) else reps
-    call(), fwd_bwd()  # warm-up (and compile)
-    with torch.no_grad():
-        t_f = _time_cpu(call, n)
-    return t_f, _time_cpu(fwd_bwd, n)
-
-
-_FLOOR = _CPU_COMMON + r'''
-#include <omp.h>
-// The arithmetic the scan needs, on values kept in registers, with the kernels' own exp2v,
-// softplus and sigmoid; no loads, no stores, no reductions. part 0, per (VL channels x 1 state x
-// 1 step): forward exp2(Δ A) and 3 multiply(-add)s; backward the same recomputed, then 10
-// multiply(-add)s of the reverse scan and the gradients. part 1, per (VL channels x 1 step): Δ =
-// softplus (forward, and again in backward), the gate silu(z) and its derivative, softplus's
-// derivative sigmoid, and the multiply-adds around them.
-extern "C" void kernel(float* out, int64_t iters, int64_t part) {
-    #pragma omp parallel
-    {
-        const int id = omp_get_thread_num();
-        Vec a(-0.31f - 0.01f * id), ab(-0.29f), dt(0.01f), step(1e-9f), B(0.5f), C(0.25f), g(0.1f);
-        Vec x(0.f), y(0.f), xb(0.f), dh(0.f), wA(0.f), dA(0.f), hB(0.f), yb(0.f), dB(0.f), dC(0.f);
-        for (int64_t i = 0; i < iters && part == 0; i++) {                   // one vector-step each
-            dt = dt + step;
-            const Vec dtu = dt * B;
-            const Vec e = exp2v(a * dt);                                      // forward
-            x = at::vec::fmadd(e, x, dtu); y = at::vec::fmadd(x, C, y);
-            const Vec eb = exp2v(ab * dt), xp = xb;                           // backward: the recompute
-            xb = at::vec::fmadd(eb, xb, dtu);
-            dh = at::vec::fmadd(g, C, dh);                                    // the reverse scan, the gradients
-            const Vec w = dh * eb * xp;
-            wA = at::vec::fmadd(w, ab, wA); dA = at::vec::fmadd(w, dt, dA); hB = at::vec::fmadd(dh, B, hB);
-            yb = at::vec::fmadd(xb, C, yb); dB = at::vec::fmadd(dh, dtu, dB); dC = at::vec::fmadd(xb, g, dC);
-            dh = dh * eb;
-        }
-        for (int64_t i = 0; i < iters && part == 1; i++) {                   // one vector of channel-steps each
-            dt = dt + step;
-            const Vec raw = dt - a, z = dt + g;
-            x = x + softplus(raw) * B;                                        // forward: Δ, the gate
-            const Vec sz = sigmoid(z);
-            y = at::vec::fmadd(x, z * sz, y);
-            xb = xb + softplus(raw + C);                                      // backward: Δ again, the gate's and
-            const Vec sb = sigmoid(z + C), sr = sigmoid(raw);                 // softplus's derivatives
-            dh = at::vec::fmadd(wA * sb, Vec(1.f) + z * (Vec(1.f) - sb), dh);
-            wA = at::vec::fmadd(hB, sr, wA); hB = at::vec::fmadd(dt, g, hB);
-        }
-        out[id] = hsum(x + y + xb + dh + wA + dA + hB + yb + dB + dC);
-    }
-    out[255] = VL;
-}
-'''
-
-
-def floor_ms(shape, iters=1 << 21):
-    """The CPU floor of one fwd+bwd at shape (batch, D, N, L, G), in ms: the scan's vector
-    arithmetic (`_FLOOR`) timed on all threads, at the rate this machine's vector units run it:
-    batch·D·L·N state-steps of part 0 plus batch·D·L channel-steps of part 1, each divided by
-    the vector width. No memory traffic, no reductions: a lower bound. Each part: best of 5."""
-    import time
-    from torch._inductor.codecache import CppPythonBindingsCodeCache
-    k = CppPythonBindingsCodeCache.load_pybinding(["float*", "int64_t", "int64_t"], _FLOOR % dict(N=1, T=1))
-    out = torch.zeros(256)
-    per_step = []
-    for part in (0, 1):
-        k(out, 1 << 16, part)                                                 # warm-up
-        best = float("inf")
-        for _ in range(5):
-            t0 = time.perf_counter()
-            k(out, iters, part)
-            best = min(best, time.perf_counter() - t0)
-        per_step.append(best / (iters * torch.get_num_threads()))           # s per vector-step on one thread
-    batch, dim, N, L, G = shape
-    vector_steps = batch * dim * L / out[255].item()                          # out[255]: the vector width
-    return vector_steps * (N * per_step[0] + per_step[1]) * 1e3
-
-
-def bench(reps=5):
-    """Print one table: shape, backend, forward ms, forward+backward ms (median of reps),
-    speed-up over the plain autograd loop timed in the same run, and on CUDA the GB/s reached
-    against the bytes the call must move; on the CPU, the arithmetic floor of each shape."""
-    rows = []
-    cuda = torch.cuda.is_available()
-    shapes = [  # (name, batch, D, N, L, G)
-        ("Vim-T layer, 1 direction (2,384,16,197)", 2, 384, 16, 197, 1),
-        ("train_mini default (64,256,16,196,G=4)", 64, 256, 16, 196, 4),
-    ]
-    if cuda:
-        shapes.append(("Vim-T layer, K=4 grouped (128,1536,16,197,G=4)", 128, 1536, 16, 197, 4))
-    import importlib.util
-    has_mamba = importlib.util.find_spec("mamba_ssm") is not None      # compared with where it is installed
-    for name, batch, dim, N, L, G in shapes:
-        backends = [("ref", "cpu"), ("torch", "cpu"), ("cpu", "cpu")] if not cuda or batch * dim <= 20000 else []
-        backends += [("torch", "cuda"), ("triton", "cuda")] + [("mamba_ssm", "cuda")] * has_mamba if cuda else []
-        base = None
-        for be, dev in backends:
-            for dtype in ([torch.float32] if dev == "cpu" else [torch.float32, torch.bfloat16]):
-                t_f, t_fb = _bench_row(be, dev, dtype, (batch, dim, N, L, G), reps)
-                base = t_fb if be == "ref" and dtype == torch.float32 else base
-                bf = _min_bytes_fwd(batch, dim, N, L, G, dtype)
-                gbs = f"{bf / t_f / 1e6:.0f} GB/s fwd (floor {bf / 3.0e9 * 1e3:.3f} ms at 3 TB/s)" * (dev == "cuda")
-                rows.append((name, f"{be} {dev} {str(dtype).replace('torch.', '')}", f"{t_f:.2f}", f"{t_fb:.2f}",
-                             f"{base / t_fb:.1f}x" if base else "", gbs))
-                print(" | ".join(rows[-1]), flush=True)
-        if any(dev == "cpu" for _, dev in backends):
-            rows.append((name, "floor (vector arithmetic only)", "", f"{floor_ms((batch, dim, N, L, G)):.2f}", "", ""))
-            print(" | ".join(rows[-1]), flush=True)
-    dev = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
-    print(f"\nselective scan, with z, D, delta_bias, softplus; {dev}; torch {torch.__version__}"
-          f"{', triton ' + triton.__version__ if HAS_TRITON else ''}; median of {reps} (CPU) or do_bench (CUDA)\n")
-    print("| shape | backend | fwd ms | fwd+bwd ms | fwd+bwd vs ref loop | bandwidth |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        print("| " + " | ".join(r) + " |")
-
-
 if __name__ == "__main__":
     import argparse
     ap = argparse.ArgumentParser(
-        description="selective scan: benchmark the backends available here, or compile-check the GPU kernels")
-    ap.add_argument("--bench", action="store_true", help="time ref/torch/cpu (CPU) and triton/mamba_ssm (CUDA)")
-    ap.add_argument("--reps", type=int, default=5)
+        description="selective scan: compile-check the GPU kernels without a GPU (timings: experiments/bench_scan.py)")
     ap.add_argument("--compile-check", type=int, nargs="*", metavar="ARCH",
                     help="compile the Triton kernels for these compute capabilities (e.g. 80 90); no GPU needed")
     args = ap.parse_args()
@@ -1331,7 +955,5 @@ if __name__ == "__main__":
         for r in compile_check(tuple(args.compile_check) or (80, 90)):
             print(f"| {r['arch']} | {r['kernel']} | {r['dtype']} | {r['flags']} | {r['N']} | "
                   f"{r['BLOCK_D']}×{r['BLOCK_N']}×{r['CHUNK']} | {r['registers']} | {r['spill_bytes']} |", flush=True)
-    elif args.bench:
-        bench(args.reps)
     else:
         ap.print_help()

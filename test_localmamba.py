@@ -3,23 +3,24 @@ test_localmamba.py: every fast path against the naive reference, the models agai
 of the paper and of the official code (hunto/LocalMamba, written into this file where a test
 needs them), the trainer and the study end to end.
 
-Run: `python -m pytest -q test_localmamba.py` (README.md), the whole suite; the quick loop
-`python -m pytest -q -m "not slow" test_localmamba.py` leaves out the tests marked `slow` (those
-that start subprocesses or train) and still runs every scan backend against the reference. The
-Triton kernels run on the CPU under TRITON_INTERPRET=1, which must be set before triton is
-imported: this file sets it first. Shapes are small on purpose: the interpreter runs the same
-kernel code, slowly.
+Run: `python -m pytest -q` (README.md's first test command, a few minutes) runs the tests not
+marked `slow` and still runs every scan backend against the float64 reference;
+`python -m pytest -q --runslow` (what .ci/run runs) is the full suite: the trainer and the study
+in subprocesses, the exports, the install, the large interpreted Triton shapes (conftest.py
+defines the switch). The Triton kernels run on the CPU under TRITON_INTERPRET=1, which must be
+set before triton is imported: this file sets it first. Shapes are small on purpose: the
+interpreter runs the same kernel code, slowly.
 
-Contents (one section per module, in the order a reader meets them):
-    0. shared: the one tiny-run preset, the trainer in a subprocess, a finished tiny run
+Contents (one section per module, the scan first):
     1. the selective scan (scan_kernel.py): every backend against the float64 loop
-    2. scan orders, SCAttn, the search relaxation (localmamba.py against the paper)
-    3. the models against the official code: mixers, parameters, init, forward, MACs, the copy set
-    4. the timm and backbone interface (localmamba_helpers.py's half of it too)
-    5. checkpoints: layouts, weights-only loading, checksums, other sizes
-    6. the recipe's pieces: weight-decay groups, the schedule, EMA, the data, the flags
-    7. train_mini.py end to end (subprocesses on the CPU, tiny data)
-    8. the small-scale studies (experiments/study_scans.py) and the receptive field (experiments/receptive_field.py)
+    2. shared: the one tiny-run preset, the trainer in a subprocess, a finished tiny run
+    3. scan orders, SCAttn, the search relaxation (localmamba.py against the paper)
+    4. the models against the official code: mixers, parameters, init, forward, MACs, the copy set
+    5. the timm and backbone interface (localmamba_helpers.py's half of it too)
+    6. checkpoints: layouts, weights-only loading, checksums, other sizes
+    7. the recipe's pieces: weight-decay groups, the schedule, EMA, the data, the flags
+    8. train_mini.py end to end (subprocesses on the CPU, tiny data)
+    9. the small-scale studies (experiments/study_scans.py) and the receptive field (experiments/receptive_field.py)
 """
 import os
 
@@ -46,74 +47,11 @@ import torch.nn.functional as F
 import localmamba as lm
 import localmamba_data
 import localmamba_helpers
+import localmamba_run
 import scan_kernel
 import train_mini
 from localmamba import create_model, derive_directions, load_checkpoint, scan_order
 from scan_kernel import selective_scan, selective_scan_ref
-
-
-# =============================================================================
-# 0. shared: the one tiny-run preset, the trainer in a subprocess, a finished tiny run
-
-HERE = Path(__file__).resolve().parent
-FASHION = Path(localmamba_data.FASHION_DIR)
-needs_fashion = pytest.mark.skipif(not (FASHION / "t10k-images-idx3-ubyte.gz").exists(),
-                                   reason="Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
-NANO_DEPTH = lm.MODELS["local_vim_nano"][1]["depth"]
-# The tiny-run preset: a few images per class of Fashion-MNIST (the default data and model), a
-# batch of 10, no progress lines. An ImageNet-layout run adds IMAGENET (the jpeg_tree fixture).
-TINY = ["--train-per-class", "3", "--val-per-class", "2", "--test-per-class", "2", "--batch-size", "10",
-        "--print-every", "0"]
-IMAGENET = ["--data", "imagenet", "--model", "local_vim_nano", "--img-size", "28", "--batch-size", "6",
-            "--workers", "0", "--print-every", "0"]
-
-
-def run_cli(*args, env=None, timeout=600, script="train_mini.py"):
-    """python SCRIPT ARGS in a subprocess: (returncode, stdout, stderr)."""
-    e = dict(os.environ, **(env or {}))
-    e.pop("TRITON_INTERPRET", None)
-    p = subprocess.run([sys.executable, str(HERE / script), *map(str, args)], capture_output=True, text=True,
-                       timeout=timeout, env=e, cwd=HERE)
-    return p.returncode, p.stdout, p.stderr
-
-
-def read_log(out, split=None):
-    """(config, evaluation records), the records of one split if given."""
-    lines = [json.loads(l) for l in (Path(out) / "log.jsonl").read_text().splitlines()]
-    return lines[0], [r for r in lines[1:] if "split" in r and split in (None, r["split"])]   # (a resume adds a config)
-
-
-def eval_lines(stdout):
-    """--eval prints one JSON line per split: {split: record}."""
-    recs = [json.loads(l) for l in stdout.splitlines() if l.startswith("{")]
-    return {r["split"]: r for r in recs}
-
-
-def _assert_clean_failure(rc, se, *needles):
-    assert rc == 2, se
-    assert "Traceback" not in se
-    assert se.startswith("error: ") or "\nerror: " in se, se
-    for n in needles:
-        assert n in se, se
-
-
-@pytest.fixture(scope="module")
-def finished_tiny_run(tmp_path_factory):
-    """One finished tiny run (TINY, 2 epochs of 3 steps, stopped by --max-steps 2: checkpoint.pt,
-    best.pt and log.jsonl), made once; `finished_run` gives each test its own copy to change."""
-    if not (FASHION / "t10k-images-idx3-ubyte.gz").exists():
-        pytest.skip("Fashion-MNIST is not installed")
-    out = tmp_path_factory.mktemp("finished") / "run"
-    rc, _, se = run_cli(*TINY, "--epochs", "2", "--max-steps", "2", "--out", out)
-    assert rc == 0, se
-    return out
-
-
-@pytest.fixture
-def finished_run(finished_tiny_run, tmp_path):
-    out = tmp_path / "run"
-    shutil.copytree(finished_tiny_run, out)
-    return out
 
 
 # =============================================================================
@@ -617,7 +555,71 @@ def test_auto_picks_the_export_backend_while_exporting():
 
 
 # =============================================================================
-# 2. Scan orders, SCAttn, the search relaxation (localmamba.py against the paper)
+# 2. shared: the one tiny-run preset, the trainer in a subprocess, a finished tiny run
+
+HERE = Path(__file__).resolve().parent
+FASHION = Path(localmamba_data.FASHION_DIR)
+needs_fashion = pytest.mark.skipif(not (FASHION / "t10k-images-idx3-ubyte.gz").exists(),
+                                   reason="Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
+NANO_DEPTH = lm.MODELS["local_vim_nano"][1]["depth"]
+# The tiny-run preset: a few images per class of Fashion-MNIST (the default data and model), a
+# batch of 10, no progress lines. An ImageNet-layout run adds IMAGENET (the jpeg_tree fixture).
+TINY = ["--train-per-class", "3", "--val-per-class", "2", "--test-per-class", "2", "--batch-size", "10",
+        "--print-every", "0"]
+IMAGENET = ["--data", "imagenet", "--model", "local_vim_nano", "--img-size", "28", "--batch-size", "6",
+            "--workers", "0", "--print-every", "0"]
+
+
+def run_cli(*args, env=None, timeout=600, script="train_mini.py"):
+    """python SCRIPT ARGS in a subprocess: (returncode, stdout, stderr)."""
+    e = dict(os.environ, **(env or {}))
+    e.pop("TRITON_INTERPRET", None)
+    p = subprocess.run([sys.executable, str(HERE / script), *map(str, args)], capture_output=True, text=True,
+                       timeout=timeout, env=e, cwd=HERE)
+    return p.returncode, p.stdout, p.stderr
+
+
+def read_log(out, split=None):
+    """(config, evaluation records), the records of one split if given."""
+    lines = [json.loads(l) for l in (Path(out) / "log.jsonl").read_text().splitlines()]
+    return lines[0], [r for r in lines[1:] if "split" in r and split in (None, r["split"])]   # (a resume adds a config)
+
+
+def eval_lines(stdout):
+    """--eval prints one JSON line per split: {split: record}."""
+    recs = [json.loads(l) for l in stdout.splitlines() if l.startswith("{")]
+    return {r["split"]: r for r in recs}
+
+
+def _assert_clean_failure(rc, se, *needles):
+    assert rc == 2, se
+    assert "Traceback" not in se
+    assert se.startswith("error: ") or "\nerror: " in se, se
+    for n in needles:
+        assert n in se, se
+
+
+@pytest.fixture(scope="module")
+def finished_tiny_run(tmp_path_factory):
+    """One finished tiny run (TINY, 2 epochs of 3 steps, stopped by --max-steps 2: checkpoint.pt,
+    best.pt and log.jsonl), made once; `finished_run` gives each test its own copy to change."""
+    if not (FASHION / "t10k-images-idx3-ubyte.gz").exists():
+        pytest.skip("Fashion-MNIST is not installed")
+    out = tmp_path_factory.mktemp("finished") / "run"
+    rc, _, se = run_cli(*TINY, "--epochs", "2", "--max-steps", "2", "--out", out)
+    assert rc == 0, se
+    return out
+
+
+@pytest.fixture
+def finished_run(finished_tiny_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(finished_tiny_run, out)
+    return out
+
+
+# =============================================================================
+# 3. Scan orders, SCAttn, the search relaxation (localmamba.py against the paper)
 
 
 
@@ -753,7 +755,7 @@ def test_search_logits_init():
 
 
 # =============================================================================
-# 3. The models against the official code: mixers, parameters, init, forward, MACs
+# 4. The models against the official code: mixers, parameters, init, forward, MACs
 
 
 
@@ -1309,10 +1311,11 @@ def test_count_macs_convention():
     assert lm.count_macs(m) == want + D * 990 and lm.count_macs(m, img_size=28) == want + D * 990
 
 
-COPY_SET = ("localmamba.py", "localmamba_helpers.py", "scan_kernel.py")     # README "Use the models elsewhere"
+COPY_SET = ("localmamba.py", "localmamba_helpers.py", "scan_kernel.py", "scan_kernel_cpu.py")   # README's copy set
 COPY_SCRIPT = """
 import sys
 sys.modules["timm"] = None                                   # no timm: `import timm` fails here
+sys.modules["numpy"] = None                                  # nor numpy: the models need torch alone
 import torch, localmamba
 assert localmamba.__file__.startswith(sys.argv[1]), localmamba.__file__
 for name, kw in [("local_vim_tiny", dict(img_size=32)), ("local_vim_tiny_middle_cls_token", dict(img_size=32)),
@@ -1324,6 +1327,14 @@ for name, kw in [("local_vim_tiny", dict(img_size=32)), ("local_vim_tiny_middle_
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters()), name
 for name in ("local_vim_tiny", "local_vmamba_tiny"):          # official-layout files, weights only, strictly
     localmamba.load_checkpoint(localmamba.create_model(name), sys.argv[1] + f"/{name}.pth")
+import scan_kernel                                           # the C++ scan: there with its source file, else one message
+u = torch.randn(1, 8, 5)
+try:
+    scan_kernel.selective_scan(u, u, -torch.ones(8, 2), torch.randn(1, 2, 5), torch.randn(1, 2, 5), backend="cpu")
+    print("cpu scan: built")
+except RuntimeError as e:
+    assert "needs scan_kernel_cpu.py" in str(e), e
+    print("cpu scan: absent")
 print("copy set ok")
 """
 
@@ -1337,7 +1348,7 @@ def test_pip_install_into_a_fresh_venv_imports_from_any_folder(tmp_path):
     src = tmp_path / "clone"
     src.mkdir()
     for f in ("pyproject.toml", "README.md", "localmamba.py", "localmamba_helpers.py", "localmamba_data.py",
-              "scan_kernel.py", "train_mini.py"):
+              "localmamba_run.py", "scan_kernel.py", "scan_kernel_cpu.py", "train_mini.py"):
         (src / f).write_bytes((HERE / f).read_bytes())
     venv.create(tmp_path / "venv", system_site_packages=True, with_pip=False)   # the system pip, setuptools
     py = tmp_path / "venv" / "bin" / "python"
@@ -1375,10 +1386,13 @@ def test_the_model_benchmark_prints_its_table(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_copy_set_builds_trains_and_loads_alone(tmp_path, published):
-    """README's copy set, in an empty folder, without timm or the trainer: every published model
-    builds, runs forward and backward, and an official-layout checkpoint loads strictly."""
-    for f in COPY_SET:
+@pytest.mark.parametrize("with_cpu_kernels", [False, True])
+def test_the_copy_set_builds_trains_and_loads_alone(tmp_path, published, with_cpu_kernels):
+    """README's copy set, in an empty folder, without timm, numpy or the trainer: every published model
+    builds, runs forward and backward, and an official-layout checkpoint loads strictly; the three
+    files alone, and with scan_kernel_cpu.py beside them the C++ scan builds."""
+    copy_set = COPY_SET if with_cpu_kernels else COPY_SET[:3]
+    for f in copy_set:
         (tmp_path / f).write_bytes((HERE / f).read_bytes())
     for name in ("local_vim_tiny", "local_vmamba_tiny"):      # the official key names and shapes, enumerated here
         sd = {k: torch.randn(shape) for k, shape in EXPECTED[name](published).items()}
@@ -1387,11 +1401,12 @@ def test_the_copy_set_builds_trains_and_loads_alone(tmp_path, published):
     p = subprocess.run([sys.executable, "-E", "-s", "-c", COPY_SCRIPT, str(tmp_path)], capture_output=True,
                        text=True, cwd=tmp_path, env=env, timeout=600)
     assert p.returncode == 0 and "copy set ok" in p.stdout, p.stderr[-3000:]
-    assert sorted(f.name for f in tmp_path.glob("*.py")) == sorted(COPY_SET)
+    assert ("cpu scan: built" if with_cpu_kernels else "cpu scan: absent") in p.stdout
+    assert sorted(f.name for f in tmp_path.glob("*.py")) == sorted(copy_set)
 
 
 # =============================================================================
-# 4. The timm and backbone interface
+# 5. The timm and backbone interface
 
 
 
@@ -1728,7 +1743,7 @@ def test_faster_rcnn_on_local_vmamba_tiny_trains_a_step():
 
 
 # =============================================================================
-# 5. Checkpoints: layouts, weights-only loading, checksums, other sizes
+# 6. Checkpoints: layouts, weights-only loading, checksums, other sizes
 
 
 
@@ -1981,7 +1996,8 @@ def test_finetune_from_official_and_timm_layouts(tmp_path):
 
 FULL_DISK = """
 import resource, signal, sys, torch
-from localmamba_helpers import save_atomic, BadInput
+from localmamba_helpers import BadInput
+from localmamba_run import save_atomic
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)               # a write past the limit fails (EFBIG), as a full disk
 resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
 try:
@@ -2020,7 +2036,7 @@ def test_a_failed_save_is_one_line_and_keeps_the_previous_file(tmp_path):
 
 
 # =============================================================================
-# 6. The recipe's pieces: weight-decay groups, the schedule, EMA, the data
+# 7. The recipe's pieces: weight-decay groups, the schedule, EMA, the data
 
 
 
@@ -2428,7 +2444,7 @@ def test_plot_draws_a_runs_curves_or_says_why_not(tmp_path, capsys, monkeypatch)
 
 
 # =============================================================================
-# 7. train_mini.py end to end (subprocesses on the CPU, tiny data)
+# 8. train_mini.py end to end (subprocesses on the CPU, tiny data)
 
 
 
@@ -2882,7 +2898,7 @@ def test_best_checkpoint_and_absolute_lr(tmp_path):
 
 
 # =============================================================================
-# 8. The small-scale study (experiments/study_scans.py)
+# 9. The small-scale study (experiments/study_scans.py)
 
 
 
@@ -3118,7 +3134,7 @@ def test_field_shares_count_the_centre_apart():
 
 def test_keep_freed_memory_applies_under_glibc():
     import platform
-    applied = localmamba_helpers.keep_freed_memory()
+    applied = localmamba_run.keep_freed_memory()
     assert applied is (platform.libc_ver()[0] == "glibc")
 
 

@@ -19,14 +19,15 @@ are per step (the official GradualWarmupScheduler is a per-epoch staircase). The
     torchrun --nproc_per_node=8 train_mini.py --data imagenet --data-dir /data/imagenet \\
         --model local_vmamba_tiny --batch-size 128        # the paper's 8 × 128
     python train_mini.py --data imagenet --data-dir /data/imagenet --eval --resume runs/x/checkpoint.pt
-    python experiments/study_scans.py                      # the small-scale study (README "Results")
+    python experiments/study_scans.py                      # the small-scale study (docs/results.md)
     python train_mini.py --plot runs/x                     # its loss and top-1 curves -> runs/x/curves.png
 
 Reading order: the recipe table -> the command line and its one resolution into settings -> the
 run's state (`Run`) and its pieces (processes, checkpoints, evaluation, the step) -> train(), a
 table of contents -> main(). The data (Fashion-MNIST's IDX files, the ImageNet layout, the
 sampler) is in localmamba_data.py; the weight-decay groups are localmamba.configure_optimizer;
-the run folder's claim (one writer, nothing overwritten) is localmamba_helpers.claim_run_dir.
+the run's files (the run folder's claim: one writer, nothing overwritten; atomic writes; the RNG
+states a resume restores; the curves of --plot) are in localmamba_run.py.
 
 Fashion-MNIST protocol: the last 500 images of each class of its training file are the
 validation split (every logged evaluation, and whatever chooses settings); training draws from
@@ -59,8 +60,9 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 import localmamba
 import scan_kernel
 from localmamba_data import FASHION_DIR, EpochOrder, fashion_splits, imagenet_splits, parse_aa, seed_worker
-import localmamba_helpers
-from localmamba_helpers import EMA_KEYS, claim_run_dir, rng_state, save_atomic, seed_everything, set_rng_state
+from localmamba_helpers import EMA_KEYS
+import localmamba_run
+from localmamba_run import claim_run_dir, rng_state, save_atomic, seed_everything, set_rng_state
 
 # -----------------------------------------------------------------------------
 # the recipe: defaults per --data (their one home; --help prints them), the paper's ImageNet recipe
@@ -280,7 +282,7 @@ def check_windows(directions, cfg_cls, preset, img_size, path):
 
 
 # -----------------------------------------------------------------------------
-# the run's state, then its pieces: processes (the run folder: localmamba_helpers.claim_run_dir)
+# the run's state, then its pieces: processes (the run folder: localmamba_run.claim_run_dir)
 
 @dataclass
 class Run:
@@ -377,7 +379,7 @@ def load_finetune(model, ckpt, path, log, directions, use_ema=False):
 
 
 def rng_states(world):
-    """Every rank's RNG states (localmamba_helpers.rng_state), in rank order: all the trainer draws from."""
+    """Every rank's RNG states (localmamba_run.rng_state), in rank order: all the trainer draws from."""
     state = rng_state()
     states = [state] * world
     if world > 1:
@@ -661,9 +663,9 @@ def train(args):
     fine = localmamba.read_checkpoint(s.finetune) if s.finetune else None
     fine_dirs = adopt_finetune_directions(s, fine) if s.finetune else None
     if device.type == "cpu":
-        localmamba_helpers.keep_freed_memory()          # freed activations reused, not re-faulted (2× at 784 tokens)
+        localmamba_run.keep_freed_memory()          # freed activations reused, not re-faulted (2× at 784 tokens)
         if not s.no_compile:
-            scan_kernel.use_compiled_torch_path(True)   # the CPU scan as C++ kernels (README: the scan bench)
+            scan_kernel.use_compiled_torch_path(True)   # the CPU scan as C++ kernels (docs/scan.md)
     seed_everything(s.seed + rank)                   # torch, Python's random and numpy (timm's transforms)
     r = Run(s=s, rank=rank, world=world, device=device, log=log,
             amp_dtype={"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[s.amp])
@@ -732,7 +734,7 @@ def exit_with_message(run, interrupted):
 def main(argv=None):
     args = parse_args(argv)
     if args.plot:
-        return exit_with_message(lambda: print(f"wrote {localmamba_helpers.draw_run_curves(args.plot)}"), "")
+        return exit_with_message(lambda: print(f"wrote {localmamba_run.draw_run_curves(args.plot)}"), "")
     exit_with_message(lambda: (check_flags(args), train(args)), "to continue, --resume the run's checkpoint.pt if it "
                       "wrote one (every --checkpoint-every steps); otherwise run the same command again")
 

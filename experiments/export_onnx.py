@@ -2,7 +2,7 @@
 experiments/export_onnx.py: export the nano preset (28 px) and LocalVMamba-T (64 px) to ONNX on
 the path current PyTorch recommends (torch.onnx.export(dynamo=True), a dynamic batch) and with
 the legacy TorchScript exporter, run each in onnxruntime and print the time, the node count and
-the largest difference from PyTorch at two batch sizes (README "Export").
+the largest difference from PyTorch at two batch sizes (docs/interop.md, "Export").
 
     pip install onnx onnxruntime onnxscript
     python experiments/export_onnx.py [--out DIR]

@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # the project's top-level files
 import localmamba  # noqa: E402
-import localmamba_helpers  # noqa: E402
+import localmamba_run  # noqa: E402
 import scan_kernel  # noqa: E402
 import train_mini  # noqa: E402
 from localmamba_data import fashion_splits  # noqa: E402
@@ -144,7 +144,7 @@ def main(argv=None):
     def run():
         if not study.is_dir():
             raise train_mini.UserError(f"{study} is not a folder; pass the --out folder of experiments/study_scans.py")
-        localmamba_helpers.keep_freed_memory()      # as train_mini on the CPU: the scan in C++, memory reused
+        localmamba_run.keep_freed_memory()      # as train_mini on the CPU: the scan in C++, memory reused
         scan_kernel.use_compiled_torch_path(True)
         arms = trained_models(study)
         if not arms:

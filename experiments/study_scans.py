@@ -234,7 +234,7 @@ def seed_agreement(searches):
 
 
 def decided_per_layer(searches):
-    """Per layer, the rule README states for "the search decided": in every seed the final margin
+    """Per layer, the rule docs/results.md states for "the search decided": in every seed the final margin
     (4th − 5th probability) exceeds the seed-to-seed spread of that layer's probabilities (the largest
     max − min over seeds of one direction's probability), and the top 4 is the same at every epoch end
     of the search's last third (at least the last two). Returns (decided, spread) per layer; needs ≥ 2 seeds."""

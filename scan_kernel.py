@@ -523,15 +523,32 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None,
 LOG2E = 1.4426950408889634
 TORCH_CHUNK = 8            # steps per chunk of the torch path (one saved chunk start each)
 BLOCK_ELEMS = 1 << 19      # (TORCH_CHUNK, block, D, N) temporaries of about 2 MB
-COMPILE_TORCH_PATH = os.environ.get("LOCALMAMBA_COMPILE", "0") == "1"
+
+
+def compile_env():
+    """LOCALMAMBA_COMPILE, read strictly: "1" True (compile), "0" False (eager), unset or empty None
+    (the program's own default). Anything else is one ValueError naming the value: a typo such as
+    "true" or "yes" must not quietly mean off."""
+    value = os.environ.get("LOCALMAMBA_COMPILE", "")
+    if value not in ("", "0", "1"):
+        raise ValueError(f"LOCALMAMBA_COMPILE={value!r}: set it to 1 (compile the scan: the C++ kernels on the "
+                         f"CPU) or 0 (run it eagerly), or unset it")
+    return None if value == "" else value == "1"
+
+
+try:
+    COMPILE_TORCH_PATH = bool(compile_env())
+    _COMPILE_ENV_ERROR = None
+except ValueError as e:   # raised at the first scan that would read it, not at import (one message, not a traceback)
+    COMPILE_TORCH_PATH, _COMPILE_ENV_ERROR = False, str(e)
 
 
 def use_compiled_torch_path(enable=True):
     """Decide, once at start-up, whether backend "torch" compiles: the C++ kernels on the CPU, its
     chunk functions through torch.compile elsewhere. A build that fails later raises
     TorchCompileError saying how to turn it off."""
-    global COMPILE_TORCH_PATH
-    COMPILE_TORCH_PATH = bool(enable)
+    global COMPILE_TORCH_PATH, _COMPILE_ENV_ERROR
+    COMPILE_TORCH_PATH, _COMPILE_ENV_ERROR = bool(enable), None      # an explicit choice overrides the variable
 
 
 class TorchCompileError(RuntimeError):
@@ -567,14 +584,15 @@ def _chunk_fwd(dt, u, A2, B, C, x0):
 def _chunk_bwd(dt, u, A, A2, B, C, x0, g, dh_next, dA_next):
     """One chunk backward (the reverse scan of the module docstring's math). g = dL/dy
     (T, b, G, Dg); dh_next, dA_next: dh and exp(Δ A) at the step after the chunk."""
-    dA, dBu, xs = _chunk_states(dt, u, A2, B, x0)                             # recomputed from x0
+    dA, _, xs = _chunk_states(dt, u, A2, B, x0)                               # recomputed from x0
     gC = g[..., None] * C[:, :, :, None, :]
     dh, dhs = dh_next * dA_next, []
     for t in reversed(range(dt.shape[0])):
         dh = gC[t] + (dh if t == dt.shape[0] - 1 else dA[t + 1] * dh)        # dh_t = g_t C_t + exp(Δ_{t+1} A) dh_{t+1}
         dhs.append(dh)
     dhs = torch.stack(dhs[::-1])                                              # (T, b, G, Dg, N)
-    w = dhs * (xs - dBu)                                                      # dh · exp(Δ_t A) x_{t-1}
+    xp = torch.cat([x0[None], xs[:-1]])                                       # x_{t-1}
+    w = dhs * dA * xp              # dh · exp(Δ_t A) x_{t-1}: a product, not x_t - ΔBu (which cancels)
     dhB = (dhs * B[:, :, :, None, :]).sum(-1)                                 # sum_n dh B
     ddt = (w * A).sum(-1) + u * dhB                                           # dL/dΔ
     dA_part = (w * dt[..., None]).sum((0, 1))                                 # (G, Dg, N)
@@ -710,6 +728,8 @@ def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     devices the chunk functions through torch.compile. None = the start-up choice
     (COMPILE_TORCH_PATH)."""
     _check_inputs(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    if compile is None and _COMPILE_ENV_ERROR:
+        raise ValueError("selective_scan: " + _COMPILE_ENV_ERROR)
     compile = COMPILE_TORCH_PATH if compile is None else bool(compile)
     if compile and _cpu_kernels_take(u, delta, A, B, C, D, z, delta_bias):
         out, last = _SelectiveScanCPU.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
@@ -758,11 +778,26 @@ def _cpu_kernels_take(u, *others):
         t.dtype != torch.float64 for t in (u, *others) if t is not None)
 
 
+CPU_WORK_ITEMS = 64        # (batch row, group, channel split) items the C++ kernels aim for: 4 per thread at 16
+
+
 def _cpu_splits(batch, G, Dg):
-    """Channel splits per (batch row, group): enough work items for every thread (4 each). The
-    vectors are counted at AVX2's 8 lanes; with wider ones some splits are empty (no work)."""
+    """Channel splits per (batch row, group): about CPU_WORK_ITEMS work items in all, from the shape
+    alone. Not from the thread count: the splits fix the order in which dB and dC are summed, so
+    the same call gives the same bits on any number of cores (a run resumed elsewhere continues
+    bitwise). The vectors are counted at AVX2's 8 lanes; with wider ones some splits are empty."""
     nvec = -(-Dg // 8)
-    return max(1, min(nvec, -(-4 * torch.get_num_threads() // (batch * G))))
+    return max(1, min(nvec, -(-CPU_WORK_ITEMS // (batch * G))))
+
+
+def _fixed_order_sum(t, dims):
+    """t.sum(dims), in an order independent of the thread count. torch's CPU reductions run in
+    parallel over the outputs, each output summed in one fixed order, except a reduction to a
+    single value, which sums per-thread partials: that one is summed as a running (cumulative) sum."""
+    out = t.sum(dims)
+    if out.numel() == 1 and t.numel() > 1:
+        out = t.reshape(-1).double().cumsum(0)[-1].to(t.dtype).reshape(out.shape)
+    return out
 
 
 def _cpu_args(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
@@ -787,9 +822,10 @@ class _SelectiveScanCPU(torch.autograd.Function):
         ins, sizes = _cpu_args(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
         batch, dim, L = u.shape
         N = A.shape[1]
-        out = torch.empty(batch, dim, L)
-        starts = torch.empty(batch, dim, -(-L // CPU_CHUNK), N)
-        last = torch.empty(batch, dim, N)
+        f32 = dict(dtype=torch.float32)                                       # whatever the default dtype is
+        out = torch.empty(batch, dim, L, **f32)
+        starts = torch.empty(batch, dim, -(-L // CPU_CHUNK), N, **f32)
+        last = torch.empty(batch, dim, N, **f32)
         _cpu_kernel("fwd", N, CPU_CHUNK)(*ins, out, starts, last, *sizes)
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, starts)
         ctx.delta_softplus = delta_softplus
@@ -803,17 +839,19 @@ class _SelectiveScanCPU(torch.autograd.Function):
         ins, sizes = _cpu_args(u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus)
         batch, dim, L, G, S, _ = sizes
         N = A.shape[1]
-        du, ddelta, dz = (torch.empty(batch, dim, L) for _ in range(3))
-        dBs, dCs = (torch.zeros(batch, G, S, L, N) for _ in range(2))       # per channel split, summed below
-        dAb, dDb = torch.empty(batch, dim, N), torch.empty(batch, dim)       # per batch row, summed below
+        f32 = dict(dtype=torch.float32)                                       # whatever the default dtype is
+        du, ddelta, dz = (torch.empty(batch, dim, L, **f32) for _ in range(3))
+        dBs, dCs = (torch.zeros(batch, G, S, L, N, **f32) for _ in range(2))  # per channel split, summed below
+        dAb, dDb = torch.empty(batch, dim, N, **f32), torch.empty(batch, dim, **f32)   # per batch row, summed below
         _cpu_kernel("bwd", N, CPU_CHUNK)(*ins, starts, dout.to(torch.float32).contiguous(), du, ddelta, dz,
                                          dBs, dCs, dAb, dDb, *sizes)
         dB, dC = (t.sum(2).transpose(2, 3) for t in (dBs, dCs))             # (batch, G, N, L)
         if B.dim() == 3:
             dB, dC = dB.squeeze(1), dC.squeeze(1)
         opt = lambda t, like: None if like is None else t.to(like.dtype)
-        return (du.to(u.dtype), ddelta.to(delta.dtype), dAb.sum(0).to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
-                opt(dDb.sum(0), D), opt(dz, z), opt(ddelta.sum((0, 2)), delta_bias), None)
+        return (du.to(u.dtype), ddelta.to(delta.dtype), _fixed_order_sum(dAb, 0).to(A.dtype), dB.to(B.dtype),
+                dC.to(C.dtype), opt(_fixed_order_sum(dDb, 0), D), opt(dz, z),
+                opt(_fixed_order_sum(ddelta, (0, 2)), delta_bias), None)
 
 
 def selective_scan_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None,

@@ -216,6 +216,10 @@ def resolve_settings(args, saved, device, world=1):
     checkpoint config `saved`; then the defaults of --data for everything still unset; then the
     peak learning rate s.lr: --lr as given, else --blr × global batch / 1024 (the paper's rule)."""
     s = argparse.Namespace(**vars(args))
+    try:
+        s.compile_env = scan_kernel.compile_env()         # LOCALMAMBA_COMPILE: 1, 0 or unset
+    except ValueError as e:
+        raise UserError(str(e)) from None
     if s.search and s.directions:
         raise UserError("--search and --directions do not go together: search first, then train with --directions")
     if s.eval and not s.resume:
@@ -596,13 +600,22 @@ def log_run_config(r, sets, num_classes, in_chans, amp_flag):
                     num_classes=num_classes, in_chans=in_chans, params=n_params, steps_per_epoch=r.steps_per_epoch,
                     total_steps=r.total_steps, warmup_steps=r.warmup_steps, train_images=len(train_set),
                     val_images=len(val_set), test_images=len(test_set) if test_set else 0,
-                    directions=r.model.directions, device=str(r.device), torch=str(torch.__version__))
+                    directions=r.model.directions, device=str(r.device), torch=str(torch.__version__),
+                    scan=scan_choice(r.device))
     log_json(r, r.config)
     test = f"{len(test_set):,} test images (once, at the end; --test-per-class N cuts them)" if test_set else \
         "no test split"
     r.log(f"{s.model}: {n_params:,} params; {len(train_set):,} train / {len(val_set):,} val images, {test}; "
           f"{num_classes} classes; {world} process(es) × batch {s.batch_size}; lr {s.lr:.3g} ({s.lr_rule}); "
-          f"{s.epochs} epochs = {r.total_steps} steps; amp {s.amp} ({'--amp' if amp_flag else 'default'}); {r.device}")
+          f"{s.epochs} epochs = {r.total_steps} steps; amp {s.amp} ({'--amp' if amp_flag else 'default'}); {r.device}; "
+          f"scan: {r.config['scan']}")
+
+
+def scan_choice(device):
+    """Which selective scan this process runs: Triton on CUDA, the C++ kernels or the eager PyTorch path on the CPU."""
+    if device.type == "cuda":
+        return "triton" if scan_kernel.HAS_TRITON else "torch"
+    return "cpu (C++ kernels)" if scan_kernel.COMPILE_TORCH_PATH and scan_kernel.scan_kernel_cpu else "torch (eager)"
 
 
 def train_loop(r, sampler, train_loader, loader_gen, epoch, step, batch_in_epoch):
@@ -664,7 +677,7 @@ def train(args):
     fine_dirs = adopt_finetune_directions(s, fine) if s.finetune else None
     if device.type == "cpu":
         localmamba_run.keep_freed_memory()          # freed activations reused, not re-faulted (2× at 784 tokens)
-        if not s.no_compile:
+        if not s.no_compile and s.compile_env is not False:   # --no-compile or LOCALMAMBA_COMPILE=0: eager
             scan_kernel.use_compiled_torch_path(True)   # the CPU scan as C++ kernels (docs/scan.md)
     seed_everything(s.seed + rank)                   # torch, Python's random and numpy (timm's transforms)
     r = Run(s=s, rank=rank, world=world, device=device, log=log,

@@ -181,6 +181,10 @@ def finished_record(run_dir, run_args, model):
     if not configs:
         return None
     config = configs[-1]
+    want_data = Path(run_args.data_dir or train_mini.FASHION_DIR).resolve()   # the data it reuses: the same folder
+    if Path(config.get("data_dir", "")).resolve() != want_data:
+        raise train_mini.UserError(f"{run_dir} was trained on the data in {config.get('data_dir')}, but this study "
+                                   f"reads {want_data}; choose another --out for a study on other data")
     for key, want in [(k, getattr(run_args, k)) for k in PASSED_ON[1:] + ("seed", "search", "no_scattn")] + [
             ("model", model)]:
         if want is not None and config.get(key) != want:

@@ -105,7 +105,13 @@ def _scan_order(direction, H, W):    # plain Python, cached as a tuple: also whi
 def scan_order(direction, H, W):
     """The scanned sequence of an H×W grid as row-major token indices, -1 where a window scan
     pads the grid (padding tokens are zeros and are scanned like real tokens, as the official
-    code does). Length H*W, or Hp*Wp for a window scan."""
+    code does). Length H*W, or Hp*Wp for a window scan.
+
+    Windows larger than the grid: allowed, everywhere (create_model, the trainer, --directions,
+    checkpoints), as the official code allows them. The grid is padded to one window (w7 on a
+    4×4 grid scans 49 tokens, 33 of them padding): a published model at a small image size, or a
+    late LocalVMamba stage, does exactly that; a window far larger than its grid (w100 on 14×14)
+    costs (100/14)² times the tokens, and nothing refuses it."""
     if H < 1 or W < 1:
         raise BadInput(f"scan_order: the grid must be at least 1×1, got {H}×{W}")
     return torch.tensor(_scan_order(direction, int(H), int(W)), dtype=torch.long)

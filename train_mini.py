@@ -254,8 +254,6 @@ def resolve_settings(args, saved, device, world=1):
     if s.data == "fashion-mnist" and s.img_size != 28:
         raise UserError(f"--img-size {s.img_size}: Fashion-MNIST's images are 28×28; pass --img-size 28, or leave it "
                         f"out with a model built for 28 px (local_vim_nano)")
-    if s.layer_directions:
-        check_windows(s.layer_directions, cfg_cls, preset, s.img_size, s.directions)
     is_vim = localmamba.MODELS[s.model][0] is localmamba.LocalVimConfig
     s.amp = s.amp or ("bf16" if device.type == "cuda" and not is_vim else "off")
     default_out = Path(s.resume).parent if s.resume else f"runs/{s.model}-{time.strftime('%Y%m%d-%H%M%S')}-" \
@@ -267,22 +265,6 @@ def resolve_settings(args, saved, device, world=1):
         raise UserError(f"the peak lr would be {s.lr:g} ({s.lr_rule}); AdamW diverges far below that: give a --blr "
                         f"or --lr of at most 1e6 (the paper's is --blr 1e-3)")
     return s
-
-
-def check_windows(directions, cfg_cls, preset, img_size, path):
-    """A --directions file whose window is larger than its layer's token grid (w100 on 14×14) would scan a
-    grid padded to 100×100: refused, naming the layer and the grid. The published presets are not
-    checked (their w7 on a small image's last stage is the official behaviour)."""
-    side = -(-img_size // preset.get("patch_size", cfg_cls.patch_size))
-    depths = preset.get("depths", getattr(cfg_cls, "depths", None))
-    grids = [side] * len(directions) if depths is None else \
-        [-(-side // 2 ** st) for st, d in enumerate(depths) for _ in range(d)]
-    for i, (layer, g) in enumerate(zip(directions, grids)):
-        for d in layer:
-            kind, k, _ = localmamba.parse_direction(d)
-            if kind == "w" and k > g:
-                raise UserError(f"--directions {path}: layer {i} scans {d}, a {k}×{k} window, on a {g}×{g} token "
-                                f"grid; use a window of at most {g}")
 
 
 # -----------------------------------------------------------------------------

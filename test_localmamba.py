@@ -1475,6 +1475,20 @@ def test_pip_install_into_a_fresh_venv_imports_from_any_folder(tmp_path):
     assert (tmp_path / "venv" / "bin" / "localmamba-train").exists()
 
 
+def test_the_benchmarks_peak_memory_is_what_a_step_allocates():
+    """benchmark.cpu_peak_mb against a known allocation: a step that makes and frees 200 MB (50 Mi
+    floats) reports about 200 MB, not the process's whole resident memory (torch alone holds more),
+    in a process set up as benchmark.py sets up its memory pass."""
+    code = ("import torch, benchmark; big = torch.ones(1 << 20) * 0\n"
+            "print(benchmark.cpu_peak_mb(lambda: torch.ones(50 << 20).add_(1).sum()), benchmark.rss_mb())")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE, timeout=300,
+                       env=dict(env, MALLOC_MMAP_THRESHOLD_="65536"))
+    assert p.returncode == 0, p.stderr[-2000:]
+    peak, resident = map(float, p.stdout.split())
+    assert 180 < peak < 260 and resident > 260, (peak, resident)
+
+
 @pytest.mark.slow
 def test_the_model_benchmark_prints_its_table(tmp_path):
     """benchmark.py (a measurement, not a test of speed): one row per model with img/s and peak
@@ -1634,6 +1648,20 @@ def test_features_only_gives_the_documented_strides_and_channels():
     assert torch.equal(last.flatten(2).transpose(1, 2), torch.cat([final[:, :8], final[:, 9:]], 1))
     with pytest.raises(ValueError, match="do not fit 2 feature levels"):
         m.forward_intermediates(torch.randn(1, 3, 64, 64), indices=[5])
+
+
+@pytest.mark.parametrize("name, out_indices", [("local_vmamba_tiny", (0, 1)), ("local_vmamba_tiny", (1,)),
+                                               ("local_vmamba_tiny", 2), ("local_vim_nano", (0, 1))])
+def test_features_only_ending_early_leaves_no_unused_parameter(name, out_indices):
+    """A backbone whose maps stop before the last stage keeps nothing after its last map (LocalVMamba:
+    not the patch merging after it): every parameter gets a gradient, as DDP without
+    find_unused_parameters needs."""
+    m = create_model(name, features_only=True, out_indices=out_indices,
+                     **({"img_size": 64} if "vmamba" in name else {}))
+    x = torch.randn(1, m.model.cfg.in_chans, *(m.model.cfg.img_size,) * 2)
+    sum(f.square().mean() for f in m(x)).backward()
+    unused = [n for n, p in m.named_parameters() if p.grad is None]
+    assert not unused, unused
 
 
 def test_features_only_maps_follow_a_non_square_input_and_timm_indices():
@@ -2399,6 +2427,8 @@ def fashion_dir(root, n_train=30, n_test=20, **override):
                                                              "train-labels-idx1-ubyte.gz"]),
     ({"train-labels-idx1-ubyte.gz": np.full(30, 200)}, ["train-labels-idx1-ubyte.gz holds label 200, outside",
                                                        "train-images-idx3-ubyte.gz"]),
+    ({"train-images-idx3-ubyte.gz": np.zeros((30, 28, 14))}, ["holds arrays of shape (28, 14)"]),   # one side right
+    ({"t10k-labels-idx1-ubyte.gz": np.arange(20) % 11}, ["t10k-labels-idx1-ubyte.gz holds label 10, outside"]),
     ({"t10k-labels-idx1-ubyte.gz": np.zeros((20, 2))}, ["t10k-labels-idx1-ubyte.gz holds arrays of shape (2,), not labels",
                                                        "t10k-images-idx3-ubyte.gz"]),
 ])
@@ -3008,7 +3038,10 @@ def test_resume_alone_continues_the_run_as_configured(tmp_path, finished_run, ca
     assert rc == 0, se
     ck = tmp_path / "split" / "checkpoint.pt"
     for flags, needle in ((["--seed", "1"], "--seed 4, not 1"), (["--train-per-class", "4"], "--train-per-class 3, not 4"),
-                          (["--epochs", "1"], "--epochs 3.0, not 1.0"), (["--blr", "0.1"], "--blr")):
+                          (["--epochs", "1"], "--epochs 3.0, not 1.0"), (["--blr", "0.1"], "--blr"),
+                          (["--warmup-epochs", "1"], "--warmup-epochs 0.05, not 1.0"),     # (the default's)
+                          (["--no-scattn"], "--no-scattn False, not True"),             # on/off flags too
+                          (["--wd-exempt-ssm"], "--wd-exempt-ssm False, not True")):
         with pytest.raises(SystemExit) as e:                      # refused before any setup: in this process
             train_mini.main(["--resume", str(ck), *flags])
         _assert_clean_failure(e.value.code, capsys.readouterr().err, needle)
@@ -3229,6 +3262,9 @@ def test_a_layer_counts_as_decided_only_when_every_seed_clears_the_spread_and_ho
     decided, spread = study_scans.decided_per_layer(searches)
     assert spread == pytest.approx([0.01, 0.05, 0.0])
     assert decided == [True, False, False]   # layer 0's early change (epoch 1) is outside the last third
+    for f in searches:                       # a two-evaluation history: "at least the last two" are both of them
+        f["top4_per_eval"] = [{"top4": t} for t in ([A, A, B], [A, A, A])]
+    assert study_scans.decided_per_layer(searches)[0] == [True, False, False]   # layer 2 moved between the two
 
 
 receptive_field = _load_experiment("receptive_field")

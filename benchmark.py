@@ -163,9 +163,14 @@ def main(argv=None):
         return
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("error: --device cuda, but torch sees no GPU")
-    batch = args.batch or (64 if args.device == "cuda" else 2)
+    batch = args.batch if args.batch is not None else 64 if args.device == "cuda" else 2
     if batch < 1 or args.reps < 1:
-        sys.exit("error: --batch and --reps must be at least 1")
+        sys.exit(f"error: --batch and --reps must be at least 1, got --batch {batch} --reps {args.reps}")
+    if args.json:                       # before minutes of timing: a path that cannot be written is one line now
+        try:
+            Path(args.json).write_text("[]")
+        except OSError as e:
+            sys.exit(f"error: --json {args.json} cannot be written ({e.strerror or e}); choose another path")
     have_timm = importlib.util.find_spec("timm") is not None
     models = args.models or [m for m in MODELS if have_timm or m not in TIMM_MODELS]
     unknown = [m for m in models if m not in MODELS]
@@ -193,7 +198,10 @@ def main(argv=None):
                   + " |", flush=True)
             rows.append(dict(model=name, scan=scan, batch=batch, device=args.device, **res))
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+        try:
+            Path(args.json).write_text(json.dumps(rows, indent=1))
+        except OSError as e:            # (a disk that filled during the run)
+            sys.exit(f"error: --json {args.json} cannot be written ({e.strerror or e}); the table above has the rows")
 
 
 if __name__ == "__main__":

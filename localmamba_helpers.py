@@ -199,6 +199,13 @@ class DetectionBackbone(nn.Module):
 
     def __init__(self, backbone, out_channels=256):
         super().__init__()
+        info = getattr(backbone, "feature_info", None)
+        if not (hasattr(info, "channels") and hasattr(info, "reduction")) or hasattr(backbone, "forward_head"):
+            raise BadInput(f"DetectionBackbone takes a features_only model, got {type(backbone).__name__}; build it "
+                           f"with create_model(name, features_only=True)")
+        if not isinstance(out_channels, int) or isinstance(out_channels, bool) or out_channels < 1:
+            raise BadInput(f"DetectionBackbone: out_channels must be an integer >= 1 (256 in torchvision's "
+                           f"detectors), got {out_channels!r}")
         from torchvision.ops import FeaturePyramidNetwork
         from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
         self.body, self.out_channels = backbone, out_channels

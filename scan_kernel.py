@@ -66,6 +66,7 @@ a GPU; `python experiments/bench_scan.py` times the backends available here (doc
 import contextlib
 import functools
 import os
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -133,6 +134,14 @@ def _check_inputs(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
     devices = {t.device for t in (u, delta, A, B, C, D, z, delta_bias) if t is not None}
     need(len(devices) == 1, f"all tensors must be on one device, got {sorted(str(d) for d in devices)}; "
                             f"move them with .to(u.device)")
+    # A > 0 is valid arithmetic but a state that grows as exp(Δ A) per step, without bound (values to
+    # 1e32 and beyond): said once. Only where reading A costs nothing: CPU tensors, not while tracing
+    # (on a GPU the check would wait for the device at every call; the models' A = -exp(A_log) < 0).
+    if (A.device.type == "cpu" and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+            and bool((A > 0).any())):
+        warnings.warn(f"selective_scan: A has positive entries (up to {A.max().item():.3g}): the state then grows "
+                      f"by exp(Δ·A) > 1 at every step, without bound; Mamba keeps A = -exp(A_log) < 0",
+                      stacklevel=3)
 
 
 def _as_groups(t):

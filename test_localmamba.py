@@ -35,6 +35,7 @@ import shutil
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -610,6 +611,22 @@ def test_cpu_scan_ignores_the_default_dtype():
         torch.set_default_dtype(old)
     assert got[0].dtype == torch.float32 and torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     assert all(torch.equal(got[2][k], want[2][k]) for k in want[2])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_positive_a_is_said(backend):
+    """A > 0: a state that grows without bound; computed as asked, with one warning saying why it
+    explodes (the models' A = -exp(A_log) never is)."""
+    inp = scan_inputs(batch=1, dim=4, L=5, N=2, G=1, seed=22)
+    inp["A"] = inp["A"].abs()
+    with pytest.warns(UserWarning, match=r"A has positive entries .* without bound"):
+        out = selective_scan(*(inp[k].to(TRITON_DEVICE if backend == "triton" else "cpu")
+                               for k in ("u", "delta", "A", "B", "C")), backend=backend)
+    assert out.shape == (1, 4, 5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                                  # A < 0: no word
+        selective_scan(*(scan_inputs(batch=1, dim=4, L=5, N=2, G=1)[k] for k in ("u", "delta", "A", "B", "C")),
+                       backend="ref")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -1490,6 +1507,16 @@ def test_the_benchmarks_peak_memory_is_what_a_step_allocates():
 
 
 @pytest.mark.slow
+def test_the_export_script_refuses_an_out_that_cannot_be_a_folder(tmp_path):
+    """experiments/export_onnx.py --out A_FILE: one line before any export, not a traceback after one."""
+    pytest.importorskip("onnxruntime")
+    (tmp_path / "a_file").write_text("x")
+    rc, so, se = run_cli("--out", tmp_path / "a_file", script="experiments/export_onnx.py")
+    assert rc != 0 and "--out" in se and "cannot be a folder" in se and "Traceback" not in se, se
+    assert "| model |" not in so
+
+
+@pytest.mark.slow
 def test_the_model_benchmark_prints_its_table(tmp_path):
     """benchmark.py (a measurement, not a test of speed): one row per model with img/s and peak
     memory for inference and training, and the JSON beside; an unknown model is one message."""
@@ -1502,9 +1529,13 @@ def test_the_model_benchmark_prints_its_table(tmp_path):
     assert cells[1] == "28" and cells[3] == "C++ kernels" and all(float(c) > 0 for c in cells[4:8:2]), row
     rec = json.loads((tmp_path / "b.json").read_text())[0]
     assert rec["infer"]["img_s"] > 0 and rec["train"]["peak_mb"] is not None
-    p = subprocess.run([sys.executable, str(HERE / "benchmark.py"), "--models", "resnet50"], capture_output=True,
-                       text=True, env=env, timeout=600)
-    assert p.returncode != 0 and "unknown --models resnet50" in p.stderr and "Traceback" not in p.stderr
+    for argv, needle in ((["--models", "resnet50"], "unknown --models resnet50"),
+                         (["--batch", "0"], "--batch and --reps must be at least 1, got --batch 0"),
+                         (["--json", str(tmp_path / "b.json" / "x.json")], "cannot be written")):   # b.json: a file
+        p = subprocess.run([sys.executable, str(HERE / "benchmark.py"), *argv], capture_output=True, text=True,
+                           env=env, timeout=600)
+        assert p.returncode != 0 and needle in p.stderr and "Traceback" not in p.stderr, p.stderr
+        assert "| model |" not in p.stdout                      # refused before any timing
 
 
 @pytest.mark.slow
@@ -1856,6 +1887,10 @@ def test_detection_backbone_gives_torchvision_its_pyramid(name, kw):
     assert [tuple(v.shape) for v in out.values()] == [(2, 24, H // s, W // s) for s in (4, 8, 16, 32, 64)]
     sum(v.float().mean() for v in out.values()).backward()
     assert all(p.grad is not None for p in bb.parameters())                  # no unused parameter (DDP)
+    with pytest.raises(lm.BadInput, match=r"out_channels must be an integer >= 1 .* got 0"):
+        lm.DetectionBackbone(create_model(name, features_only=True, **kw), out_channels=0)
+    with pytest.raises(lm.BadInput, match=r"takes a features_only model, got (LocalVim|LocalVMamba); .*features_only=True"):
+        lm.DetectionBackbone(create_model(name, **kw))                       # a classifier: refused when built
 
 
 @pytest.mark.slow
@@ -2526,6 +2561,8 @@ def test_timm_and_deit_flag_spellings_are_accepted():
     ("--aa", "rand-m99", "--aa rand-m99: expected"),                                # timm would clamp it silently
     ("--aa", "rand-m9-x1", "--aa rand-m9-x1: expected"),
     ("--blr", "1e300", "the peak lr would be"),                                     # AdamW overflows
+    ("--aa", "rand-m9-mstd0.5-inc1", "--aa sets the ImageNet augmentation and does nothing on Fashion-MNIST"),
+    ("--reprob", "0.25", "--reprob sets the ImageNet augmentation and does nothing on Fashion-MNIST"),
 ])
 def test_every_bad_flag_is_refused_before_any_setup(flag, value, needle, monkeypatch, capsys, tmp_path):
     def no_setup(*a, **k):
@@ -2590,12 +2627,14 @@ def test_plot_draws_a_runs_curves_or_says_why_not(tmp_path, capsys, monkeypatch)
 def test_the_trainer_says_which_scan_it_runs_and_honours_localmamba_compile(finished_tiny_run, tmp_path):
     """On the CPU the trainer runs the C++ scan kernels unless --no-compile or LOCALMAMBA_COMPILE=0 (the
     way out its build-failure message offers, for a machine without a C++ compiler); the first lines
-    and the config say which."""
+    and the config say which. A warm-up longer than the run is said too."""
     cfg, _ = read_log(finished_tiny_run)
     assert cfg["scan"] == "cpu (C++ kernels)"
-    rc, so, se = run_cli(*TINY, "--max-steps", "1", "--out", tmp_path / "r", env={"LOCALMAMBA_COMPILE": "0"})
+    rc, so, se = run_cli(*TINY, "--max-steps", "1", "--warmup-epochs", "5", "--out", tmp_path / "r",
+                         env={"LOCALMAMBA_COMPILE": "0"})
     assert rc == 0, se
     assert "scan: torch (eager)" in so and read_log(tmp_path / "r")[0]["scan"] == "torch (eager)"
+    assert "note: the warm-up (5 epochs, --warmup-epochs) is longer than the run (1 epochs)" in so   # said, not refused
 
 
 @pytest.fixture(scope="module")

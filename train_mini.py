@@ -236,6 +236,11 @@ def resolve_settings(args, saved, device, world=1):
     for key, value in FIXED.items():
         setattr(s, key, value if getattr(s, key) is None else getattr(s, key))
     parse_aa(s.aa)                                  # checked here, used by the ImageNet transforms
+    typed = [f for f, v in (("--aa", args.aa), ("--reprob", args.reprob)) if v is not None]
+    if s.data == "fashion-mnist" and typed:   # the ImageNet pipeline's; Fashion-MNIST's own is a shift and a flip
+        one = len(typed) == 1
+        raise UserError(f"{' and '.join(typed)} set{'s' * one} the ImageNet augmentation and do{'es' * one} nothing "
+                        f"on Fashion-MNIST; drop {'it' if one else 'them'}, or train with --data imagenet")
     d = DEFAULTS[s.data]
     s.model = localmamba.ALIASES.get(s.model, s.model) or (d["search_model"] if s.search else d["model"])
     s.epochs = s.epochs or (d["search_epochs"] if s.search else d["epochs"])
@@ -661,6 +666,9 @@ def train(args):
         localmamba_run.keep_freed_memory()          # freed activations reused, not re-faulted (2× at 784 tokens)
         if not s.no_compile and s.compile_env is not False:   # --no-compile or LOCALMAMBA_COMPILE=0: eager
             scan_kernel.use_compiled_torch_path(True)   # the CPU scan as C++ kernels (docs/scan.md)
+    if s.warmup_epochs > s.epochs and not s.eval:
+        log(f"note: the warm-up ({s.warmup_epochs:g} epochs, --warmup-epochs) is longer than the run ({s.epochs:g} "
+            f"epochs): every step is in warm-up, the lr never reaches {s.lr:.3g}")
     seed_everything(s.seed + rank)                   # torch, Python's random and numpy (timm's transforms)
     r = Run(s=s, rank=rank, world=world, device=device, log=log,
             amp_dtype={"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[s.amp])

@@ -58,7 +58,12 @@ def main(argv=None):
         sys.exit(f"error: this needs {e.name}: pip install onnx onnxruntime onnxscript")
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(args.out or tmp)
-        out.mkdir(parents=True, exist_ok=True)
+        try:                                    # before any export: a path that cannot be a folder is one line
+            out.mkdir(parents=True, exist_ok=True)
+            (out / ".write-test").touch()
+            (out / ".write-test").unlink()
+        except OSError as e:
+            sys.exit(f"error: --out {out} cannot be a folder of .onnx files ({e.strerror or e}); choose another --out")
         print(f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}")
         print("| model | exporter | export s | ONNX nodes | max abs diff from PyTorch (batch 2, 3) |")
         print("|---|---|---|---|---|")

@@ -28,8 +28,13 @@ the batch. The arithmetic is fp32 (fp16/bf16 inputs are cast first; fp64 takes t
 
 Names: FWD, BWD (the two kernels' source, `%`-formatted with N and T), COMMON (what both share:
 the exp2 polynomial, softplus, sigmoid, tile loads; experiments/bench_scan.py's floor reuses it),
-SIGNATURES (their argument types), build(kind, N, T).
+SIGNATURES (their argument types), build(kind, N, T), library_is_whole(path) (a damaged cached binary is
+rebuilt, not loaded).
 """
+import os
+import struct
+import sys
+import warnings
 
 CPU_CHUNK = 16             # T: steps per chunk of the C++ kernels (one saved chunk start each)
 
@@ -238,10 +243,52 @@ SIGNATURES = {   # the pybinding's argument types: inputs, outputs, then the six
 }
 
 
+def library_is_whole(path):
+    """Whether the shared library at path is complete: an ELF file whose every segment and section
+    table lie inside it. A build killed while writing, or a full disk, leaves a truncated file in
+    the cache, which the loader maps and then faults on (a bus error that kills the process, no
+    message). Files of other formats (macOS) are not checked."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if not sys.platform.startswith("linux"):
+        return True
+    if len(data) < 64 or data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:   # 64-bit little-endian ELF
+        return False
+    phoff, shoff = struct.unpack_from("<QQ", data, 0x20)
+    phentsize, phnum, shentsize, shnum = struct.unpack_from("<HHHH", data, 0x36)
+    if phoff + phnum * phentsize > len(data) or shoff + shnum * shentsize > len(data):
+        return False
+    segments = (struct.unpack_from("<IIQQQQ", data, phoff + i * phentsize) for i in range(phnum))
+    return all(offset + filesz <= len(data) for _, _, offset, _, _, filesz in segments)
+
+
 def build(kind, N, T=CPU_CHUNK):
     """The forward ("fwd") or backward ("bwd") kernel for state size N and chunk T, compiled (a few
-    seconds; Inductor caches the binary on disk) and loaded as a Python callable. Raises whatever
-    the toolchain raises; scan_kernel._cpu_kernel turns that into one message."""
+    seconds; Inductor caches the binary on disk) and loaded as a Python callable. A cached binary
+    that is not whole (library_is_whole) is deleted and built again, with a warning naming it.
+    Raises whatever the toolchain raises; scan_kernel._cpu_kernel turns that into one message."""
     from torch._inductor.codecache import CppPythonBindingsCodeCache
+
+    class Checked(CppPythonBindingsCodeCache):     # Inductor's loader, with the binary checked before it maps it
+        @classmethod
+        def _load_library(cls, path, key):
+            if not library_is_whole(path):
+                os.remove(path)
+                warnings.warn(f"the C++ scan kernel cached at {path} was damaged (truncated: a build killed while "
+                              f"writing, or a full disk); deleted and built again", stacklevel=2)
+                raise _Rebuild
+            LIBRARIES[kind, N, T] = path
+            return super()._load_library(path, key)
+
     src = (FWD if kind == "fwd" else BWD) % dict(N=N, T=T)
-    return CppPythonBindingsCodeCache.load_pybinding(SIGNATURES[kind], src)
+    try:
+        return Checked.load_pybinding(SIGNATURES[kind], src)
+    except _Rebuild:                               # the same cache entry compiles again: its binary is gone
+        return Checked.load_pybinding(SIGNATURES[kind], src)
+
+
+LIBRARIES = {}             # (kind, N, T) -> the cached binary this process loaded
+
+
+class _Rebuild(Exception):
+    """A damaged cached binary was deleted: build() loads once more."""

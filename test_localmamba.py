@@ -50,6 +50,7 @@ import localmamba_data
 import localmamba_helpers
 import localmamba_run
 import scan_kernel
+import scan_kernel_cpu
 import train_mini
 from localmamba import create_model, derive_directions, load_checkpoint, scan_order
 from scan_kernel import selective_scan, selective_scan_ref
@@ -369,6 +370,37 @@ def test_cpu_kernel_build_failure_is_one_message(monkeypatch):
             selective_scan(inp["u"], inp["delta"], inp["A"], inp["B"], inp["C"], backend="cpu")
     finally:
         scan_kernel._cpu_kernel.cache_clear()
+
+
+DAMAGED_CACHE = """
+import warnings, torch, scan_kernel, scan_kernel_cpu
+u = torch.randn(1, 8, 5)
+with warnings.catch_warnings(record=True) as w:
+    warnings.simplefilter("always")
+    scan_kernel.selective_scan(u, u, -torch.ones(8, 3), torch.randn(1, 3, 5), torch.randn(1, 3, 5), backend="cpu")
+print([str(x.message) for x in w])
+"""
+
+
+def test_a_damaged_cpu_kernel_in_the_cache_is_rebuilt_not_loaded(tmp_path):
+    """A cached kernel binary cut short (a build killed while writing, a full disk) would be mapped and
+    fault: a bus error that kills the process without a word. It is checked before loading, deleted,
+    built again, and the warning names it."""
+    u = torch.randn(1, 8, 5)
+    selective_scan(u, u, -torch.ones(8, 3), torch.randn(1, 3, 5), torch.randn(1, 3, 5), backend="cpu")   # N = 3
+    path = Path(scan_kernel_cpu.LIBRARIES["fwd", 3, scan_kernel.CPU_CHUNK])
+    whole = path.read_bytes()
+    assert scan_kernel_cpu.library_is_whole(path)
+    cut = path.with_name(path.name + ".cut")
+    cut.write_bytes(whole[:len(whole) // 5])   # inside its code: the loader would map it and fault
+    os.replace(cut, path)           # a new file: this process keeps the whole one it has mapped
+    assert not scan_kernel_cpu.library_is_whole(path)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    p = subprocess.run([sys.executable, "-c", DAMAGED_CACHE], capture_output=True, text=True, cwd=HERE, env=env,
+                       timeout=600)
+    assert p.returncode == 0, (p.returncode, p.stderr[-2000:])
+    assert f"cached at {path} was damaged" in p.stdout and "built again" in p.stdout, p.stdout
+    assert scan_kernel_cpu.library_is_whole(path)
 
 
 def test_auto_backend_picks_torch_on_cpu(monkeypatch):

@@ -46,6 +46,7 @@ import argparse
 import functools
 import json
 import math
+import os
 import re
 import sys
 from collections import OrderedDict
@@ -1048,8 +1049,15 @@ def save_directions(model, path, k=4):
     as JSON, the file `create_model(name, directions=load_directions(path))` reads back."""
     probs = search_probabilities(model)
     chosen = derive_directions(model, k)
-    Path(path).write_text(json.dumps({"directions": chosen, "candidates": list(DIRECTIONS), "probabilities": [
-        [round(p, 5) for p in row] for row in probs.tolist()]}, indent=1))
+    text = json.dumps({"directions": chosen, "candidates": list(DIRECTIONS), "probabilities": [
+        [round(p, 5) for p in row] for row in probs.tolist()]}, indent=1)
+    tmp = Path(f"{path}.tmp-{os.getpid()}")     # written whole or not at all: a full disk leaves no half file
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise BadInput(f"cannot write {path} ({e.strerror or e}); is the disk full?") from None
     return chosen, probs
 
 

@@ -138,13 +138,25 @@ def draw_run_curves(run_dir, path=None):
     split's top-1 as a marker where it was read. Writes RUN_DIR/curves.png (or path); returns it."""
     log = Path(run_dir) / "log.jsonl"
     try:
-        recs = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        lines = [line for line in log.read_text().splitlines() if line.strip()]
     except FileNotFoundError:
         raise BadInput(f"--plot {run_dir}: no log.jsonl there; name a run folder of train_mini.py") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError) as e:
         raise BadInput(f"--plot {run_dir}: {log} is not a readable log ({type(e).__name__}: {e})") from None
-    loss = [(r["step"], r["train_loss"]) for r in recs if isinstance(r, dict) and "train_loss" in r]
-    split = lambda s: [(r["step"], r["top1"]) for r in recs if isinstance(r, dict) and r.get("split") == s]
+    recs = []
+    for i, line in enumerate(lines):
+        try:
+            recs.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1:   # a run killed mid-write (or still writing) cut its last line: the rest is good
+                print(f"--plot: the last line of {log} is cut off; drawing the {len(recs)} records before it")
+                break
+            raise BadInput(f"--plot {run_dir}: line {i + 1} of {log} is not JSON ({e}); is it a log of "
+                           f"train_mini.py?") from None
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+    has = lambda r, *keys: isinstance(r, dict) and all(number(r.get(k)) for k in keys)   # a record missing one: out
+    loss = [(r["step"], r["train_loss"]) for r in recs if has(r, "step", "train_loss")]
+    split = lambda s: [(r["step"], r["top1"]) for r in recs if has(r, "step", "top1") and r.get("split") == s]
     if not loss and not split("val"):
         raise BadInput(f"--plot {run_dir}: its log holds no training or validation records yet")
     plt = need_pyplot("--plot")
@@ -159,6 +171,10 @@ def draw_run_curves(run_dir, path=None):
     fig.suptitle(str(run_dir), fontsize=9)
     fig.tight_layout()
     path = Path(path or Path(run_dir) / "curves.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        fig.savefig(path, dpi=110)
+    except OSError as e:
+        raise BadInput(f"--plot {run_dir}: cannot write {path} ({e.strerror or e}); is the disk full?") from None
+    finally:
+        plt.close(fig)
     return path

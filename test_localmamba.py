@@ -32,6 +32,7 @@ import itertools
 import json
 import math
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -2641,6 +2642,25 @@ def test_plot_draws_a_runs_curves_or_says_why_not(tmp_path, capsys, monkeypatch)
     if importlib.util.find_spec("matplotlib"):
         train_mini.main(["--plot", str(run)])
         assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "curves.png" in capsys.readouterr().out
+        # a record missing its step or top1 is left out; a last line cut by a killed writer is left out, said
+        odd = [{"split": "val", "top1": 31.0}, {"step": 5, "train_loss": "x"}, {"split": "val", "step": 6}]
+        (run / "log.jsonl").write_text("\n".join(json.dumps(r) for r in recs + odd) + '\n{"split": "val", "st')
+        (run / "curves.png").unlink()
+        train_mini.main(["--plot", str(run)])
+        out = capsys.readouterr().out
+        assert "the last line of" in out and "is cut off; drawing the 8 records before it" in out
+        assert (run / "curves.png").exists()
+        (run / "log.jsonl").write_text('{"step": 1, "train_loss": 2.0}\nnot json\n{"step": 2, "train_loss": 1.0}\n')
+        with pytest.raises(SystemExit) as e:                                   # damage inside: refused, named
+            train_mini.main(["--plot", str(run)])
+        _assert_clean_failure(e.value.code, capsys.readouterr().err, "line 2 of", "is not JSON")
+        (run / "log.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+        (run / "curves.png").unlink()
+        (run / "curves.png").mkdir()                                           # unwritable: one line
+        with pytest.raises(SystemExit) as e:
+            train_mini.main(["--plot", str(run)])
+        _assert_clean_failure(e.value.code, capsys.readouterr().err, "cannot write", "curves.png")
+        (run / "curves.png").rmdir()
     with pytest.raises(SystemExit) as e:
         train_mini.main(["--plot", str(tmp_path / "empty")])
     _assert_clean_failure(e.value.code, capsys.readouterr().err, "no log.jsonl there")
@@ -2667,6 +2687,66 @@ def test_the_trainer_says_which_scan_it_runs_and_honours_localmamba_compile(fini
     assert rc == 0, se
     assert "scan: torch (eager)" in so and read_log(tmp_path / "r")[0]["scan"] == "torch (eager)"
     assert "note: the warm-up (5 epochs, --warmup-epochs) is longer than the run (1 epochs)" in so   # said, not refused
+    rc, so, se = run_cli("--train-per-class", "3", "--test-per-class", "2", "--batch-size", "10", "--print-every",
+                         "0", "--max-steps", "1", "--out", tmp_path / "smoke")
+    assert rc == 0, se     # a smoke run is told how to cut the validation split it evaluates at its stop
+    assert "note: the --max-steps 1 stop evaluates all 5,000 validation images; --val-per-class N" in so
+
+
+HELP_WITHOUT_TORCH = """
+import runpy, sys
+sys.argv = ["train_mini.py", *sys.argv[1:]]
+try:
+    runpy.run_path("train_mini.py", run_name="__main__")
+except SystemExit as e:
+    print("exit", e.code, "torch loaded:", "torch" in sys.modules)
+"""
+
+
+@pytest.mark.parametrize("argv, code", [(["--help"], 0), (["--bogus"], 2), (["--data", "mnist"], 2)])
+def test_help_and_a_refused_flag_answer_before_torch_loads(argv, code):
+    """--help, and a flag argparse refuses, are answered before the heavy libraries load (a second,
+    not the 7 s that importing torch takes on a small machine)."""
+    p = subprocess.run([sys.executable, "-c", HELP_WITHOUT_TORCH, *argv], capture_output=True, text=True, cwd=HERE,
+                       timeout=300)
+    assert f"exit {code} torch loaded: False" in p.stdout, (p.stdout[-500:], p.stderr[-500:])
+
+
+@pytest.mark.slow
+@needs_fashion
+@pytest.mark.parametrize("after", [0.3, 2.0, 6.0])
+def test_ctrl_c_at_any_moment_exits_130_without_a_traceback(after, tmp_path):
+    """Ctrl-C while the libraries load, while the data and model are set up, or while training: exit
+    130 and one line, never a KeyboardInterrupt traceback."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    p = subprocess.Popen([sys.executable, str(HERE / "train_mini.py"), *TINY, "--train-per-class", "400",
+                          "--out", str(tmp_path / "r")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env=env, cwd=HERE)
+    time.sleep(after)
+    p.send_signal(signal.SIGINT)
+    so, se = p.communicate(timeout=300)
+    assert p.returncode == 130 and "Traceback" not in se and "interrupted" in se, (p.returncode, se[-2000:])
+
+
+def _small_disk():
+    """In the child: files may grow to 500 bytes (a write past it fails with EFBIG, as on a full disk)."""
+    import resource
+    import signal
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (500, 500))
+
+
+@pytest.mark.slow
+@needs_fashion
+def test_a_full_disk_before_the_first_checkpoint_is_one_line(tmp_path):
+    """The run's log is written before any checkpoint (its first line, the config, is ~2 KB): a disk
+    that cannot take it stops the run with one line naming the file, exit 2, no traceback."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    p = subprocess.run([sys.executable, str(HERE / "train_mini.py"), *TINY, "--max-steps", "1", "--no-compile",
+                        "--out", str(tmp_path / "r")], capture_output=True, text=True, env=env, timeout=600, cwd=HERE,
+                       preexec_fn=_small_disk)             # (--no-compile: the C++ build writes files too)
+    _assert_clean_failure(p.returncode, p.stderr, "cannot write", "log.jsonl", "is the disk full?")
+    assert not (tmp_path / "r" / "checkpoint.pt").exists()
 
 
 @pytest.fixture(scope="module")

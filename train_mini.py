@@ -50,20 +50,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
-import torch.distributed as dist
-import torch.nn as nn
-import torch.nn.functional as F
-from torchvision.transforms import v2
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
-import localmamba
-import scan_kernel
-from localmamba_data import FASHION_DIR, EpochOrder, fashion_splits, imagenet_splits, parse_aa, seed_worker
-from localmamba_helpers import EMA_KEYS
-import localmamba_run
-from localmamba_run import claim_run_dir, rng_state, save_atomic, seed_everything, set_rng_state
-
 # -----------------------------------------------------------------------------
 # the recipe: defaults per --data (their one home; --help prints them), the paper's ImageNet recipe
 # and a CPU one. drop_path 0.1 for every model, LocalVMamba too: the official config.yaml's
@@ -89,18 +75,12 @@ MODEL_EMA_DECAY = 0.9998          # --model-ema (timm's spelling) means an EMA a
 WARMUP_LR, MIN_LR = 1e-7, 1e-6    # the official warmup_lr and min_lr
 
 
-UserError = localmamba.BadInput   # bad input from the user: printed as one message, exit code 2
-
-
-class NonFiniteLoss(Exception):
-    """The loss became NaN/inf: printed with what to try, exit code 3."""
-
-
 # -----------------------------------------------------------------------------
 # settings: the command line, then one resolution into a new namespace
 FLAGS = [  # (flag, type, help); a default of None is filled in by resolve_settings, per --data from DEFAULTS
-    ("--data", str, "fashion-mnist or imagenet"), ("--data-dir", str, f"ImageNet root with train/ and val/; "
-     f"Fashion-MNIST: the folder of its 4 IDX .gz files (default {FASHION_DIR})"),
+    ("--data", str, "fashion-mnist or imagenet"), ("--data-dir", str, "ImageNet root with train/ and val/; "
+     "Fashion-MNIST: the folder of its 4 IDX .gz files (default: Debian's dataset-fashion-mnist, "
+     "/usr/share/datasets/fashion-mnist, else a download into ~/.cache/localmamba)"),
     ("--model", str, "a localmamba.create_model name; with --search the supernet"),
     ("--img-size", int, "pixels (default: the model's own, its pretrained_cfg: 224 published, 28 nano)"),
     ("--epochs", float, "(with --search: search_epochs)"), ("--max-steps", int, "stop after N steps (smoke runs; "
@@ -151,6 +131,36 @@ def parse_args(argv=None):
         p.add_argument(*flags, type=typ, default=None, choices=CHOICES.get(key), dest=key,   # None: not given
                        help=f"{help} ({default})" if default else help)
     return p.parse_args(argv)
+
+
+# Run as a script, the command line is read before torch loads: --help and a flag argparse refuses
+# answer at once, and Ctrl-C while the libraries load exits 130 without a traceback.
+_EARLY_ARGS = None
+if __name__ == "__main__":
+    import signal
+    signal.signal(signal.SIGINT, lambda *_: (print("interrupted: nothing was started", file=sys.stderr), os._exit(130)))
+    _EARLY_ARGS = parse_args()
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torchvision.transforms import v2
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+import localmamba
+import scan_kernel
+from localmamba_data import FASHION_DIR, EpochOrder, fashion_splits, imagenet_splits, parse_aa, seed_worker
+from localmamba_helpers import EMA_KEYS
+import localmamba_run
+from localmamba_run import claim_run_dir, rng_state, save_atomic, seed_everything, set_rng_state
+
+UserError = localmamba.BadInput   # bad input from the user: printed as one message, exit code 2
+
+
+class NonFiniteLoss(Exception):
+    """The loss became NaN/inf: printed with what to try, exit code 3."""
+
 
 
 POSITIVE = ("blr", "lr", "epochs", "batch_size", "max_steps", "train_per_class", "val_per_class",
@@ -472,8 +482,12 @@ def evaluate_checkpoint(r, ckpt):
 
 def log_json(r, rec):
     if r.is_main:                              # rank 0 appends one line to the run's log
-        with open(r.out / "log.jsonl", "a") as f:
-            f.write(json.dumps(rec, default=str) + "\n")
+        try:
+            with open(r.out / "log.jsonl", "a") as f:
+                f.write(json.dumps(rec, default=str) + "\n")
+        except OSError as e:                   # a full disk, a folder gone: one line, not a traceback
+            raise UserError(f"cannot write {r.out / 'log.jsonl'} ({e.strerror or e}); is the disk full? Free space "
+                            f"and --resume the run's checkpoint.pt if it wrote one, or choose another --out") from None
 
 
 def eval_and_log(r, epoch, step, split="val"):
@@ -578,7 +592,7 @@ def progress(r, loss, step, stop_at, epoch, n_images):
 # -----------------------------------------------------------------------------
 # the run: a table of contents, then the loop
 
-def log_run_config(r, sets, num_classes, in_chans, amp_flag):
+def log_run_config(r, sets, num_classes, in_chans, amp_flag, val_flag):
     """Line 1 of log.jsonl (the resolved config, what --resume and --eval rebuild the run from) and
     the run's one-line summary."""
     s, world, (train_set, val_set, test_set) = r.s, r.world, sets
@@ -596,6 +610,9 @@ def log_run_config(r, sets, num_classes, in_chans, amp_flag):
           f"{num_classes} classes; {world} process(es) × batch {s.batch_size}; lr {s.lr:.3g} ({s.lr_rule}); "
           f"{s.epochs} epochs = {r.total_steps} steps; amp {s.amp} ({'--amp' if amp_flag else 'default'}); {r.device}; "
           f"scan: {r.config['scan']}")
+    if s.max_steps and s.max_steps < r.total_steps and val_flag is None:   # a smoke run: said
+        r.log(f"note: the --max-steps {s.max_steps} stop evaluates all {len(val_set):,} validation images; "
+              f"--val-per-class N evaluates N per class (a smoke run: 2)")
 
 
 def scan_choice(device):
@@ -707,7 +724,7 @@ def train(args):
     r.ddp, r.ema = wrap_ddp_and_ema(r.model, s, world, device)
     if r.ema is not None and ckpt is not None and ckpt.get("model_ema") is not None:   # (timm's key for it)
         r.ema.module.load_state_dict(ckpt["model_ema"])   # (a run that had none starts at the resumed weights)
-    log_run_config(r, (train_set, val_set, test_set), num_classes, in_chans, args.amp)
+    log_run_config(r, (train_set, val_set, test_set), num_classes, in_chans, args.amp, args.val_per_class)
 
     # 3. the loop, 4. the test split once and the search's choice
     r.mix = make_mix(s, num_classes)
@@ -735,7 +752,10 @@ def exit_with_message(run, interrupted):
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    args = _EARLY_ARGS if argv is None and _EARLY_ARGS is not None else parse_args(argv)
+    if __name__ == "__main__":
+        import signal
+        signal.signal(signal.SIGINT, signal.default_int_handler)   # from here Ctrl-C is KeyboardInterrupt: exit 130
     if args.plot:
         return exit_with_message(lambda: print(f"wrote {localmamba_run.draw_run_curves(args.plot)}"), "")
     exit_with_message(lambda: (check_flags(args), train(args)), "to continue, --resume the run's checkpoint.pt if it "

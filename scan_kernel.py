@@ -318,10 +318,11 @@ if HAS_TRITON:
         dout_ptr,           # (batch, D, L)
         du_ptr, ddt_ptr, dz_ptr,    # (batch, D, L) fp32
         dA_ptr,             # (batch, D, N) fp32 partial sums, summed over batch by the wrapper
-        dB_ptr, dC_ptr,     # (batch, G, N, L) fp32, zeroed; atomically accumulated over channel tiles
+        dB_ptr, dC_ptr,     # (batch, G, N, L) fp32, zeroed: atomically accumulated over channel tiles; with
+                            # DETERMINISTIC (n_tiles, batch, G, N, L): each tile stores its part, the wrapper sums
         dD_ptr, dbias_ptr,  # (batch, D) fp32 partial sums
         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-        BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
+        BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, DETERMINISTIC: tl.constexpr,
     ):
         b, offs_d, mask_d, offs_n, mask_n, mask_dn, A, Dskip, bias, row, bc_row = _tile(
             A_ptr, D_ptr, bias_ptr, dim, L, N, G, HAS_D, HAS_BIAS, BLOCK_D, BLOCK_N)
@@ -382,8 +383,13 @@ if HAS_TRITON:
                 dD_acc += tl.sum(tl.where(m2, gy * u, 0.0), axis=1)
             dB = tl.sum(dhdt * u[:, None, :], axis=0)                                  # (BN, T) over the tile
             dC = tl.sum(xs * gy[:, None, :], axis=0)                                   # (BN, T)
-            tl.atomic_add(dB_ptr + bc_ptrs, dB, mask=mbc)
-            tl.atomic_add(dC_ptr + bc_ptrs, dC, mask=mbc)
+            if DETERMINISTIC:   # no atomics: the sum over tiles happens in a fixed order, afterwards
+                part = tl.program_id(0) * (tl.num_programs(1) * N * L)                   # this tile's slice
+                tl.store(dB_ptr + part + bc_ptrs, dB, mask=mbc)
+                tl.store(dC_ptr + part + bc_ptrs, dC, mask=mbc)
+            else:               # atomics: the order of the adds varies from run to run on a GPU
+                tl.atomic_add(dB_ptr + bc_ptrs, dB, mask=mbc)
+                tl.atomic_add(dC_ptr + bc_ptrs, dC, mask=mbc)
             if SOFTPLUS:
                 ddt = ddt * tl.where(dt_raw <= 20.0, tl.sigmoid(dt_raw), 1.0)
             ddt = tl.where(m2, ddt, 0.0)
@@ -434,6 +440,12 @@ def _launch_meta(D, z, delta_bias, delta_softplus, dim, L, N, G, batch):
     return grid, triton.cdiv(L, CHUNK), flags
 
 
+def _triton_deterministic(dim, G, N):
+    """Whether the backward sums dB/dC without atomics: under torch.use_deterministic_algorithms(True),
+    where a group's channels span more than one tile (with one tile there is one add per element)."""
+    return torch.are_deterministic_algorithms_enabled() and triton.cdiv(dim // G, _triton_config(N, dim // G)[0]) > 1
+
+
 def _or_dummy(t, dummy):
     """A kernel pointer argument for an optional tensor: its flag (HAS_D, ...) is off when t is
     None, and the kernel never reads the dummy it gets instead."""
@@ -476,7 +488,12 @@ class _SelectiveScanTriton(torch.autograd.Function):
         du, ddt = torch.empty(batch, dim, L, **f32), torch.empty(batch, dim, L, **f32)
         dz = torch.empty(batch, dim, L, **f32) if z is not None else None
         dA = torch.empty(batch, dim, N, **f32)
-        dB, dC = torch.zeros(batch, G, N, L, **f32), torch.zeros(batch, G, N, L, **f32)
+        det = flags["DETERMINISTIC"] = _triton_deterministic(dim, G, N)
+        if det and grid[0] * batch * G * N * L >= INT32_LIMIT:
+            raise ValueError(f"selective_scan: the deterministic Triton backward keeps dB/dC per channel tile, "
+                             f"{grid[0] * batch * G * N * L:,} values: past int32 offsets; split the batch")
+        parts = (grid[0],) if det else ()          # per channel tile, summed below, or one atomic sum
+        dB, dC = (torch.empty if det else torch.zeros)(2, *parts, batch, G, N, L, **f32).unbind(0)
         dD = torch.empty(batch, dim, **f32) if D is not None else None
         dbias = torch.empty(batch, dim, **f32) if delta_bias is not None else None
         with torch.cuda.device(u.device) if u.is_cuda else contextlib.nullcontext():
@@ -484,6 +501,8 @@ class _SelectiveScanTriton(torch.autograd.Function):
                 u, delta, A, Bg, Cg, _or_dummy(D, u), _or_dummy(z, u), _or_dummy(delta_bias, u), starts,
                 dim, L, N, G, n_chunks,
                 dout, du, ddt, _or_dummy(dz, du), dA, dB, dC, _or_dummy(dD, du), _or_dummy(dbias, du), **flags)
+        if det:
+            dB, dC = dB.sum(0), dC.sum(0)
         dB = dB.squeeze(1) if squeeze_B else dB
         dC = dC.squeeze(1) if squeeze_C else dC
         return (du.to(u.dtype), ddt.to(delta.dtype), dA.sum(0).to(A.dtype), dB.to(B_dtype), dC.to(C_dtype),
@@ -968,7 +987,8 @@ def compile_check(archs=(80, 90)):
         for kernel in (_scan_fwd_kernel, _scan_bwd_kernel):
             for dtype, flags, N, dg in variants:
                 blocks = dict(zip(("BLOCK_D", "BLOCK_N", "CHUNK"), _triton_config(N, dg)))
-                const = dict(HAS_D=flags, HAS_Z=flags, HAS_BIAS=flags, SOFTPLUS=flags, **blocks)
+                const = dict(HAS_D=flags, HAS_Z=flags, HAS_BIAS=flags, SOFTPLUS=flags, **blocks,
+                             **({"DETERMINISTIC": flags} if "DETERMINISTIC" in kernel.arg_names else {}))
                 sig = {a: "constexpr" if a in const else ("*" + (dtype if a in io_dtype else "fp32"))
                        if a.endswith("_ptr") else "i32" for a in kernel.arg_names}
                 compiled = triton.compile(ASTSource(kernel, sig, const), target=GPUTarget("cuda", arch, 32))

@@ -426,6 +426,36 @@ def _saved_numels(fn):
     return sizes
 
 
+@needs_triton
+@pytest.mark.slow
+def test_triton_backward_is_deterministic_on_request(monkeypatch):
+    """Under torch.use_deterministic_algorithms(True) the Triton backward sums dB/dC without atomics (each
+    channel tile stores its part, the wrapper sums them in a fixed order), and gives what the loop gives;
+    without it, the atomics (a group of 20 channels here spans 3 tiles of 8)."""
+    inp = scan_inputs(batch=2, dim=40, L=21, N=16, G=2, seed=25)
+    dout = torch.randn(2, 40, 21, generator=torch.Generator().manual_seed(26))
+    flags = (True, True, True, True)
+    want = run_scan(loop_float64, {k: v.double() for k, v in inp.items()}, flags, dout)
+    launches = []
+    real = scan_kernel._scan_bwd_kernel
+
+    class Spy:                                  # records the backward's compile-time flags, then launches
+        arg_names = real.arg_names
+
+        def __getitem__(self, grid):
+            return lambda *a, **k: launches.append(k["DETERMINISTIC"]) or real[grid](*a, **k)
+    monkeypatch.setattr(scan_kernel, "_scan_bwd_kernel", Spy())
+    was = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        got = run_scan(selective_scan, inp, flags, dout, return_last_state=True, backend="triton")
+    finally:
+        torch.use_deterministic_algorithms(was)
+    assert_scan_close(got, want, 1e-5, "triton, deterministic")
+    run_scan(selective_scan, inp, flags, dout, return_last_state=True, backend="triton")
+    assert launches == [True, False]
+
+
 @pytest.mark.parametrize("backend", ["torch", "cpu", pytest.param("triton", marks=needs_triton)])
 def test_scan_saves_no_per_state_tensor_for_backward(backend):
     """What the fast paths keep for backward is O(batch·D·L) plus chunk checkpoints, never the

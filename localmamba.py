@@ -63,7 +63,8 @@ from scan_kernel import selective_scan
 # what a user calls from it is re-exported here, so `from localmamba import ...` is the one import
 from localmamba_helpers import (FASHION_MEAN_STD, IMAGENET_MEAN_STD, BadInput, FeatureInfo, FeatureMaps,
                                 TimmInterface, check_fields, check_image, count_macs, draw_scan_orders_png,
-                                maybe_checkpoint, model_table, register_with_timm, take_indices)
+                                maybe_checkpoint, model_table, register_with_timm, take_indices, load_pretrained,
+                                released_url)
 from localmamba_helpers import (configure_optimizer, count_flops_fvcore, draw_search_probabilities,  # noqa: F401
                                 load_checkpoint, load_directions, load_state_dict_strict, read_checkpoint, weights_of,
                                 resample_pos_embed, state_dict_of, tensor_checksum, STATE_DICT_KEYS, DetectionBackbone)
@@ -394,9 +395,13 @@ class LocalVimConfig:
     drop_rate: float = 0.0            # dropout before the head (timm's / DeiT's --drop)
     global_pool: str = "avg"          # "avg" over tokens, or "token": the middle cls token (the cls variant's)
     mean_std: tuple = IMAGENET_MEAN_STD   # the input normalisation (pretrained_cfg)
+    dynamic_img_size: bool = False    # any image size (timm's name): pos embed resampled, orders and RoPE per grid
 
     def __post_init__(self):
         check_fields(self, "LocalVim")
+        if self.dynamic_img_size and self.middle_cls_token:
+            raise BadInput("LocalVim: dynamic_img_size is not offered for the middle-cls-token variant (where its "
+                           "cls token sits depends on the grid); build it for your image size with img_size=...")
         if self.global_pool not in ("avg", "token") or (self.global_pool == "token" and not self.middle_cls_token):
             raise BadInput(f"global_pool {self.global_pool!r}: LocalVim pools with 'avg' (the mean over tokens), "
                            f"its middle-cls-token variant with 'token' too")
@@ -452,10 +457,10 @@ class LocalVimMixer(nn.Module):
         """The K per-direction parameters `name_k`, concatenated along their first axis."""
         return torch.cat([getattr(self, f"{name}_{k}") for k in range(self.K)])
 
-    def forward(self, h):
-        # h: (B, L_in, D) -> (B, L_in, D)
+    def forward(self, h, grid=None):
+        # h: (B, L_in, D) -> (B, L_in, D); grid: the input's token grid, if not the one it was built for
         B, K, E, N, R = h.shape[0], self.K, self.d_inner, self.d_state, self.dt_rank
-        (H, W), cls_pos = self.grid, self.cls_pos
+        (H, W), cls_pos = grid or self.grid, self.cls_pos
         xz = self.in_proj(h).transpose(1, 2)                                       # (B, 2E, L_in)
         xz = self.multi_scan.scan(xz, H, W, cls_pos)                               # (B, K, 2E, Lmax)
         Lmax = xz.shape[-1]
@@ -502,11 +507,11 @@ class LocalVimBlock(nn.Module):
         self.norm = RMSNorm(d_model, eps=1e-5)
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, hidden, residual):
+    def forward(self, hidden, residual, grid=None):
         # hidden, residual: (B, L_in, D) -> (B, L_in, D), (B, L_in, D) fp32; residual None in the first block
         residual = hidden if residual is None else residual + self.drop_path(hidden)
         residual = residual.float()                                                 # kept in fp32
-        hidden = self.mixer(self.norm(residual.to(self.norm.weight.dtype)))
+        hidden = self.mixer(self.norm(residual.to(self.norm.weight.dtype)), grid)
         return hidden, residual
 
 
@@ -520,21 +525,31 @@ class RoPE2D(nn.Module):
 
     def __init__(self, dim, H, W, pt_seq_len=14, theta=10000.0):
         super().__init__()
-        half = dim // 2
-        freqs = 1.0 / theta ** (torch.arange(0, half, 2)[: half // 2].float() / half)   # (D/4,)
-        rows = torch.arange(H) / H * pt_seq_len
-        cols = torch.arange(W) / W * pt_seq_len
+        self.dim, self.grid, self.pt_seq_len, self.theta = dim, (H, W), pt_seq_len, theta
+        ang = self._angles(H, W)
+        self.register_buffer("freqs_cos", ang.cos())                                  # (L, D)
+        self.register_buffer("freqs_sin", ang.sin())
+
+    def _angles(self, H, W):
+        half = self.dim // 2
+        freqs = 1.0 / self.theta ** (torch.arange(0, half, 2)[: half // 2].float() / half)   # (D/4,)
+        rows = torch.arange(H) / H * self.pt_seq_len
+        cols = torch.arange(W) / W * self.pt_seq_len
         fr = (rows[:, None] * freqs).repeat_interleave(2, -1)                         # (H, D/2)
         fc = (cols[:, None] * freqs).repeat_interleave(2, -1)                         # (W, D/2)
         ang = torch.cat([fr[:, None, :].expand(H, W, -1), fc[None, :, :].expand(H, W, -1)], -1)  # (H, W, D)
-        self.register_buffer("freqs_cos", ang.cos().reshape(H * W, -1))               # (L, D)
-        self.register_buffer("freqs_sin", ang.sin().reshape(H * W, -1))
+        return ang.reshape(H * W, -1)
 
-    def forward(self, t):
-        # t: (B, L, D); pairs (t0, t1) -> (t0 cos - t1 sin, t1 cos + t0 sin)
+    def forward(self, t, grid=None):
+        # t: (B, L, D); pairs (t0, t1) -> (t0 cos - t1 sin, t1 cos + t0 sin); another grid: its own angles
+        if grid is None or tuple(grid) == self.grid:
+            cos, sin = self.freqs_cos, self.freqs_sin
+        else:
+            ang = self._angles(*grid).to(t.device)
+            cos, sin = ang.cos(), ang.sin()
         t1, t2 = t.unflatten(-1, (-1, 2)).unbind(-1)
         rot = torch.stack([-t2, t1], -1).flatten(-2)
-        return t * self.freqs_cos + rot * self.freqs_sin
+        return t * cos + rot * sin
 
 
 class LocalVim(TimmInterface, nn.Module):
@@ -593,20 +608,26 @@ class LocalVim(TimmInterface, nn.Module):
         return [layer.mixer.multi_scan for layer in self.layers]
 
     def _embed(self, x):
-        # x: (B, C, H, W) image -> hidden (B, L_in, D), and no residual stream yet
-        check_image(x, self.cfg)
+        # x: (B, C, H, W) image -> hidden (B, L_in, D), no residual stream yet, and the token grid
+        check_image(x, self.cfg, any_size=self.cfg.dynamic_img_size)
+        p = self.cfg.patch_size
+        grid = (x.shape[-2] // p, x.shape[-1] // p)
         x = self.patch_embed(x)                                                   # (B, L, D)
         if self.cls_pos is not None:
             cls = self.cls_token.expand(x.shape[0], -1, -1)
             x = torch.cat([x[:, :self.cls_pos], cls, x[:, self.cls_pos:]], 1)     # (B, L+1, D), cls in the middle
-        return x + self.pos_embed, None
+        pos = self.pos_embed
+        if grid != self.cfg.grid:             # dynamic_img_size: resampled to this grid (bicubic, as for checkpoints)
+            pos = F.interpolate(pos.unflatten(1, self.cfg.grid).permute(0, 3, 1, 2), size=grid, mode="bicubic",
+                                align_corners=False).flatten(2).transpose(1, 2)  # (1, L, D)
+        return x + pos, None, grid
 
-    def _layer(self, layer, hidden, residual):
+    def _layer(self, layer, hidden, residual, grid):
         # RoPE on the hidden states and the residual stream, then the block: (B, L_in, D) each
         if self.cfg.rope:
-            hidden = self.rope(hidden)
-            residual = None if residual is None else self.rope(residual)
-        return maybe_checkpoint(self, layer, hidden, residual)
+            hidden = self.rope(hidden, grid)
+            residual = None if residual is None else self.rope(residual, grid)
+        return maybe_checkpoint(self, layer, hidden, residual, None if grid == self.cfg.grid else grid)
 
     def _final(self, hidden, residual):
         # the last add and the final norm: (B, L_in, D)
@@ -615,9 +636,9 @@ class LocalVim(TimmInterface, nn.Module):
 
     def forward_features(self, x):
         # x: (B, C, H, W) image -> (B, L_in, D) tokens after the final norm
-        hidden, residual = self._embed(x)
+        hidden, residual, grid = self._embed(x)
         for layer in self.layers:
-            hidden, residual = self._layer(layer, hidden, residual)
+            hidden, residual = self._layer(layer, hidden, residual, grid)
         return self._final(hidden, residual)
 
     def forward_head(self, x, pre_logits=False):
@@ -641,11 +662,11 @@ class LocalVim(TimmInterface, nn.Module):
         """timm's feature API: after each chosen block, the stream the next block reads (residual +
         block output; with norm, through the final norm), cls token dropped, as (B, D, H/p, W/p)
         maps (output_fmt "NHWC": (B, H/p, W/p, D)). Returns (final features, maps), or the maps."""
-        take, (H, W) = take_indices(len(self.layers), indices), self.cfg.grid
-        hidden, residual = self._embed(x)
+        take = take_indices(len(self.layers), indices)
+        hidden, residual, (H, W) = self._embed(x)
         maps = []
         for i, layer in enumerate(self.layers[:max(take) + 1] if stop_early or intermediates_only else self.layers):
-            hidden, residual = self._layer(layer, hidden, residual)
+            hidden, residual = self._layer(layer, hidden, residual, (H, W))
             if i in take:
                 t = self._final(hidden, residual) if norm else residual + hidden              # (B, L_in, D)
                 if self.cls_pos is not None:
@@ -1004,12 +1025,16 @@ PAPER = {  # published ImageNet-1K figures (paper Tables 1-2, official README): 
 }
 
 
-def create_model(name, features_only=False, out_indices=None, **kwargs):
+def create_model(name, features_only=False, out_indices=None, pretrained=False, pretrained_cfg_overlay=None,
+                 **kwargs):
     """Build a model by name (or an official alias, local_vssm_*). kwargs override the preset's
     config fields, e.g. num_classes, img_size, in_chans, drop_path_rate, drop_rate, global_pool,
     directions (per-layer lists), spatial_attn; an unknown one is refused with the list. With
     features_only=True: a FeatureMaps backbone of the maps at out_indices (default: the 4 stages of
-    LocalVMamba, 4 evenly spaced blocks of LocalVim)."""
+    LocalVMamba, 4 evenly spaced blocks of LocalVim). pretrained=True: the official release's
+    weights (localmamba_helpers.RELEASED), downloaded once into torch's hub cache and loaded
+    strictly; pretrained_cfg_overlay=dict(file=PATH) or dict(url=URL), and sha256=HEX to pin the
+    file, as timm spells it."""
     name = ALIASES.get(name, name)
     if name not in MODELS:
         raise BadInput(f"unknown model {name!r}; choose one of: {', '.join(list(MODELS) + list(ALIASES))}")
@@ -1018,8 +1043,13 @@ def create_model(name, features_only=False, out_indices=None, **kwargs):
     if bad := sorted(set(kwargs) - allowed):
         raise BadInput(f"create_model({name!r}): unknown option(s) {', '.join(bad)}; "
                        f"options are {', '.join(sorted(allowed))}")
+    if features_only and cls is LocalVimConfig and not fields.get("middle_cls_token"):
+        kwargs.setdefault("dynamic_img_size", True)     # a backbone takes what a detector feeds it (timm's name)
     cfg = cls(**{**fields, **kwargs})
     model = LocalVim(cfg) if cls is LocalVimConfig else LocalVMamba(cfg)
+    model.released_url = released_url(name)                                  # pretrained_cfg["url"]
+    if pretrained:
+        load_pretrained(model, name, pretrained_cfg_overlay)
     return FeatureMaps(model, model.default_out_indices if out_indices is None else out_indices) if features_only \
         else model
 

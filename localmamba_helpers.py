@@ -32,7 +32,9 @@ import hashlib
 import io
 import json
 import math
+import os
 import pickletools
+import urllib.parse
 import warnings
 import zipfile
 from dataclasses import replace
@@ -82,9 +84,10 @@ def check_image(x, cfg, any_size=False):
     if not size_ok or x.shape[1] != cfg.in_chans:
         want = f"(B, {cfg.in_chans}, H, W) with H, W >= {cfg.patch_size}" if any_size else \
             f"(B, {cfg.in_chans}, {cfg.img_size}, {cfg.img_size})"
+        dynamic = "" if any_size else ", or any size with dynamic_img_size=True"
         raise BadInput(f"expected images of shape {want}, got {tuple(x.shape)}; build the model for your images "
-                       f"with create_model(name, img_size=..., in_chans=...) (a checkpoint of another size loads, "
-                       f"its pos_embed resampled)")
+                       f"with create_model(name, img_size=..., in_chans=...{dynamic}) (a checkpoint of another size "
+                       f"loads, its pos_embed resampled)")
 
 
 # -----------------------------------------------------------------------------
@@ -132,7 +135,7 @@ class TimmInterface:
         mean, std = c.mean_std if c.in_chans == len(c.mean_std[0]) else ((0.5,) * c.in_chans, (0.5,) * c.in_chans)
         return dict(input_size=(c.in_chans, c.img_size, c.img_size), mean=mean, std=std, num_classes=self.num_classes,
                     interpolation="bicubic", crop_pct=0.875, first_conv=self.timm_names["first_conv"],
-                    classifier=self.timm_names["classifier"])
+                    classifier=self.timm_names["classifier"], url=getattr(self, "released_url", ""))
 
     @property
     def default_cfg(self):
@@ -356,6 +359,71 @@ def load_checkpoint(model, path, use_ema=True, strict=True, unsafe=False):
     return Loaded(key, missing, unexpected)
 
 
+# The released weights: the official release v1.0.0 (no hash published, so none is checked unless
+# you pin one). LocalVim-S's README link points at LocalVMamba-S's file; LocalVMamba-T was never released.
+RELEASE_URL = "https://github.com/hunto/LocalMamba/releases/download/v1.0.0/"
+RELEASED = {"local_vim_tiny": "local_vim_tiny.ckpt",
+            "local_vim_tiny_middle_cls_token": "local_vim_tiny_middle_cls_token.ckpt",
+            "local_vmamba_small": "local_vssm_small.ckpt"}
+
+
+def released_url(name):
+    """The official release's URL of `name`'s weights, or "" where none were released."""
+    return RELEASE_URL + RELEASED[name] if name in RELEASED else ""
+
+
+def pretrained_file(name, overlay=None):
+    """The local path of `name`'s released weights: overlay["file"] as given, else the file at
+    overlay["url"] (default: the official release's) downloaded once into torch's hub cache
+    (torch.hub.get_dir()/checkpoints). torch writes a download to a temporary file beside it and
+    renames it when complete: a failure leaves no half file. overlay["sha256"] pins the file's
+    sha256 (checked on the download and on a cached file). One BadInput for a model without
+    released weights, a failed download, a wrong hash."""
+    overlay = dict(overlay or {})
+    if unknown := sorted(set(overlay) - {"file", "url", "sha256"}):
+        raise BadInput(f"pretrained_cfg_overlay: unknown key(s) {', '.join(unknown)}; use file, url or sha256")
+    url = overlay.get("url") or released_url(name)
+    if overlay.get("file"):
+        path = Path(overlay["file"])
+    elif not url:
+        raise BadInput(f"{name} has no released weights (the official release v1.0.0 has "
+                       f"{', '.join(RELEASED)}); pass pretrained_cfg_overlay=dict(file=PATH) for weights you have")
+    else:
+        path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urllib.parse.urlparse(url).path)
+        if not path.exists():
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                torch.hub.download_url_to_file(url, str(path), progress=False)
+            except (OSError, ValueError) as e:        # URLError/HTTPError are OSErrors
+                why = getattr(e, "reason", None) or getattr(e, "strerror", None) or e
+                why = f"HTTP {e.code}: {why}" if isinstance(getattr(e, "code", None), int) else why   # (404, 403)
+                raise BadInput(f"cannot download the weights of {name} from {url} ({why}); download the file "
+                               f"by hand and pass pretrained_cfg_overlay=dict(file=PATH)") from None
+    if overlay.get("sha256"):
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        if digest != str(overlay["sha256"]).lower():
+            raise BadInput(f"{path} has sha256 {digest}, not the pinned {overlay['sha256']}; delete it (a damaged "
+                           f"or different file) and try again, or pin the right hash")
+    return path
+
+
+def load_pretrained(model, name, overlay=None):
+    """The released weights of `name` into model (create_model(name, pretrained=True)), read
+    weights-only and loaded strictly through load_checkpoint's loader (raw weights, as the official
+    files hold them); a head for another class count is left as initialised, as timm does."""
+    path = pretrained_file(name, overlay)
+    ckpt = read_checkpoint(path)
+    key, sd = weights_of(ckpt, use_ema=False)
+    head = model.timm_names["classifier"]
+    own = model.state_dict()
+    if any(k.startswith(head + ".") and k in sd and sd[k].shape != own.get(k, sd[k]).shape for k in sd):
+        sd = {k: v for k, v in sd.items() if not k.startswith(head + ".")}   # another class count: fresh head
+    missing, _ = load_state_dict_strict(model, sd, f"{path}" + (f" [{key!r}]" if key else ""), strict=False)
+    if [k for k in missing if not k.startswith(head + ".")] or set(sd) - set(own):
+        load_state_dict_strict(model, sd, f"{path}" + (f" [{key!r}]" if key else ""), strict=True)   # says what
+    return path
+
+
 def adapt_input_conv(sd, own_sd, key, source, log=print):
     """sd's first conv `key` trained on 3 channels, fitted to own_sd's (the model's in_chans) as
     timm's adapt_input_conv does: summed over RGB for 1 channel, else RGB repeated and scaled by 3/in_chans."""
@@ -543,12 +611,10 @@ def register_with_timm(names, create_model, module):
     except ImportError:
         return False                      # timm is not installed: nothing to register
     for name in names:
-        def ctor(pretrained=False, _name=name, **kwargs):
-            if pretrained:
-                raise BadInput("localmamba: no weights are downloaded; load them with load_checkpoint(model, path)")
-            for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):   # timm's own kwargs
+        def ctor(pretrained=False, _name=name, pretrained_cfg_overlay=None, **kwargs):
+            for key in ("pretrained_cfg", "cache_dir"):   # timm's own kwargs
                 kwargs.pop(key, None)
-            return create_model(_name, **kwargs)
+            return create_model(_name, pretrained=pretrained, pretrained_cfg_overlay=pretrained_cfg_overlay, **kwargs)
         ctor.__name__ = name
         ctor.__module__ = module          # timm files the model under this module's name
         register_model(ctor)

@@ -141,7 +141,7 @@ def _check_inputs(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
             and bool((A > 0).any())):
         warnings.warn(f"selective_scan: A has positive entries (up to {A.max().item():.3g}): the state then grows "
                       f"by exp(Δ·A) > 1 at every step, without bound; Mamba keeps A = -exp(A_log) < 0",
-                      stacklevel=3)
+                      stacklevel=4)   # the caller of selective_scan
 
 
 def _as_groups(t):

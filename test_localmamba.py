@@ -27,6 +27,7 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
 
 import argparse
+import hashlib
 import importlib.util
 import itertools
 import json
@@ -1773,8 +1774,7 @@ def test_features_only_maps_follow_a_non_square_input_and_timm_indices():
     assert two.out_indices == [2, 3] and two.feature_info.channels() == [128, 256]
     with pytest.raises(ValueError, match="do not fit 4 feature levels"):
         create_model("local_vmamba_tiny_search", img_size=64, features_only=True, out_indices=5)
-    with pytest.raises(ValueError, match=r"expected images of shape \(B, 3, 32, 32\)"):
-        v(torch.randn(1, 3, 32, 48))                              # LocalVim is built for one (square) size
+    assert {tuple(m.shape) for m in v(torch.randn(1, 3, 32, 48))} == {(1, 32, 8, 12)}   # a backbone: any size
     # every parameter left in a backbone gets a gradient (DDP needs no find_unused_parameters) ...
     for backbone, inp in ((two, x), (create_model("local_vim_nano", features_only=True, out_indices=[0]),
                                      torch.randn(2, 3, 28, 28))):
@@ -1795,10 +1795,10 @@ def test_local_vim_intermediates_are_the_residual_stream():
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         maps = m.forward_intermediates(x, indices=[0, 1, 2], intermediates_only=True)
-        hidden, residual = m._embed(x)
+        hidden, residual, grid = m._embed(x)
         want = []
         for layer in m.layers:
-            hidden, residual = m._layer(layer, hidden, residual)
+            hidden, residual = m._layer(layer, hidden, residual, grid)
             want.append((residual + hidden).transpose(1, 2).reshape(2, 32, 8, 8))
     for got, w in zip(maps, want):
         assert torch.equal(got, w)
@@ -1976,8 +1976,189 @@ def test_faster_rcnn_on_local_vmamba_tiny_trains_a_step():
     assert all(torch.isfinite(v) for v in losses.values()) and not torch.equal(w, before)
 
 
+
+@pytest.mark.slow
+def test_faster_rcnn_on_local_vim_tiny_trains_at_two_input_sizes():
+    """LocalVim-T as a detector's backbone (README's line, with a small min/max size to keep it quick):
+    a detector resizes and pads each batch to its own size, and the features_only model takes any
+    size (dynamic_img_size: the pos embed resampled, the scan orders and RoPE for the input's grid).
+    Two training steps at two sizes in one process; every backbone parameter gets a gradient."""
+    from torchvision.models.detection import FasterRCNN
+    torch.manual_seed(0)
+    backbone = lm.DetectionBackbone(create_model("local_vim_tiny", features_only=True), out_channels=32)
+    det = FasterRCNN(backbone, num_classes=3, min_size=64, max_size=128).train()
+    for size in ((64, 64), (64, 112)):
+        det.zero_grad()
+        images = [torch.rand(3, *size) for _ in range(2)]
+        targets = [dict(boxes=torch.tensor([[4.0, 6.0, 40.0, 50.0]]), labels=torch.tensor([1])) for _ in range(2)]
+        losses = det(images, targets)
+        sum(losses.values()).backward()
+        assert all(torch.isfinite(v) for v in losses.values())
+        unused = [n for n, p in det.backbone.named_parameters() if p.grad is None]
+        assert not unused, (size, unused[:5])
+
+
+def test_local_vim_runs_at_any_size_as_a_backbone_and_on_request_as_a_classifier():
+    """features_only LocalVim takes any image size (maps follow the input's grid); a classifier keeps
+    its fixed-size contract and outputs unless built with dynamic_img_size=True, which at its own size
+    computes exactly what the fixed model does; the middle-cls variant refuses it."""
+    torch.manual_seed(0)
+    fm = create_model("local_vim_nano", features_only=True, in_chans=1)
+    for H, W in ((28, 28), (36, 20), (60, 44)):
+        maps = fm(torch.randn(1, 1, H, W))
+        assert maps and all(tuple(m.shape) == (1, 32, H // 2, W // 2) for m in maps)
+    fixed = create_model("local_vim_nano", in_chans=1).eval()
+    dyn = create_model("local_vim_nano", in_chans=1, dynamic_img_size=True).eval()
+    dyn.load_state_dict(fixed.state_dict())
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(dyn(x), fixed(x)) and dyn(torch.randn(2, 1, 40, 32)).shape == (2, 1000)
+    with pytest.raises(lm.BadInput, match="or any size with dynamic_img_size=True"):
+        fixed(torch.randn(1, 1, 40, 32))
+    with pytest.raises(lm.BadInput, match="dynamic_img_size is not offered for the middle-cls-token variant"):
+        create_model("local_vim_tiny_middle_cls_token", dynamic_img_size=True)
+
+
+SEGMENTATION = """
+import torch.nn as nn, torch.nn.functional as F
+from torchvision.models.segmentation.fcn import FCNHead
+
+class Segmenter(nn.Module):                  # a features_only backbone + torchvision's FCN head on its last map
+    def __init__(self, backbone, num_classes):
+        super().__init__()
+        self.backbone, self.head = backbone, FCNHead(backbone.feature_info.channels()[-1], num_classes)
+
+    def forward(self, x):                    # (B, 3, H, W) -> per-pixel logits (B, num_classes, H, W)
+        return F.interpolate(self.head(self.backbone(x)[-1]), size=x.shape[-2:], mode="bilinear")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["local_vim_tiny", "local_vmamba_tiny"])
+def test_a_segmentation_step_on_both_families_at_a_non_square_size(name):
+    """docs/interop.md's segmentation example, as written there: torchvision's FCN head on the last
+    feature map, upsampled to the image; one training step at 64×96 (a non-square size), every
+    parameter gets a gradient."""
+    ns = {}
+    exec(SEGMENTATION, ns)
+    torch.manual_seed(0)
+    out_indices = (3,) if "vmamba" in name else (19,)
+    seg = ns["Segmenter"](create_model(name, features_only=True, out_indices=out_indices), num_classes=5).train()
+    x, y = torch.randn(2, 3, 64, 96), torch.randint(0, 5, (2, 64, 96))
+    logits = seg(x)
+    assert logits.shape == (2, 5, 64, 96)
+    F.cross_entropy(logits, y).backward()
+    assert all(p.grad is not None for p in seg.parameters())
+    assert SEGMENTATION.strip() in (HERE / "docs" / "interop.md").read_text()
+
+
 # =============================================================================
 # 6. Checkpoints: layouts, weights-only loading, checksums, other sizes
+
+
+@pytest.fixture
+def release(tmp_path, monkeypatch):
+    """A stand-in for the official release: LocalVim-T weights saved in the official layout
+    ({"state_dict": ...}) under the released file name, served over HTTP on the loopback (a thread of
+    http.server, stopped at the end) and as a file:// URL; torch's hub cache in tmp_path."""
+    import http.server
+    import threading
+    src = tmp_path / "release"
+    src.mkdir()
+    torch.manual_seed(3)
+    model = create_model("local_vim_tiny")
+    torch.save({"state_dict": model.state_dict(), "epoch": 299}, src / "local_vim_tiny.ckpt")
+    wrong = {k: v for k, v in model.state_dict().items() if k != "layers.0.mixer.A_log_0"}   # one key short,
+    torch.save({"state_dict": {**wrong, "layers.0.mixer.A_log_9": torch.zeros(384, 16)}}, src / "wrong.ckpt")  # one over
+    handler = lambda *a: http.server.SimpleHTTPRequestHandler(*a, directory=str(src))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.RequestHandlerClass.log_message = lambda *a: None
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    try:
+        yield SimpleNamespace(http=f"http://127.0.0.1:{server.server_address[1]}/", file=src.as_uri() + "/",
+                              model=model, src=src, cache=tmp_path / "hub" / "checkpoints")
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _same_weights(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return set(sa) == set(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_pretrained_downloads_the_release_once_and_loads_it_strictly(release, monkeypatch):
+    """pretrained=True: the released file is downloaded into torch's hub cache (once: the second
+    model reads the cached file), read weights-only and loaded strictly; pretrained_cfg carries the
+    official URL; another class count keeps its fresh head; a pinned sha256 is checked."""
+    monkeypatch.setattr(localmamba_helpers, "RELEASE_URL", release.http)
+    m = create_model("local_vim_tiny", pretrained=True)
+    assert _same_weights(m, release.model) and (release.cache / "local_vim_tiny.ckpt").exists()
+    assert not [p for p in release.cache.iterdir() if p.name != "local_vim_tiny.ckpt"]   # no temporary file left
+    (release.src / "local_vim_tiny.ckpt").unlink()                      # the server has it no more: the cache serves
+    assert _same_weights(create_model("local_vim_tiny", pretrained=True), release.model)
+    assert create_model("local_vim_tiny").pretrained_cfg["url"] == release.http + "local_vim_tiny.ckpt"
+    assert lm.create_model("local_vmamba_tiny").pretrained_cfg["url"] == ""             # never released
+    ten = create_model("local_vim_tiny", pretrained=True, num_classes=10)
+    assert ten.head.weight.shape == (10, 192)
+    assert torch.equal(ten.state_dict()["layers.3.mixer.A_log_1"], release.model.state_dict()["layers.3.mixer.A_log_1"])
+    digest = hashlib.sha256((release.cache / "local_vim_tiny.ckpt").read_bytes()).hexdigest()
+    create_model("local_vim_tiny", pretrained=True, pretrained_cfg_overlay=dict(sha256=digest))
+    with pytest.raises(lm.BadInput, match=r"has sha256 [0-9a-f]{64}, not the pinned 00ab"):
+        create_model("local_vim_tiny", pretrained=True, pretrained_cfg_overlay=dict(sha256="00ab"))
+    fm = create_model("local_vim_tiny", features_only=True, pretrained=True)             # a backbone, loaded first
+    assert torch.equal(fm.model.patch_embed.proj.weight, release.model.patch_embed.proj.weight)
+
+
+def test_pretrained_failures_are_one_message_and_leave_no_file(release, monkeypatch):
+    """A model without released weights, a download that fails (404, nothing listening), a file that
+    does not fit: one BadInput each, naming the way out; nothing half-written in the cache."""
+    with pytest.raises(lm.BadInput, match=r"local_vmamba_tiny has no released weights .* local_vim_tiny, "
+                                          r"local_vim_tiny_middle_cls_token, local_vmamba_small.*file=PATH"):
+        create_model("local_vmamba_tiny", pretrained=True)
+    with pytest.raises(lm.BadInput, match=r"cannot download the weights of local_vim_tiny from http://127.*/nope.ckpt "
+                                          r"\(HTTP 404: .*\).*by hand"):
+        create_model("local_vim_tiny", pretrained=True, pretrained_cfg_overlay=dict(url=release.http + "nope.ckpt"))
+    with pytest.raises(lm.BadInput, match=r"cannot download .*http://127.0.0.1:9/x.ckpt"):
+        create_model("local_vim_tiny", pretrained=True, pretrained_cfg_overlay=dict(url="http://127.0.0.1:9/x.ckpt"))
+    assert not release.cache.exists() or not list(release.cache.iterdir())
+    with pytest.raises(lm.BadInput, match=r"wrong.ckpt \['state_dict'\] does not fit this model \(1 missing: "
+                                          r"layers.0.mixer.A_log_0; 1 unexpected: layers.0.mixer.A_log_9\)"):
+        create_model("local_vim_tiny", pretrained=True, pretrained_cfg_overlay=dict(url=release.file + "wrong.ckpt"))
+    with pytest.raises(lm.BadInput, match="unknown key.*hf_hub_id"):
+        create_model("local_vim_tiny", pretrained=True, pretrained_cfg_overlay=dict(hf_hub_id="x"))
+    m = create_model("local_vim_tiny", pretrained=True, pretrained_cfg_overlay=dict(file=release.src / "local_vim_tiny.ckpt"))
+    assert _same_weights(m, release.model)
+
+
+@pytest.mark.slow
+def test_the_trainer_starts_from_the_released_weights(release, jpeg_tree, tmp_path):
+    """train_mini.py --pretrained (timm's train.py spelling): the released file from torch's hub cache
+    (here put there beforehand: no network), then what --finetune does with it (a 3-class head, the
+    pos_embed resampled to 32 px); with --finetune too, refused."""
+    hub = tmp_path / "torch_home" / "hub" / "checkpoints"
+    hub.mkdir(parents=True)
+    shutil.copy(release.src / "local_vim_tiny.ckpt", hub / "local_vim_tiny.ckpt")
+    env = {"TORCH_HOME": str(tmp_path / "torch_home")}
+    rc, so, se = run_cli(*IMAGENET, "--data-dir", jpeg_tree, "--model", "local_vim_tiny", "--img-size", "32",
+                         "--pretrained", "--max-steps", "1", "--out", tmp_path / "r", env=env)
+    assert rc == 0, se
+    assert read_log(tmp_path / "r")[0]["finetune"] == str(hub / "local_vim_tiny.ckpt")
+    rc, so, se = run_cli(*TINY, "--pretrained", "--finetune", hub / "local_vim_tiny.ckpt", env=env)
+    _assert_clean_failure(rc, se, "--pretrained starts from the released weights, --finetune from another file")
+    rc, so, se = run_cli(*IMAGENET, "--data-dir", jpeg_tree, "--model", "local_vim_tiny", "--img-size", "32",
+                         "--pretrained", "--eval", env=env)            # evaluated as they are: 1000 classes, not 3
+    _assert_clean_failure(rc, se, "does not fit this model", "head.weight")
+
+
+def test_timm_create_model_takes_pretrained(release):
+    """timm.create_model(name, pretrained=True), with timm's pretrained_cfg_overlay spelling for the URL."""
+    timm = pytest.importorskip("timm")
+    m = timm.create_model("local_vim_tiny", pretrained=True, pretrained_cfg_overlay=dict(url=release.file +
+                                                                                        "local_vim_tiny.ckpt"))
+    assert _same_weights(m, release.model)
 
 
 
@@ -2817,6 +2998,9 @@ def test_what_the_trainer_writes_at_a_small_image_size_it_reads_back(jpeg_tree, 
     rc, so, se = run_cli(*again, "--eval", "--resume", run / "checkpoint.pt")
     assert rc == 0, se
     assert eval_lines(so)["val"]["top1"] == val[-1]["top1"]
+    rc, so, se = run_cli(*again, "--model", "local_vim_tiny", "--img-size", "64", "--eval", "--finetune",
+                         run / "checkpoint.pt")                        # its weights as a file: the same figure
+    assert rc == 0 and eval_lines(so)["val"]["top1"] == val[-1]["top1"], se
     rc, so, se = run_cli(*again, "--resume", run / "checkpoint.pt")
     assert rc == 0, se                                       # continues to the run's end
     rc, so, se = run_cli(*tiny64, "--model", "local_vim_tiny", "--finetune", run / "checkpoint.pt", "--max-steps", "1",

@@ -99,6 +99,8 @@ FLAGS = [  # (flag, type, help); a default of None is filled in by resolve_setti
     ("--out/--output", str, "default: runs/<model>-<time>-<pid>"),
     ("--finetune", str, "start from these weights (ours, official or timm layout; a head of another size is "
      "re-initialised, pos_embed resampled)"),
+    ("--pretrained", bool, "start from the official release's weights of --model (downloaded once into torch's hub "
+     "cache; as timm's train.py --pretrained): local_vim_tiny, local_vim_tiny_middle_cls_token, local_vmamba_small"),
     ("--finetune-ema", bool, "--finetune from the file's EMA weights (timm's state_dict_ema, model_ema), not its "
      "raw ones (the default, as DeiT's --finetune)"),
     ("--resume", str, "checkpoint.pt to continue from (or to evaluate with --eval)"),
@@ -151,7 +153,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 import localmamba
 import scan_kernel
 from localmamba_data import FASHION_DIR, EpochOrder, fashion_splits, imagenet_splits, parse_aa, seed_worker
-from localmamba_helpers import EMA_KEYS
+from localmamba_helpers import EMA_KEYS, pretrained_file
 import localmamba_run
 from localmamba_run import claim_run_dir, rng_state, save_atomic, seed_everything, set_rng_state
 
@@ -232,10 +234,14 @@ def resolve_settings(args, saved, device, world=1):
         raise UserError(str(e)) from None
     if s.search and s.directions:
         raise UserError("--search and --directions do not go together: search first, then train with --directions")
-    if s.eval and not s.resume:
-        raise UserError("--eval needs --resume CKPT (the checkpoint to evaluate)")
+    if s.eval and not (s.resume or s.pretrained or s.finetune):
+        raise UserError("--eval needs the weights to evaluate: --resume CKPT (a run of this trainer), --pretrained "
+                        "(the released ones), or --finetune FILE (official, timm or DeiT layout)")
     if s.finetune and s.resume:
         raise UserError("--finetune starts a new run from weights, --resume continues one: pass one of them")
+    if s.pretrained and (s.finetune or s.resume):
+        other = "--finetune" if s.finetune else "--resume"
+        raise UserError(f"--pretrained starts from the released weights, {other} from another file: pass one of them")
     if s.finetune_ema and not s.finetune:
         raise UserError("--finetune-ema chooses the weights of --finetune CKPT: pass --finetune too")
     s.layer_directions = localmamba.load_directions(s.directions) if s.directions else None
@@ -677,6 +683,8 @@ def train(args):
     log = (lambda msg: print(msg, flush=True)) if rank == 0 else (lambda msg: None)
     ckpt = read_run_checkpoint(args.resume) if args.resume else None
     s = resolve_settings(args, None if ckpt is None else ckpt["config"], device, world)
+    if s.pretrained:      # the released file, downloaded once, then exactly what --finetune does with it
+        s.finetune = str(pretrained_file(s.model))
     fine = localmamba.read_checkpoint(s.finetune) if s.finetune else None
     fine_dirs = adopt_finetune_directions(s, fine) if s.finetune else None
     if device.type == "cpu":
@@ -708,12 +716,14 @@ def train(args):
     r.model = localmamba.create_model(s.model, num_classes=num_classes, img_size=s.img_size, in_chans=in_chans,
                                       drop_path_rate=s.drop_path, **({"scattn": False} if s.no_scattn else {}),
                                       **({"directions": s.layer_directions} if s.layer_directions else {}))
-    if s.finetune:
+    if s.finetune and not s.eval:
         load_finetune(r.model, fine, s.finetune, log, fine_dirs, s.finetune_ema)
     r.model.to(device)
     r.eval_loaders = {split: make_loader(ds, s, EpochOrder(len(ds), s.seed, rank, world, False), device)
                       for split, ds in (("val", val_set), ("test", test_set)) if ds is not None}
     if s.eval:               # only the evaluation splits are read: no scan of a 1.28M-image train/
+        if ckpt is None:     # --pretrained / --finetune FILE: those weights as they are, strictly
+            ckpt, s.resume = {"model": localmamba.weights_of(fine, s.finetune_ema)[1]}, s.finetune
         return evaluate_checkpoint(r, ckpt)
 
     # 2. optimizer, restore, DDP, EMA

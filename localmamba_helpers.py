@@ -409,11 +409,12 @@ def pretrained_file(name, overlay=None):
 
 def load_pretrained(model, name, overlay=None):
     """The released weights of `name` into model (create_model(name, pretrained=True)), read
-    weights-only and loaded strictly through load_checkpoint's loader (raw weights, as the official
-    files hold them); a head for another class count is left as initialised, as timm does."""
+    weights-only and loaded strictly through load_checkpoint's loader, with its one answer per file
+    (the EMA weights where the file has them, else the raw ones); a head for another class count is
+    left as initialised, as timm does."""
     path = pretrained_file(name, overlay)
     ckpt = read_checkpoint(path)
-    key, sd = weights_of(ckpt, use_ema=False)
+    key, sd = weights_of(ckpt, use_ema=True)
     head = model.timm_names["classifier"]
     own = model.state_dict()
     if any(k.startswith(head + ".") and k in sd and sd[k].shape != own.get(k, sd[k]).shape for k in sd):

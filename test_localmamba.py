@@ -2153,6 +2153,23 @@ def test_the_trainer_starts_from_the_released_weights(release, jpeg_tree, tmp_pa
     _assert_clean_failure(rc, se, "does not fit this model", "head.weight")
 
 
+def test_pretrained_takes_the_ema_weights_where_the_file_has_them(release, tmp_path):
+    """The same one answer per file as load_checkpoint: timm's state_dict_ema where present, else the raw ones."""
+    ema = create_model("local_vim_tiny")
+    torch.save({"state_dict": release.model.state_dict(), "state_dict_ema": ema.state_dict()}, tmp_path / "both.ckpt")
+    m = create_model("local_vim_tiny", pretrained=True, pretrained_cfg_overlay=dict(file=tmp_path / "both.ckpt"))
+    assert _same_weights(m, ema) and not _same_weights(m, release.model)
+
+
+def test_an_unforeseen_io_error_in_the_trainer_or_the_study_is_one_line(capsys):
+    """exit_with_message (the trainer's, the study's, the receptive field's): an OSError that no earlier
+    check names (a disk that fills mid-study) is one line with the path and exit code 2."""
+    with pytest.raises(SystemExit) as e:
+        train_mini.exit_with_message(lambda: open("/nonexistent-folder/x.json", "w"), "")
+    _assert_clean_failure(e.value.code, capsys.readouterr().err, "cannot read or write /nonexistent-folder/x.json",
+                          "No such file or directory")
+
+
 def test_timm_create_model_takes_pretrained(release):
     """timm.create_model(name, pretrained=True), with timm's pretrained_cfg_overlay spelling for the URL."""
     timm = pytest.importorskip("timm")

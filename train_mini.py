@@ -759,6 +759,11 @@ def exit_with_message(run, interrupted):
     except KeyboardInterrupt:
         print(f"interrupted: {interrupted}", file=sys.stderr)
         sys.exit(130)
+    except OSError as e:         # a write or read the checks above did not foresee (a full disk mid-study): one line
+        where = f" {e.filename}" if e.filename else ""
+        print(f"error: cannot read or write{where} ({e.strerror or e}); is the disk full, or the path gone?",
+              file=sys.stderr)
+        sys.exit(2)
 
 
 def main(argv=None):

@@ -12,6 +12,7 @@ LocalMamba's 4 directions is visible.
     python benchmark.py                              # CPU: every model, batch 2, ~5 minutes on 2 cores
     python benchmark.py --device cuda --batch 64     # GPU: the Triton scan; also the PyTorch scan on the GPU
     python benchmark.py --models local_vim_tiny deit_tiny --reps 5
+    python benchmark.py --traffic --models local_vim_tiny local_vmamba_tiny   # MB moved per image, fp32 inference
 
 Each model runs in fresh subprocesses: a timing pass (times are the median of --reps steps after
 one warm-up step, which also builds the CPU scan: the CPU rows use the scan's C++ kernels,
@@ -132,6 +133,56 @@ def measure(name, batch, reps, device, scan, memory=False):
     return out
 
 
+def count_traffic(model, x):
+    """Bytes read + written by model(x) under no_grad, per op (a measurement of memory traffic, the
+    GPU's bottleneck for all but the matmuls): every aten op as the bytes of its tensor inputs and
+    outputs, views (and _unsafe_view, a reshape's) and allocations (empty*) free; each call of the scan's C++ kernels as its
+    tensor arguments (inputs and outputs: it is no aten op, so the dispatcher does not see it).
+    Returns a Counter {op name: bytes}."""
+    import collections
+    import scan_kernel
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+    counts = collections.Counter()
+    nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts if isinstance(t, torch.Tensor))
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = func.overloadpacket.__name__
+            if not func.is_view and name != "_unsafe_view" and not name.startswith("empty"):   # (a reshape's view)
+                counts[name] += nbytes(tree_flatten((args, kwargs, out))[0])
+            return out
+
+    real = scan_kernel._cpu_kernel
+
+    def counted(kind, N, T):                    # the C++ kernel: counted as its tensor arguments
+        kernel = real(kind, N, T)
+        return lambda *a: counts.update({f"scan kernel ({kind})": nbytes(a)}) or kernel(*a)
+    scan_kernel._cpu_kernel = counted
+    try:
+        with torch.no_grad(), Count():
+            model(x)
+    finally:
+        scan_kernel._cpu_kernel = real
+    return counts
+
+
+def traffic(name, batch=2):
+    """MB per image that an fp32 inference forward of model `name` moves on the CPU (count_traffic),
+    with the C++ scan kernels; (total, {op: MB per image})."""
+    import scan_kernel
+    scan_kernel.use_compiled_torch_path(True)
+    torch.manual_seed(0)
+    model, size, chans = build(name)
+    model.eval()
+    x = torch.randn(batch, chans, size, size)
+    with torch.no_grad():
+        model(x)                                # warm-up: builds the scan kernels
+    per = {k: v / batch / 1e6 for k, v in count_traffic(model, x).items()}
+    return sum(per.values()), per
+
+
 def run_row(name, batch, reps, device, scan):
     """measure() in fresh subprocesses: the timing pass, then the memory pass (on the CPU with
     glibc told to map big blocks on their own, see cpu_peak_mb). ({...}, None) or (None, why)."""
@@ -156,10 +207,22 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=3, help="timed steps per row (median), after one warm-up step")
     p.add_argument("--models", nargs="+", default=None, help=f"rows (default: all of {', '.join(MODELS)})")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    p.add_argument("--traffic", action="store_true", help="instead: MB per image an fp32 inference forward moves "
+                   "(bytes read + written by every op, views free; the scan kernel as its tensor arguments), CPU")
     p.add_argument("--_row", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args._row:
         print(json.dumps(measure(*json.loads(args._row))))
+        return
+    if args.traffic:
+        unknown = [m for m in args.models or [] if m not in MODELS]
+        if unknown:
+            sys.exit(f"error: unknown --models {', '.join(unknown)}; choose from {', '.join(MODELS)}")
+        print("| model | MB per image | largest ops (MB per image) |\n|---|---|---|")
+        for name in args.models or [m for m in MODELS if m not in TIMM_MODELS]:
+            total, per = traffic(name)
+            top = ", ".join(f"{k} {v:.0f}" for k, v in sorted(per.items(), key=lambda kv: -kv[1])[:8])
+            print(f"| {name} | {total:.0f} | {top} |", flush=True)
         return
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("error: --device cuda, but torch sees no GPU")

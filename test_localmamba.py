@@ -1570,6 +1570,22 @@ def test_the_benchmarks_peak_memory_is_what_a_step_allocates():
     assert 180 < peak < 260 and resident > 260, (peak, resident)
 
 
+def test_the_traffic_count_is_the_bytes_each_op_reads_and_writes():
+    """benchmark.count_traffic against a hand count: Linear(4 -> 3) on a (2, 4) batch is one addmm
+    reading the bias (3), x (2×4) and W^T (a view of W, 3×4) and writing (2, 3): 29 floats, 116 bytes;
+    the transpose is a view (free). On a LocalMamba model the C++ scan kernel is counted too."""
+    import benchmark
+    lin = nn.Linear(4, 3)
+    assert dict(benchmark.count_traffic(lin, torch.randn(2, 4))) == {"addmm": 116}
+    scan_kernel.use_compiled_torch_path(True)
+    try:
+        m = create_model("local_vim_nano", in_chans=1).eval()
+        counts = benchmark.count_traffic(m, torch.randn(2, 1, 28, 28))
+    finally:
+        scan_kernel.use_compiled_torch_path(False)
+    assert counts["scan kernel (fwd)"] > 0 and counts["addmm"] + counts.get("mm", 0) + counts.get("bmm", 0) > 0
+
+
 @pytest.mark.slow
 def test_the_export_script_refuses_an_out_that_cannot_be_a_folder(tmp_path):
     """experiments/export_onnx.py --out A_FILE: one line before any export, not a traceback after one."""

@@ -183,6 +183,18 @@ def traffic(name, batch=2):
     return sum(per.values()), per
 
 
+def print_traffic(models):
+    """benchmark.py --traffic: one table row per model, its MB per image and its largest ops."""
+    unknown = [m for m in models if m not in MODELS]
+    if unknown:
+        sys.exit(f"error: unknown --models {', '.join(unknown)}; choose from {', '.join(MODELS)}")
+    print("| model | MB per image | largest ops (MB per image) |\n|---|---|---|")
+    for name in models:
+        total, per = traffic(name)
+        top = ", ".join(f"{k} {v:.0f}" for k, v in sorted(per.items(), key=lambda kv: -kv[1])[:8])
+        print(f"| {name} | {total:.0f} | {top} |", flush=True)
+
+
 def run_row(name, batch, reps, device, scan):
     """measure() in fresh subprocesses: the timing pass, then the memory pass (on the CPU with
     glibc told to map big blocks on their own, see cpu_peak_mb). ({...}, None) or (None, why)."""
@@ -215,15 +227,7 @@ def main(argv=None):
         print(json.dumps(measure(*json.loads(args._row))))
         return
     if args.traffic:
-        unknown = [m for m in args.models or [] if m not in MODELS]
-        if unknown:
-            sys.exit(f"error: unknown --models {', '.join(unknown)}; choose from {', '.join(MODELS)}")
-        print("| model | MB per image | largest ops (MB per image) |\n|---|---|---|")
-        for name in args.models or [m for m in MODELS if m not in TIMM_MODELS]:
-            total, per = traffic(name)
-            top = ", ".join(f"{k} {v:.0f}" for k, v in sorted(per.items(), key=lambda kv: -kv[1])[:8])
-            print(f"| {name} | {total:.0f} | {top} |", flush=True)
-        return
+        return print_traffic(args.models or [m for m in MODELS if m not in TIMM_MODELS])
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("error: --device cuda, but torch sees no GPU")
     batch = args.batch if args.batch is not None else 64 if args.device == "cuda" else 2

@@ -164,7 +164,6 @@ class NonFiniteLoss(Exception):
     """The loss became NaN/inf: printed with what to try, exit code 3."""
 
 
-
 POSITIVE = ("blr", "lr", "epochs", "batch_size", "max_steps", "train_per_class", "val_per_class",
             "test_per_class", "img_size", "clip_grad")
 RANGES = {"classes": (2, math.inf), "weight_decay": (0, math.inf), "warmup_epochs": (0, math.inf),
@@ -223,13 +222,11 @@ def adopt_checkpoint_settings(s, saved):
     s.layer_directions = s.layer_directions or saved_dirs
 
 
-def resolve_settings(args, saved, device, world=1):
-    """A new namespace: the command line; for --resume/--eval the run's model settings from its
-    checkpoint config `saved`; then the defaults of --data for everything still unset; then the
-    peak learning rate s.lr: --lr as given, else --blr × global batch / 1024 (the paper's rule)."""
-    s = argparse.Namespace(**vars(args))
+def check_flag_pairs(s):
+    """Flags that do not go together, or need another; and LOCALMAMBA_COMPILE, read strictly into
+    s.compile_env (1 True, 0 False, unset None). One UserError each."""
     try:
-        s.compile_env = scan_kernel.compile_env()         # LOCALMAMBA_COMPILE: 1, 0 or unset
+        s.compile_env = scan_kernel.compile_env()
     except ValueError as e:
         raise UserError(str(e)) from None
     if s.search and s.directions:
@@ -244,6 +241,14 @@ def resolve_settings(args, saved, device, world=1):
         raise UserError(f"--pretrained starts from the released weights, {other} from another file: pass one of them")
     if s.finetune_ema and not s.finetune:
         raise UserError("--finetune-ema chooses the weights of --finetune CKPT: pass --finetune too")
+
+
+def resolve_settings(args, saved, device, world=1):
+    """A new namespace: the command line; for --resume/--eval the run's model settings from its
+    checkpoint config `saved`; then the defaults of --data for everything still unset; then the
+    peak learning rate s.lr: --lr as given, else --blr × global batch / 1024 (the paper's rule)."""
+    s = argparse.Namespace(**vars(args))
+    check_flag_pairs(s)
     s.layer_directions = localmamba.load_directions(s.directions) if s.directions else None
     if saved is not None:
         adopt_checkpoint_settings(s, saved)
@@ -678,6 +683,18 @@ def finish(r, has_test, epoch, step):
     return result
 
 
+def prepare_process(s, device, log):
+    """On the CPU: freed memory reused, and the scan as the C++ kernels unless --no-compile or
+    LOCALMAMBA_COMPILE=0. A warm-up longer than the run is said."""
+    if device.type == "cpu":
+        localmamba_run.keep_freed_memory()          # freed activations reused, not re-faulted (2× at 784 tokens)
+        if not s.no_compile and s.compile_env is not False:
+            scan_kernel.use_compiled_torch_path(True)   # the CPU scan as C++ kernels (docs/scan.md)
+    if s.warmup_epochs > s.epochs and not s.eval:
+        log(f"note: the warm-up ({s.warmup_epochs:g} epochs, --warmup-epochs) is longer than the run ({s.epochs:g} "
+            f"epochs): every step is in warm-up, the lr never reaches {s.lr:.3g}")
+
+
 def train(args):
     rank, world, device = setup_distributed()
     log = (lambda msg: print(msg, flush=True)) if rank == 0 else (lambda msg: None)
@@ -687,13 +704,7 @@ def train(args):
         s.finetune = str(pretrained_file(s.model))
     fine = localmamba.read_checkpoint(s.finetune) if s.finetune else None
     fine_dirs = adopt_finetune_directions(s, fine) if s.finetune else None
-    if device.type == "cpu":
-        localmamba_run.keep_freed_memory()          # freed activations reused, not re-faulted (2× at 784 tokens)
-        if not s.no_compile and s.compile_env is not False:   # --no-compile or LOCALMAMBA_COMPILE=0: eager
-            scan_kernel.use_compiled_torch_path(True)   # the CPU scan as C++ kernels (docs/scan.md)
-    if s.warmup_epochs > s.epochs and not s.eval:
-        log(f"note: the warm-up ({s.warmup_epochs:g} epochs, --warmup-epochs) is longer than the run ({s.epochs:g} "
-            f"epochs): every step is in warm-up, the lr never reaches {s.lr:.3g}")
+    prepare_process(s, device, log)
     seed_everything(s.seed + rank)                   # torch, Python's random and numpy (timm's transforms)
     r = Run(s=s, rank=rank, world=world, device=device, log=log,
             amp_dtype={"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[s.amp])

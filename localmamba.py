@@ -58,7 +58,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from scan_kernel import selective_scan
+from scan_kernel import ordered_conv, ordered_kernels_take, ordered_scan, selective_scan
 # the generic plumbing (timm's interface, checkpoint files, MAC counting) lives beside this file;
 # what a user calls from it is re-exported here, so `from localmamba import ...` is the one import
 from localmamba_helpers import (FASHION_MEAN_STD, IMAGENET_MEAN_STD, BadInput, FeatureInfo, FeatureMaps,
@@ -277,6 +277,38 @@ class MultiScan(nn.Module):
 
 
 # -----------------------------------------------------------------------------
+# The fused mixer path: the same mixer with the scan orders inside the kernels' loads and stores
+# (scan_kernel.ordered_scan / ordered_conv). Per-token ops (the projections, the gate, SCAttn, the
+# sum) commute with a permutation of the tokens, so only the conv along the scan and the scan
+# itself need the orders; neither the gathered (B, K, C, Lmax) copy of the inputs nor the un-scan
+# of the outputs is ever made. Each mixer's forward keeps the readable path beside it (scan_tokens
+# -> conv -> selective_scan -> unscan_tokens), which is the reference the tests hold the fused one to.
+
+def fused_env():
+    """LOCALMAMBA_FUSED: unset or 1 = the fused mixer where its kernels run, 0 = the readable path always."""
+    value = os.environ.get("LOCALMAMBA_FUSED", "")
+    if value not in ("", "0", "1"):
+        raise BadInput(f"LOCALMAMBA_FUSED={value!r}: set it to 0 (every mixer runs the readable path) or 1 "
+                       f"(the fused path where its kernels run: CPU, the C++ scan on), or unset it")
+    return value != "0"
+
+
+def set_fused(model, enabled=True):
+    """Switch the fused mixer path of every mixer in `model` on (where its kernels run) or off (the
+    readable path, as LOCALMAMBA_FUSED=0 does for every model). Returns the model."""
+    for m in model.modules():
+        if isinstance(m, (LocalVimMixer, SS2D)):
+            m.fused = bool(enabled)
+    return model
+
+
+def _fused(mixer, x):
+    """Whether `mixer` runs its fused path on x: switched on, and scan_kernel.ordered_kernels_take(x)
+    (the C++ kernels here and on, a CPU fp32/fp16/bf16 tensor, no exporter tracing)."""
+    return mixer.fused and ordered_kernels_take(x) and fused_env()
+
+
+# -----------------------------------------------------------------------------
 # Shared parts: DropPath, RMSNorm, PatchEmbed, the direction lists' check, init (the image check: helpers)
 
 class DropPath(nn.Module):
@@ -448,6 +480,7 @@ class LocalVimMixer(nn.Module):
             setattr(self, f"D_{k}", nn.Parameter(torch.ones(E)))
         self.out_proj = nn.Linear(E, d_model, bias=False)
         self.attn = SCAttn(E, spatial=spatial_attn) if scattn else nn.Identity()   # Identity: the ablation
+        self.fused = True                   # the fused path where its kernels run (set_fused, LOCALMAMBA_FUSED)
 
     @property
     def K(self):
@@ -461,6 +494,8 @@ class LocalVimMixer(nn.Module):
         # h: (B, L_in, D) -> (B, L_in, D); grid: the input's token grid, if not the one it was built for
         B, K, E, N, R = h.shape[0], self.K, self.d_inner, self.d_state, self.dt_rank
         (H, W), cls_pos = grid or self.grid, self.cls_pos
+        if _fused(self, h):
+            return self._forward_fused(h, H, W, cls_pos)
         xz = self.in_proj(h).transpose(1, 2)                                       # (B, 2E, L_in)
         xz = self.multi_scan.scan(xz, H, W, cls_pos)                               # (B, K, 2E, Lmax)
         Lmax = xz.shape[-1]
@@ -480,6 +515,30 @@ class LocalVimMixer(nn.Module):
                            D=self._stacked("D").float(), z=z.reshape(B, K * E, Lmax),
                            delta_bias=dt_b.float(), delta_softplus=True)          # (B, K*E, Lmax), G = K groups
         ys = self.multi_scan.unscan(y.view(B, K, E, Lmax), H, W, cls_pos)         # (B, K, L_in, E)
+        y = self.multi_scan.combine(self.attn(ys))                                 # SCAttn per direction, then sum
+        return self.out_proj(y)                                                    # (B, L_in, D)
+
+    def _forward_fused(self, h, H, W, cls_pos):
+        """forward's math with the orders inside the kernels: the conv reads x through each order and
+        writes scan order; x_proj and dt_proj run per token on that; the scan reads z through the
+        order and writes every direction's output at its row-major tokens."""
+        B, K, E, N, R = h.shape[0], self.K, self.d_inner, self.d_state, self.dt_rank
+        orders, inv, _ = self.multi_scan.index(H, W, cls_pos, h.device)           # (K, Lmax), (K, L_in)
+        Lmax, L_in = orders.shape[1], inv.shape[1]
+        xz = self.in_proj(h)                                                       # (B, L_in, 2E)
+        convs = [getattr(self, f"conv1d_{k}") for k in range(K)]
+        u = ordered_conv(xz[..., :E], torch.cat([c.weight for c in convs]), torch.cat([c.bias for c in convs]),
+                         orders, inv)                                              # (K, B, Lmax, E): conv + SiLU
+        x_proj_w = torch.stack([getattr(self, f"x_proj_{k}").weight for k in range(K)])   # (K, R+2N, E)
+        x_dbl = torch.bmm(u.view(K, B * Lmax, E), x_proj_w.transpose(1, 2))        # (K, B*Lmax, R+2N)
+        dt_projs = [getattr(self, f"dt_proj_{k}") for k in range(K)]
+        dt = torch.bmm(x_dbl[..., :R], torch.stack([p.weight for p in dt_projs]).transpose(1, 2))  # (K, B*Lmax, E)
+        x_dbl = x_dbl.view(K, B, Lmax, R + 2 * N).transpose(0, 1)                  # (B, K, Lmax, R+2N), a view
+        ys, _ = ordered_scan(u.transpose(0, 1), dt.view(K, B, Lmax, E).transpose(0, 1),
+                             -torch.exp(self._stacked("A_log").float()), x_dbl[..., R:R + N], x_dbl[..., R + N:],
+                             self._stacked("D").float(), xz[..., E:].unsqueeze(1),
+                             torch.cat([p.bias for p in dt_projs]).float(), orders, L_in, True, False,
+                             torch.is_grad_enabled())                              # (B, K, L_in, E)
         y = self.multi_scan.combine(self.attn(ys))                                 # SCAttn per direction, then sum
         return self.out_proj(y)                                                    # (B, L_in, D)
 
@@ -757,6 +816,7 @@ class SS2D(nn.Module):
         self.out_proj = nn.Linear(E, d_model, bias=False)
         self.multi_scan = MultiScan(directions, search=search,
                                     attn=SCAttn(E, spatial=spatial_attn) if scattn else nn.Identity())
+        self.fused = True                   # the fused path where its kernels run (set_fused, LOCALMAMBA_FUSED)
 
     def forward(self, x):
         # x: (B, H, W, C) -> (B, H, W, C)
@@ -766,6 +826,9 @@ class SS2D(nn.Module):
         x, z = self.in_proj(x).chunk(2, dim=-1)                                     # (B, H, W, E) each
         z = F.silu(z)
         x = F.silu(self.conv2d(x.permute(0, 3, 1, 2)))                              # (B, E, H, W)
+        if _fused(self, x):
+            y = self._scan_fused(x, H, W)                                           # (B, H*W, E)
+            return self.out_proj(self.out_norm(y).view(B, H, W, E) * z)
         xs = self.multi_scan.scan(x.flatten(2), H, W)                               # (B, K, E, Lmax)
         Lmax = xs.shape[-1]
         x_dbl = torch.einsum("bkel,kce->bkcl", xs, self.x_proj_weight)              # (B, K, R+2N, Lmax)
@@ -779,6 +842,24 @@ class SS2D(nn.Module):
         y = self.multi_scan.combine(self.multi_scan.attn(ys))                       # SCAttn per direction, sum
         y = self.out_norm(y).view(B, H, W, E) * z
         return self.out_proj(y)                                                    # (B, H, W, C)
+
+    def _scan_fused(self, x, H, W):
+        """forward's scan with the orders inside the kernel: x_proj and dt_proj run per token in
+        row-major order; the scan reads x, Δ, B, C through each order (zeros at padding) and writes
+        every direction's output at its row-major tokens. x: (B, E, H, W) -> (B, H*W, E), summed."""
+        B, E, N, R = x.shape[0], self.d_inner, self.d_state, self.dt_rank
+        K, C2 = len(self.multi_scan.directions), R + 2 * self.d_state
+        orders, _, _ = self.multi_scan.index(H, W, None, x.device)
+        xr = x.permute(0, 2, 3, 1).reshape(B, H * W, E)                   # (B, L, E); a view: conv2d kept channels-last
+        x_dbl = (xr @ self.x_proj_weight.reshape(K * C2, E).t()).view(B, H * W, K, C2)   # every direction at once
+        dt = torch.bmm(x_dbl.view(B * H * W, K, C2)[..., :R].transpose(0, 1),
+                       self.dt_projs_weight.transpose(1, 2))                    # (K, B*L, E)
+        x_dbl = x_dbl.transpose(1, 2)                                           # (B, K, L, R+2N), a view
+        ys, _ = ordered_scan(xr.unsqueeze(1), dt.view(K, B, H * W, E).transpose(0, 1), -torch.exp(self.A_logs.float()),
+                             x_dbl[..., R:R + N], x_dbl[..., R + N:], self.Ds.float(), None,
+                             self.dt_projs_bias.view(-1).float(), orders, H * W, True, True,
+                             torch.is_grad_enabled())                           # (B, K, L, E)
+        return self.multi_scan.combine(self.multi_scan.attn(ys))               # SCAttn per direction, sum
 
     def macs(self, H, W):
         L, C, E, N, R = H * W, self.d_model, self.d_inner, self.d_state, self.dt_rank

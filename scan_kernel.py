@@ -67,6 +67,7 @@ import contextlib
 import functools
 import os
 import warnings
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -897,6 +898,213 @@ def selective_scan_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None,
                          f"use backend='torch' (any device, float64 too)")
     out, last = _SelectiveScanCPU.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     return (out, last.detach()) if return_last_state else out
+
+
+# -----------------------------------------------------------------------------
+# The mixer's kernels with the scan orders inside their loads and stores: `ordered_scan` and
+# `ordered_conv`, the fused mixer path of localmamba.py (its readable path is scan_tokens -> conv
+# -> selective_scan -> unscan_tokens). Every op of a mixer but the conv along the scan and the scan
+# itself is per-token, and per-token ops commute with a permutation of the tokens: so no tensor
+# needs to hold the tokens in scan order except what the conv writes. The kernels read a token at
+# order[k][s] and write it back at its row-major place; order (K, Lmax) is MultiScan.index's, -1
+# where a window scan pads the grid (a zero token, scanned like a real one, as the official code
+# does). Tensors are channels-last, (batch, K, rows, channels) with any strides but a contiguous
+# last axis, so a K-shared input (SS2D's u, LocalVim's gate z) is a stride-0 view, not K copies.
+# Each is a PyTorch custom op (torch.library.custom_op: torch.compile, export, FX and profilers see
+# one op) with a fake (meta) implementation and its backward registered. They run the C++ kernels
+# of scan_kernel_cpu.py, and only those: `ordered_kernels_take` says when the models may use them.
+
+_Tensor = torch.Tensor
+
+
+def ordered_kernels_take(x):
+    """Whether the ordered C++ kernels can run a mixer on x: their source is here, the C++ scan is
+    switched on (compiling: LOCALMAMBA_COMPILE=1, use_compiled_torch_path, train_mini.py's CPU
+    default), x is a CPU tensor in fp32/fp16/bf16, and nothing is exporting the model."""
+    return (scan_kernel_cpu is not None and COMPILE_TORCH_PATH and not _COMPILE_ENV_ERROR
+            and x.device.type == "cpu" and x.dtype != torch.float64
+            and not torch.compiler.is_exporting() and not torch.onnx.is_in_onnx_export())
+
+
+def _f32(t):
+    """fp32 with a contiguous last axis (the kernels' channel stride is 1); a view when it already is."""
+    t = t.detach().to(torch.float32)
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _scan_strides(u, delta, B, z, out, L_out):
+    """The 16 int64 the kernels index with: (batch, direction, row) strides of u, delta, B and C
+    (one layout: they are views of one x_proj output), z, out; then L_out. A tensor with one
+    direction (shared by the K) gets direction stride 0."""
+    st = []
+    for t in (u, delta, B, z, out):
+        st += [0, 0, 0] if t is None else [t.stride(0), t.stride(1) if t.shape[1] > 1 else 0, t.stride(2)]
+    return torch.tensor(st + [L_out], dtype=torch.long)
+
+
+def _ordered_scan_args(u, delta, A, B, C, D, z, delta_bias, delta_softplus, idx_in):
+    """The kernels' fp32 inputs, flag bits and work-item splits."""
+    K, E = delta.shape[1], delta.shape[3]
+    u, delta, z = _f32(u), _f32(delta), None if z is None else _f32(z)
+    B, C = _f32(B), _f32(C)
+    if B.stride() != C.stride():                                               # one layout for both
+        B, C = B.contiguous(), C.contiguous()
+    none = torch.empty(0, dtype=torch.float32)
+    opt = lambda t: none if t is None else t.detach().to(torch.float32).contiguous()
+    flags = ((D is not None) | (z is not None) << 1 | (delta_bias is not None) << 2 | bool(delta_softplus) << 3
+             | bool(idx_in) << 4)
+    A2t = (A.detach().to(torch.float32) * LOG2E).t().contiguous()             # (N, K*E)
+    ins = [u, delta, A2t, B, C, opt(D), none if z is None else z, opt(delta_bias)]
+    return ins, flags, _cpu_splits(u.shape[0], K, -(-E // 8) * 8)
+
+
+@torch.library.custom_op("localmamba::ordered_scan", mutates_args=())
+def ordered_scan(u: _Tensor, delta: _Tensor, A: _Tensor, B: _Tensor, C: _Tensor, D: Optional[_Tensor],
+                 z: Optional[_Tensor], delta_bias: Optional[_Tensor], order: _Tensor, L_out: int,
+                 delta_softplus: bool, idx_in: bool, need_starts: bool) -> Tuple[_Tensor, _Tensor]:
+    """The selective scan of K directions with the orders inside (scan_kernel_cpu.ORDERED_SCAN_FWD).
+    delta (batch, K, rows, E); u (batch, K or 1, rows, E); B, C (batch, K, rows, N); z (batch, K or
+    1, L_out, E) or None; A (K*E, N); D, delta_bias (K*E,); order (K, Lmax). rows: L_out when
+    idx_in (u, delta, B, C in row-major token order, read at order[k][s]), Lmax when not (already
+    in scan order). Returns out (batch, K, L_out, E) in u's dtype, each direction's output at its
+    tokens' row-major places, and the chunk starts for the backward ((batch, K*E, chunks, N) fp32;
+    empty unless need_starts)."""
+    batch, K, _, E = delta.shape
+    Lmax, N = order.shape[1], A.shape[1]
+    ins, flags, S = _ordered_scan_args(u, delta, A, B, C, D, z, delta_bias, delta_softplus, idx_in)
+    out = torch.empty(batch, K, L_out, E, dtype=torch.float32)
+    starts = torch.empty(batch, K * E, -(-Lmax // CPU_CHUNK), N, dtype=torch.float32) if need_starts else \
+        torch.empty(0, dtype=torch.float32)
+    st = _scan_strides(ins[0], ins[1], ins[3], ins[6] if z is not None else None, out, L_out)
+    _cpu_kernel("ordered_scan_fwd", N, CPU_CHUNK)(*ins, order.contiguous(), st, out, starts, batch, K, E, Lmax, S,
+                                                  flags | bool(need_starts) << 5)
+    return out.to(u.dtype), starts
+
+
+@ordered_scan.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, order, L_out, delta_softplus, idx_in, need_starts):
+    batch, K, _, E = delta.shape
+    n = -(-order.shape[1] // CPU_CHUNK)
+    starts = delta.new_empty(batch, K * E, n, A.shape[1], dtype=torch.float32) if need_starts else \
+        delta.new_empty(0, dtype=torch.float32)
+    return u.new_empty(batch, K, L_out, E), starts
+
+
+@torch.library.custom_op("localmamba::ordered_scan_backward", mutates_args=())
+def ordered_scan_backward(u: _Tensor, delta: _Tensor, A: _Tensor, B: _Tensor, C: _Tensor, D: Optional[_Tensor],
+                          z: Optional[_Tensor], delta_bias: Optional[_Tensor], order: _Tensor, starts: _Tensor,
+                          dout: _Tensor, delta_softplus: bool, idx_in: bool) -> List[_Tensor]:
+    """ordered_scan's backward (scan_kernel_cpu.ORDERED_SCAN_BWD): [du, ddelta, dA, dB, dC, dD, dz, dbias],
+    each in its input's shape (du, dz summed over the directions where u, z are shared; dD, dz, dbias
+    empty where D, z, delta_bias are None)."""
+    batch, K, rows, E = delta.shape
+    Lmax, N, L_out = order.shape[1], A.shape[1], dout.shape[2]
+    ins, flags, S = _ordered_scan_args(u, delta, A, B, C, D, z, delta_bias, delta_softplus, idx_in)
+    g = dout.detach().to(torch.float32).contiguous()
+    st = _scan_strides(ins[0], ins[1], ins[3], ins[6] if z is not None else None, g, L_out)
+    f32 = dict(dtype=torch.float32)
+    du, ddelta = torch.empty(batch, K, rows, E, **f32), torch.empty(batch, K, rows, E, **f32)
+    dz = torch.empty(batch, K, L_out, E, **f32) if z is not None else torch.empty(0, **f32)
+    dBs, dCs = (torch.empty(batch, K, S, rows, N, **f32) for _ in range(2))    # every row written (a permutation)
+    dAb, dDb, dbb = torch.empty(batch, K * E, N, **f32), torch.empty(batch, K * E, **f32), torch.empty(batch, K * E, **f32)
+    _cpu_kernel("ordered_scan_bwd", N, CPU_CHUNK)(*ins, order.contiguous(), st, starts, g, du, ddelta, dz, dBs, dCs,
+                                                  dAb, dDb, dbb, batch, K, E, Lmax, rows, S, flags)
+    if u.shape[1] == 1:
+        du = du.sum(1, keepdim=True)
+    if z is not None and z.shape[1] == 1:
+        dz = dz.sum(1, keepdim=True)
+    opt = lambda t, like: t.to(like.dtype) if like is not None else torch.empty(0, dtype=delta.dtype)
+    return [du.to(u.dtype), ddelta.to(delta.dtype), _fixed_order_sum(dAb, 0).to(A.dtype), dBs.sum(2).to(B.dtype),
+            dCs.sum(2).to(C.dtype), opt(_fixed_order_sum(dDb, 0), D), opt(dz, z), opt(_fixed_order_sum(dbb, 0), delta_bias)]
+
+
+@ordered_scan_backward.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, order, starts, dout, delta_softplus, idx_in):
+    none = delta.new_empty(0)
+    return [torch.empty_like(u), torch.empty_like(delta), torch.empty_like(A), torch.empty_like(B),
+            torch.empty_like(C), none if D is None else torch.empty_like(D), none if z is None else torch.empty_like(z),
+            none if delta_bias is None else torch.empty_like(delta_bias)]
+
+
+def _ordered_scan_setup(ctx, inputs, output):
+    u, delta, A, B, C, D, z, delta_bias, order, L_out, delta_softplus, idx_in, need_starts = inputs
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, order, output[1])
+    ctx.flags = delta_softplus, idx_in, (D, z, delta_bias)
+
+
+def _ordered_scan_grad(ctx, dout, _dstarts):
+    u, delta, A, B, C, D, z, delta_bias, order, starts = ctx.saved_tensors
+    if starts.numel() == 0:
+        raise RuntimeError("ordered_scan: called with need_starts=False, so it has no backward; pass "
+                           "need_starts=True when a gradient is wanted")
+    grads = ordered_scan_backward(u, delta, A, B, C, D, z, delta_bias, order, starts, dout, *ctx.flags[:2])
+    grads = [g if like is not None else None for g, like in zip(grads, (u, delta, A, B, C, D, z, delta_bias))]
+    return (*grads, None, None, None, None, None)
+
+
+ordered_scan.register_autograd(_ordered_scan_grad, setup_context=_ordered_scan_setup)
+
+
+def _conv_args(x, weight, bias):
+    """x (batch, L_in, E) fp32 with a contiguous last axis; weight (K*E, 1, dc) -> (K, dc, E); bias -> (K, E)."""
+    E, dc = x.shape[2], weight.shape[-1]
+    wt = weight.detach().to(torch.float32).reshape(-1, E, dc).transpose(1, 2).contiguous()
+    return _f32(x), wt, bias.detach().to(torch.float32).reshape(-1, E).contiguous()
+
+
+@torch.library.custom_op("localmamba::ordered_conv", mutates_args=())
+def ordered_conv(x: _Tensor, weight: _Tensor, bias: _Tensor, order: _Tensor, inv: _Tensor) -> _Tensor:
+    """LocalVim's causal depthwise conv1d + SiLU of each direction, along its scan order
+    (scan_kernel_cpu.ORDERED_CONV_FWD): x (batch, L_in, E), channels-last (the in_proj output's first
+    half, a view); weight (K*E, 1, d_conv) and bias (K*E,), the K conv1d_k stacked; order (K, Lmax)
+    and its inverse inv (K, L_in). Returns u (K, batch, Lmax, E) in scan order, x's dtype."""
+    batch, L_in, E = x.shape
+    K, Lmax = order.shape
+    xf, wt, b = _conv_args(x, weight, bias)
+    u = torch.empty(K, batch, Lmax, E, dtype=torch.float32)
+    _cpu_kernel("ordered_conv_fwd", 1, CPU_CHUNK)(xf, wt, b, order.contiguous(), u, batch, K, E, Lmax,
+                                                  weight.shape[-1], xf.stride(0), xf.stride(1))
+    return u.to(x.dtype)
+
+
+@ordered_conv.register_fake
+def _(x, weight, bias, order, inv):
+    return x.new_empty(order.shape[0], x.shape[0], order.shape[1], x.shape[2])
+
+
+@torch.library.custom_op("localmamba::ordered_conv_backward", mutates_args=())
+def ordered_conv_backward(x: _Tensor, weight: _Tensor, bias: _Tensor, order: _Tensor, inv: _Tensor,
+                          du: _Tensor) -> List[_Tensor]:
+    """ordered_conv's backward (scan_kernel_cpu.ORDERED_CONV_BWD): [dx, dweight, dbias]."""
+    batch, L_in, E = x.shape
+    K, Lmax = order.shape
+    dc = weight.shape[-1]
+    xf, wt, b = _conv_args(x, weight, bias)
+    f32 = dict(dtype=torch.float32)
+    dpre, dx = torch.empty(K, batch, Lmax, E, **f32), torch.empty(batch, L_in, E, **f32)
+    dwb, dbb = torch.empty(batch, K, dc, E, **f32), torch.empty(batch, K, E, **f32)
+    _cpu_kernel("ordered_conv_bwd", 1, CPU_CHUNK)(xf, wt, b, order.contiguous(), inv.contiguous(),
+                                                  du.detach().to(torch.float32).contiguous(), dpre, dx, dwb, dbb,
+                                                  batch, K, E, Lmax, L_in, dc, xf.stride(0), xf.stride(1))
+    dw = _fixed_order_sum(dwb, 0).transpose(1, 2).reshape(weight.shape)
+    return [dx.to(x.dtype), dw.to(weight.dtype), _fixed_order_sum(dbb, 0).reshape(bias.shape).to(bias.dtype)]
+
+
+@ordered_conv_backward.register_fake
+def _(x, weight, bias, order, inv, du):
+    return [torch.empty_like(x), torch.empty_like(weight), torch.empty_like(bias)]
+
+
+def _ordered_conv_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _ordered_conv_grad(ctx, du):
+    x, weight, bias, order, inv = ctx.saved_tensors
+    return (*ordered_conv_backward(x, weight, bias, order, inv, du), None, None)
+
+
+ordered_conv.register_autograd(_ordered_conv_grad, setup_context=_ordered_conv_setup)
 
 
 # -----------------------------------------------------------------------------

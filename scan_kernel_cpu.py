@@ -237,10 +237,286 @@ extern "C" void kernel(const float* u, const float* delta, const float* A2t, con
 }
 '''
 
+# -----------------------------------------------------------------------------
+# The mixer's kernels with the scan orders in their loads and stores (issue "the mixer in one pass";
+# scan_kernel.py's `ordered_scan` and `ordered_conv` are their Python side). Tensors are channels-last:
+# a token (a "row") is E contiguous channels, so a step loads and stores whole vectors. order (K, Lmax)
+# int64: the row-major token at step s of direction k, -1 for a padding step (a zero token).
+
+ORDERED_SCAN_FWD = COMMON + r'''
+// The selective scan of K directions. Inputs u, Δ, B, C at row order[k][s] (IDX_IN) or row s (inputs already in
+// scan order); z read, and out written, at row order[k][s], real tokens only. Strides st[]: (batch, direction,
+// row) of u, Δ, B/C, z, out, channel stride 1 (u and z may be shared by the directions: stride 0).
+extern "C" void kernel(const float* u, const float* delta, const float* A2t, const float* Bm, const float* Cm,
+                       const float* Dskip, const float* z, const float* bias, const int64_t* order, const int64_t* st,
+                       float* out, float* starts, int64_t batch, int64_t K, int64_t E, int64_t Lmax, int64_t S,
+                       int64_t flags) {
+    const bool has_D = flags & 1, has_z = flags & 2, has_bias = flags & 4, sp = flags & 8, idx_in = flags & 16,
+               save = flags & 32;
+    const int64_t n_chunks = (Lmax + T - 1) / T, nvec = (E + VL - 1) / VL, per = (nvec + S - 1) / S;
+    static const float zeros[N] = {0.f};
+    #pragma omp parallel for schedule(static)
+    for (int64_t w = 0; w < batch * K * S; w++) {
+        const int64_t b = w / (K * S), k = (w / S) %% K, sp_ = w %% S;
+        const int64_t* ord = order + k * Lmax;
+        const float* u0 = u + b * st[0] + k * st[1]; const float* d0p = delta + b * st[3] + k * st[4];
+        const float* B0 = Bm + b * st[6] + k * st[7]; const float* C0 = Cm + b * st[6] + k * st[7];
+        const float* z0 = z + b * st[9] + k * st[10]; float* o0 = out + b * st[12] + k * st[13];
+        for (int64_t v = sp_ * per; v < std::min(nvec, (sp_ + 1) * per); v++) {
+            const int64_t e0 = v * VL, nc = std::min(VL, E - e0), d0 = k * E + e0;
+            Vec a[N], x[N];
+            for (int64_t n = 0; n < N; n++) { a[n] = gather(A2t + n * K * E + d0, 1, nc); x[n] = Vec(0.f); }
+            const Vec vbias = has_bias ? gather(bias + d0, 1, nc) : Vec(0.f);
+            const Vec vD = has_D ? gather(Dskip + d0, 1, nc) : Vec(0.f);
+            for (int64_t s = 0; s < Lmax; s++) {
+                if (save && s %% T == 0)                                        // chunk start: (batch, K*E, n_chunks, N)
+                    for (int64_t n = 0; n < N; n++)
+                        scatter(x[n], starts + ((b * K * E + d0) * n_chunks + s / T) * N + n, n_chunks * N, nc);
+                const int64_t ro = ord[s], r = idx_in ? ro : s;
+                Vec dt = vbias, uu(0.f);
+                const float* Bn = zeros; const float* Cn = zeros;
+                if (r >= 0) {                                                 // else a zero token
+                    dt = dt + Vec::loadu(d0p + r * st[5] + e0, nc);
+                    uu = Vec::loadu(u0 + r * st[2] + e0, nc);
+                    Bn = B0 + r * st[8]; Cn = C0 + r * st[8];
+                }
+                if (sp) dt = softplus(dt);                                    // Δ
+                const Vec dtu = dt * uu;
+                Vec y[4] = {vD * uu, Vec(0.f), Vec(0.f), Vec(0.f)};
+                for (int64_t n = 0; n < N; n++) {
+                    x[n] = at::vec::fmadd(exp2v(a[n] * dt), x[n], dtu * Vec(Bn[n]));   // exp(ΔA) x + ΔBu
+                    y[n %% 4] = at::vec::fmadd(x[n], Vec(Cn[n]), y[n %% 4]);               // y = sum_n x C + D u
+                }
+                if (ro < 0) continue;                                         // a padding step: no output
+                Vec yy = (y[0] + y[1]) + (y[2] + y[3]);
+                if (has_z) { const Vec zz = Vec::loadu(z0 + ro * st[11] + e0, nc); yy = yy * zz * sigmoid(zz); }
+                yy.store(o0 + ro * st[14] + e0, nc);
+            }
+        }
+    }
+}
+'''
+
+ORDERED_SCAN_BWD = COMMON + r'''
+// The backward of ORDERED_SCAN_FWD, chunk by chunk in reverse (as BWD), but with the chunk loop outside the
+// channel-vector loop: a work item runs one chunk for each of its vectors (each carrying its own dh), so its
+// dB, dC sums stay a (T, N) block of vectors in L1 and are written out after each chunk (on a 56×56 LocalVMamba
+// stage a whole-sequence buffer would not fit in any cache). Outputs per direction, in the inputs' rows:
+// du, dΔ (batch, K, rows, E); dz (batch, K, L_out, E), summed over K by the caller when z is shared; dB, dC
+// (batch, K, S, rows, N) per channel split; dA (batch, K*E, N), dD and dbias (batch, K*E) per batch row. dbias
+// sums dΔ over every step, padding steps included (their Δ is softplus(bias)).
+extern "C" void kernel(const float* u, const float* delta, const float* A2t, const float* Bm, const float* Cm,
+                       const float* Dskip, const float* z, const float* bias, const int64_t* order, const int64_t* st,
+                       const float* starts, const float* dout, float* du, float* ddelta, float* dz, float* dBs,
+                       float* dCs, float* dAb, float* dDb, float* dbb, int64_t batch, int64_t K, int64_t E,
+                       int64_t Lmax, int64_t rows, int64_t S, int64_t flags) {
+    const bool has_D = flags & 1, has_z = flags & 2, has_bias = flags & 4, sp = flags & 8, idx_in = flags & 16;
+    const int64_t n_chunks = (Lmax + T - 1) / T, nvec = (E + VL - 1) / VL, per = (nvec + S - 1) / S;
+    const int64_t Lout = st[15];
+    static const float zeros[N] = {0.f};
+    #pragma omp parallel for schedule(static)
+    for (int64_t w = 0; w < batch * K * S; w++) {
+        const int64_t b = w / (K * S), k = (w / S) %% K, sp_ = w %% S;
+        const int64_t v0 = std::min(nvec, sp_ * per), nv = std::min(nvec, v0 + per) - v0;
+        float* dBw = dBs + ((b * K + k) * S + sp_) * rows * N; float* dCw = dCs + ((b * K + k) * S + sp_) * rows * N;
+        if (nv <= 0) { std::fill(dBw, dBw + rows * N, 0.f); std::fill(dCw, dCw + rows * N, 0.f); continue; }
+        const int64_t* ord = order + k * Lmax;
+        const float* u0 = u + b * st[0] + k * st[1]; const float* d0p = delta + b * st[3] + k * st[4];
+        const float* B0 = Bm + b * st[6] + k * st[7]; const float* C0 = Cm + b * st[6] + k * st[7];
+        const float* z0 = z + b * st[9] + k * st[10]; const float* g0 = dout + b * st[12] + k * st[13];
+        float* du0 = du + (b * K + k) * rows * E; float* dd0 = ddelta + (b * K + k) * rows * E;
+        float* dz0 = dz + (b * K + k) * Lout * E;
+        // per vector of the item: A log2(e), bias, D, and the carried dh and sums
+        std::vector<Vec> av(nv * N), dhv(nv * N, Vec(0.f)), dAv(nv * N, Vec(0.f)), biasv(nv), Dv(nv);
+        std::vector<Vec> dDv(nv, Vec(0.f)), dbv(nv, Vec(0.f));
+        for (int64_t i = 0; i < nv; i++) {
+            const int64_t e0 = (v0 + i) * VL, nc = std::min(VL, E - e0), d0 = k * E + e0;
+            for (int64_t n = 0; n < N; n++) av[i * N + n] = gather(A2t + n * K * E + d0, 1, nc);
+            biasv[i] = has_bias ? gather(bias + d0, 1, nc) : Vec(0.f);
+            Dv[i] = has_D ? gather(Dskip + d0, 1, nc) : Vec(0.f);
+        }
+        alignas(64) float raws[T * VL], dts[T * VL], us[T * VL];
+        alignas(64) float xs[(T + 1) * N * VL], eA[T * N * VL];              // x0 and the chunk's states, exp(ΔA)
+        std::vector<Vec> sumB(T * N), sumC(T * N);                            // the chunk's dB, dC, lane-wise
+        for (int64_t c = n_chunks - 1; c >= 0; c--) {
+            const int64_t t0 = c * T, nt = std::min(T, Lmax - t0);
+            std::fill(sumB.begin(), sumB.end(), Vec(0.f)); std::fill(sumC.begin(), sumC.end(), Vec(0.f));
+            for (int64_t i = 0; i < nv; i++) {
+                const int64_t e0 = (v0 + i) * VL, nc = std::min(VL, E - e0), d0 = k * E + e0;
+                const Vec* a = av.data() + i * N; Vec* dh = dhv.data() + i * N; Vec* dA_sum = dAv.data() + i * N;
+                const Vec vbias = biasv[i], vD = Dv[i];
+                Vec dD_sum = dDv[i], db_sum = dbv[i];
+                for (int64_t n = 0; n < N; n++)
+                    gather(starts + ((b * K * E + d0) * n_chunks + c) * N + n, n_chunks * N, nc).store(xs + n * VL);
+                for (int64_t t = 0; t < nt; t++) {                       // the chunk forward again
+                    const int64_t r = idx_in ? ord[t0 + t] : t0 + t;
+                    Vec raw = vbias, uu(0.f);
+                    const float* Bn = zeros;
+                    if (r >= 0) {
+                        raw = raw + Vec::loadu(d0p + r * st[5] + e0, nc);
+                        uu = Vec::loadu(u0 + r * st[2] + e0, nc); Bn = B0 + r * st[8];
+                    }
+                    const Vec dt = sp ? softplus(raw) : raw, dtu = dt * uu;
+                    raw.store(raws + t * VL); dt.store(dts + t * VL); uu.store(us + t * VL);
+                    for (int64_t n = 0; n < N; n++) {
+                        const Vec e = exp2v(a[n] * dt);
+                        e.store(eA + (t * N + n) * VL);
+                        at::vec::fmadd(e, Vec::loadu(xs + (t * N + n) * VL), dtu * Vec(Bn[n])).store(xs + ((t + 1) * N + n) * VL);
+                    }
+                }
+                for (int64_t t = nt - 1; t >= 0; t--) {                  // the reverse scan
+                    const int64_t s = t0 + t, ro = ord[s], r = idx_in ? ro : s;
+                    const Vec raw = Vec::loadu(raws + t * VL), dt = Vec::loadu(dts + t * VL);
+                    const Vec uu = Vec::loadu(us + t * VL), dtu = dt * uu;
+                    const Vec go = ro >= 0 ? Vec::loadu(g0 + ro * st[14] + e0, nc) : Vec(0.f);
+                    const Vec zz = has_z && ro >= 0 ? Vec::loadu(z0 + ro * st[11] + e0, nc) : Vec(0.f);
+                    const Vec sz = has_z ? sigmoid(zz) : Vec(1.f);
+                    const Vec gy = has_z ? go * zz * sz : go;             // dL/dy
+                    const float* Bn = r >= 0 ? B0 + r * st[8] : zeros; const float* Cn = r >= 0 ? C0 + r * st[8] : zeros;
+                    Vec* sB = sumB.data() + t * N; Vec* sC = sumC.data() + t * N;
+                    Vec wA[2] = {Vec(0.f), Vec(0.f)}, hB[2] = {Vec(0.f), Vec(0.f)}, y[2] = {vD * uu, Vec(0.f)};
+                    for (int64_t n = 0; n < N; n++) {
+                        const Vec xt = Vec::loadu(xs + ((t + 1) * N + n) * VL), xp = Vec::loadu(xs + (t * N + n) * VL);
+                        const Vec e = Vec::loadu(eA + (t * N + n) * VL), vB(Bn[n]), vC(Cn[n]);
+                        dh[n] = at::vec::fmadd(gy, vC, dh[n]);           // dh_t = g_t C_t + carry
+                        const Vec wn = dh[n] * e * xp;                    // dh · exp(Δ_t A) x_{t-1}
+                        wA[n & 1] = at::vec::fmadd(wn, a[n], wA[n & 1]);
+                        dA_sum[n] = at::vec::fmadd(wn, dt, dA_sum[n]);
+                        hB[n & 1] = at::vec::fmadd(dh[n], vB, hB[n & 1]); // sum_n dh B
+                        if (has_z) y[n & 1] = at::vec::fmadd(xt, vC, y[n & 1]);   // y_t, for dz
+                        sB[n] = at::vec::fmadd(dh[n], dtu, sB[n]);
+                        sC[n] = at::vec::fmadd(xt, gy, sC[n]);
+                        dh[n] = dh[n] * e;                                // the carry into step t - 1
+                    }
+                    const Vec dhB = hB[0] + hB[1];
+                    Vec ddt = (wA[0] + wA[1]) * Vec(LN2) + uu * dhB;     // dL/dΔ
+                    dD_sum = at::vec::fmadd(gy, uu, dD_sum);
+                    if (sp) ddt = ddt * Vec::blendv(sigmoid(raw), Vec(1.f), raw > Vec(20.f));
+                    db_sum = db_sum + ddt;
+                    if (r >= 0) {
+                        (dt * dhB + gy * vD).store(du0 + r * E + e0, nc); // du
+                        ddt.store(dd0 + r * E + e0, nc);
+                    }
+                    if (has_z && ro >= 0) (go * (y[0] + y[1]) * sz * (Vec(1.f) + zz * (Vec(1.f) - sz))).store(dz0 + ro * E + e0, nc);
+                }
+                dDv[i] = dD_sum; dbv[i] = db_sum;
+            }
+            for (int64_t t = 0; t < nt; t++) {                           // the chunk's dB, dC: lanes summed once
+                const int64_t r = idx_in ? ord[t0 + t] : t0 + t;
+                if (r < 0) continue;
+                for (int64_t n = 0; n < N; n++) { dBw[r * N + n] = hsum(sumB[t * N + n]); dCw[r * N + n] = hsum(sumC[t * N + n]); }
+            }
+        }
+        for (int64_t i = 0; i < nv; i++) {
+            const int64_t e0 = (v0 + i) * VL, nc = std::min(VL, E - e0), d0 = k * E + e0;
+            for (int64_t n = 0; n < N; n++) scatter(dAv[i * N + n], dAb + (b * K * E + d0) * N + n, N, nc);
+            scatter(dDv[i], dDb + b * K * E + d0, 1, nc);
+            scatter(dbv[i], dbb + b * K * E + d0, 1, nc);
+        }
+    }
+}
+'''
+
+CONV_COMMON = r'''
+// the pre-activation of channels [e0, e0 + nc) at step s: bias + sum_j w[j] x[order[s - (dc-1) + j]] (zero outside)
+static inline Vec conv_pre(const float* x, int64_t sx_r, const float* wt, const float* bias, const int64_t* ord,
+                           int64_t s, int64_t e0, int64_t nc, int64_t E, int64_t dc) {
+    Vec acc = Vec::loadu(bias + e0, nc);
+    for (int64_t j = 0; j < dc; j++) {
+        const int64_t sj = s - (dc - 1) + j, r = sj >= 0 ? ord[sj] : -1;
+        if (r >= 0) acc = at::vec::fmadd(Vec::loadu(wt + j * E + e0, nc), Vec::loadu(x + r * sx_r + e0, nc), acc);
+    }
+    return acc;
+}
+'''
+
+ORDERED_CONV_FWD = COMMON + CONV_COMMON + r'''
+// LocalVim's causal depthwise conv1d of each direction, read through its order: u[k][b][s] = SiLU(bias_k +
+// sum_j w_k[j] x[order_k[s - (dc-1) + j]]), x (batch, L_in, E) at strides (sx_b, sx_r), zero outside the
+// sequence and at padding steps; wt (K, dc, E), bias (K, E); u (K, batch, Lmax, E).
+extern "C" void kernel(const float* x, const float* wt, const float* bias, const int64_t* order, float* u,
+                       int64_t batch, int64_t K, int64_t E, int64_t Lmax, int64_t dc, int64_t sx_b, int64_t sx_r) {
+    const int64_t nblk = (Lmax + T - 1) / T;
+    #pragma omp parallel for schedule(static)
+    for (int64_t w = 0; w < K * batch * nblk; w++) {
+        const int64_t k = w / (batch * nblk), b = (w / nblk) %% batch, s0 = (w %% nblk) * T;
+        const int64_t* ord = order + k * Lmax;
+        for (int64_t s = s0; s < std::min(Lmax, s0 + T); s++) {
+            float* dst = u + ((k * batch + b) * Lmax + s) * E;
+            for (int64_t e0 = 0; e0 < E; e0 += VL) {
+                const int64_t nc = std::min(VL, E - e0);
+                const Vec acc = conv_pre(x + b * sx_b, sx_r, wt + k * dc * E, bias + k * E, ord, s, e0, nc, E, dc);
+                (acc * sigmoid(acc)).store(dst + e0, nc);                     // SiLU
+            }
+        }
+    }
+}
+'''
+
+ORDERED_CONV_BWD = COMMON + CONV_COMMON + r'''
+// The backward of ORDERED_CONV_FWD. Pass 1, per (direction, batch row): the pre-activation again, dpre =
+// du SiLU'(pre) (K, batch, Lmax, E), and that row's dw (batch, K, dc, E) and dbias (batch, K, E). Pass 2, per
+// token: dx[b][p] = sum_k sum_j w_k[j] dpre[k][b][inv_k[p] + dc-1 - j] (batch, L_in, E): every token's
+// gradient summed in one place, in one order, with no atomics.
+extern "C" void kernel(const float* x, const float* wt, const float* bias, const int64_t* order, const int64_t* inv,
+                       const float* du, float* dpre, float* dx, float* dwb, float* dbb, int64_t batch, int64_t K,
+                       int64_t E, int64_t Lmax, int64_t Lin, int64_t dc, int64_t sx_b, int64_t sx_r) {
+    #pragma omp parallel for schedule(static)
+    for (int64_t w = 0; w < K * batch; w++) {
+        const int64_t k = w / batch, b = w %% batch;
+        const int64_t* ord = order + k * Lmax;
+        float* dw = dwb + (b * K + k) * dc * E; float* db = dbb + (b * K + k) * E;
+        for (int64_t i = 0; i < dc * E; i++) dw[i] = 0.f;
+        for (int64_t i = 0; i < E; i++) db[i] = 0.f;
+        for (int64_t s = 0; s < Lmax; s++) {
+            const int64_t off = ((k * batch + b) * Lmax + s) * E;
+            for (int64_t e0 = 0; e0 < E; e0 += VL) {
+                const int64_t nc = std::min(VL, E - e0);
+                const Vec acc = conv_pre(x + b * sx_b, sx_r, wt + k * dc * E, bias + k * E, ord, s, e0, nc, E, dc);
+                const Vec sg = sigmoid(acc), g = Vec::loadu(du + off + e0, nc) * sg * (Vec(1.f) + acc * (Vec(1.f) - sg));
+                g.store(dpre + off + e0, nc);
+                (Vec::loadu(db + e0, nc) + g).store(db + e0, nc);
+                for (int64_t j = 0; j < dc; j++) {
+                    const int64_t sj = s - (dc - 1) + j, r = sj >= 0 ? ord[sj] : -1;
+                    if (r >= 0) at::vec::fmadd(g, Vec::loadu(x + b * sx_b + r * sx_r + e0, nc),
+                                               Vec::loadu(dw + j * E + e0, nc)).store(dw + j * E + e0, nc);
+                }
+            }
+        }
+    }
+    #pragma omp parallel for schedule(static)
+    for (int64_t w = 0; w < batch * Lin; w++) {
+        const int64_t b = w / Lin, p = w %% Lin;
+        for (int64_t e0 = 0; e0 < E; e0 += VL) {
+            const int64_t nc = std::min(VL, E - e0);
+            Vec acc(0.f);
+            for (int64_t k = 0; k < K; k++) {
+                const int64_t s0 = inv[k * Lin + p];
+                for (int64_t j = 0; j < dc; j++) {
+                    const int64_t s = s0 + (dc - 1) - j;
+                    if (s < Lmax) acc = at::vec::fmadd(Vec::loadu(wt + (k * dc + j) * E + e0, nc),
+                                                       Vec::loadu(dpre + ((k * batch + b) * Lmax + s) * E + e0, nc), acc);
+                }
+            }
+            acc.store(dx + (b * Lin + p) * E + e0, nc);
+        }
+    }
+}
+'''
+
+
 SIGNATURES = {   # the pybinding's argument types: inputs, outputs, then the six int64 sizes and flags
     "fwd": ["const float*"] * 8 + ["float*"] * 3 + ["int64_t"] * 6,
     "bwd": ["const float*"] * 10 + ["float*"] * 7 + ["int64_t"] * 6,
+    "ordered_scan_fwd": ["const float*"] * 8 + ["const int64_t*"] * 2 + ["float*"] * 2 + ["int64_t"] * 6,
+    "ordered_scan_bwd": ["const float*"] * 8 + ["const int64_t*"] * 2 + ["const float*"] * 2 + ["float*"] * 8
+                        + ["int64_t"] * 7,
+    "ordered_conv_fwd": ["const float*"] * 3 + ["const int64_t*", "float*"] + ["int64_t"] * 7,
+    "ordered_conv_bwd": ["const float*"] * 3 + ["const int64_t*"] * 2 + ["const float*"] + ["float*"] * 4
+                        + ["int64_t"] * 8,
 }
+SOURCES = {"fwd": "FWD", "bwd": "BWD", "ordered_scan_fwd": "ORDERED_SCAN_FWD", "ordered_scan_bwd": "ORDERED_SCAN_BWD",
+           "ordered_conv_fwd": "ORDERED_CONV_FWD", "ordered_conv_bwd": "ORDERED_CONV_BWD"}
 
 
 def library_is_whole(path):
@@ -280,7 +556,7 @@ def build(kind, N, T=CPU_CHUNK):
             LIBRARIES[kind, N, T] = path
             return super()._load_library(path, key)
 
-    src = (FWD if kind == "fwd" else BWD) % dict(N=N, T=T)
+    src = globals()[SOURCES[kind]] % dict(N=N, T=T)
     try:
         return Checked.load_pybinding(SIGNATURES[kind], src)
     except _Rebuild:                               # the same cache entry compiles again: its binary is gone

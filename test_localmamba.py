@@ -27,6 +27,7 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
 
 import argparse
+import copy
 import hashlib
 import importlib.util
 import itertools
@@ -372,6 +373,134 @@ def test_cpu_kernel_build_failure_is_one_message(monkeypatch):
             selective_scan(inp["u"], inp["delta"], inp["A"], inp["B"], inp["C"], backend="cpu")
     finally:
         scan_kernel._cpu_kernel.cache_clear()
+
+
+# --- the fused mixer's ordered kernels (scan_kernel.ordered_scan / ordered_conv) ----------------
+
+def ordered_case(dirs, H, W, cls_pos=None, idx_in=True, z=False, batch=2, E=20, N=16, seed=0):
+    """Inputs of ordered_scan for K = len(dirs) orders of an H×W grid, in the layouts the mixers pass:
+    idx_in (SS2D): u (batch, 1, L, E) shared, delta (batch, K, L, E), B and C views of one
+    (batch, L, K, 2N) tensor; not idx_in (LocalVim): u, delta, B, C in scan order (rows Lmax), z
+    (batch, 1, L, E) shared. E = 20: two full AVX2 vectors and a partial one."""
+    g = torch.Generator().manual_seed(seed)
+    orders, inv, _ = lm.MultiScan(dirs).index(H, W, cls_pos)
+    K, Lmax, L = len(dirs), orders.shape[1], inv.shape[1]
+    rows = L if idx_in else Lmax
+    r = lambda *s: torch.randn(*s, generator=g)
+    x = dict(u=r(batch, 1 if idx_in else K, rows, E), delta=r(batch, K, rows, E) - 1, xd=r(batch, rows, K, 2 * N),
+             A=-torch.rand(K * E, N, generator=g) * 2 - 0.2, D=r(K * E), delta_bias=r(K * E) * 0.5)
+    x["z"] = r(batch, 1, L, E) if z else None
+    return x, orders, inv
+
+
+def run_ordered(x, orders, L, idx_in, dout):
+    """ordered_scan's output and the gradient of (out * dout).sum() for every input."""
+    x = {k: None if v is None else v.detach().requires_grad_() for k, v in x.items()}
+    N = x["A"].shape[1]
+    Bv, Cv = x["xd"].transpose(1, 2)[..., :N], x["xd"].transpose(1, 2)[..., N:]
+    out, _ = scan_kernel.ordered_scan(x["u"], x["delta"], x["A"], Bv, Cv, x["D"], x["z"], x["delta_bias"], orders,
+                                      L, True, idx_in, True)
+    names = [k for k, v in x.items() if v is not None]
+    return out, dict(zip(names, torch.autograd.grad(out, [x[k] for k in names], dout)))
+
+
+def ordered_reference(x, orders, inv, idx_in):
+    """The same in float64 by the readable path's ops: each direction's inputs gathered with
+    scan_tokens, the loop, unscan_tokens; stacked to (batch, K, L, E)."""
+    x = {k: None if v is None else v.double() for k, v in x.items()}
+    K, E, N = orders.shape[0], x["delta"].shape[3], x["A"].shape[1]
+    outs = []
+    for k in range(K):
+        to_seq = (lambda t: lm.scan_tokens(t.transpose(-1, -2), orders[k])) if idx_in else (lambda t: t.transpose(-1, -2))
+        u = to_seq(x["u"][:, min(k, x["u"].shape[1] - 1)])
+        Bk, Ck = to_seq(x["xd"][:, :, k, :N]), to_seq(x["xd"][:, :, k, N:])
+        z = None if x["z"] is None else lm.scan_tokens(x["z"][:, 0].transpose(1, 2), orders[k])
+        ch = slice(k * E, (k + 1) * E)
+        y = selective_scan_ref(u, to_seq(x["delta"][:, k]), x["A"][ch], Bk, Ck, D=x["D"][ch], z=z,
+                               delta_bias=x["delta_bias"][ch], delta_softplus=True)
+        outs.append(lm.unscan_tokens(y, inv[k]).transpose(1, 2))
+    return torch.stack(outs, 1)
+
+
+ORDERED_CASES = [   # (directions, H, W, cls_pos, idx_in, z, batch)
+    (["h", "v_flip", "w2", "w3_flip"], 5, 7, None, True, False, 2),      # SS2D: non-square, w2/w3 pad the grid
+    (["h", "v_flip", "w2", "w3_flip"], 5, 7, None, False, True, 2),      # LocalVim: scan-order inputs, shared z
+    (["h_flip", "w7"], 4, 4, 8, False, True, 1),                          # middle cls token, w7 > grid, batch 1
+    (list(lm.DIRECTIONS), 3, 6, None, True, False, 1),                    # a supernet's 8 directions
+]
+
+
+@pytest.mark.parametrize("dirs,H,W,cls_pos,idx_in,z,batch", ORDERED_CASES)
+def test_ordered_scan_matches_the_readable_ops_in_float64(dirs, H, W, cls_pos, idx_in, z, batch):
+    """ordered_scan (inputs read through each order, zeros at padding steps, outputs written at the
+    row-major tokens) against gather -> the float64 loop -> un-scan; the output and the gradient
+    of every input, the K-shared u and z summed over their directions, Δ's bias over padding steps too."""
+    x, orders, inv = ordered_case(dirs, H, W, cls_pos, idx_in, z, batch)
+    want = ordered_reference({k: None if v is None else v.requires_grad_() for k, v in x.items()}, orders, inv, idx_in)
+    dout = torch.randn(want.shape, generator=torch.Generator().manual_seed(5))
+    names = [k for k, v in x.items() if v is not None]
+    want_g = dict(zip(names, torch.autograd.grad(want, [x[k] for k in names], dout.double())))
+    got, got_g = run_ordered(x, orders, inv.shape[1], idx_in, dout)
+    assert got.shape == want.shape and rel_err(got, want) < 1e-5
+    for k in names:
+        assert rel_err(got_g[k], want_g[k]) < 1e-5, k
+
+
+def test_ordered_conv_matches_conv1d_on_the_gathered_sequence():
+    """ordered_conv (LocalVim's K causal depthwise convs + SiLU, x read through each order) against
+    scan_tokens -> F.conv1d -> SiLU in float64: output, dx (the K directions summed at each token),
+    the stacked weights and biases; window padding (w3 on 5×7), a cls token, d_conv 4."""
+    g = torch.Generator().manual_seed(3)
+    for dirs, H, W, cls_pos in ((["h", "v_flip", "w2", "w3_flip"], 5, 7, None), (["h_flip", "w7"], 4, 4, 8)):
+        orders, inv, _ = lm.MultiScan(dirs).index(H, W, cls_pos)
+        K, Lmax, L, E, dc = len(dirs), orders.shape[1], inv.shape[1], 20, 4
+        xz = torch.randn(2, L, 2 * E, generator=g, requires_grad=True)
+        w = torch.randn(K * E, 1, dc, generator=g, requires_grad=True)
+        b = torch.randn(K * E, generator=g, requires_grad=True)
+        got = scan_kernel.ordered_conv(xz[..., :E], w, b, orders, inv)                  # (K, batch, Lmax, E)
+        seq = lm.scan_tokens(xz[..., :E].double().transpose(1, 2), orders)              # (batch, E, K, Lmax)
+        seq = seq.transpose(1, 2).reshape(2, K * E, Lmax)
+        want = F.silu(F.conv1d(seq, w.double(), b.double(), padding=dc - 1, groups=K * E)[..., :Lmax])
+        want = want.view(2, K, E, Lmax).permute(1, 0, 3, 2)
+        assert rel_err(got, want) < 1e-6
+        dout = torch.randn(got.shape, generator=g)
+        for a, c in zip(torch.autograd.grad(got, (xz, w, b), dout), torch.autograd.grad(want, (xz, w, b), dout.double())):
+            assert rel_err(a, c) < 1e-6
+
+
+def test_ordered_ops_are_custom_ops_that_torch_checks():
+    """Both ordered ops are registered torch.library custom ops: torch.library.opcheck runs their
+    schema, fake (meta) implementations, autograd registration and AOT dispatch (what torch.compile
+    and torch.export trace) against the real kernels."""
+    x, orders, inv = ordered_case(["h", "w2_flip"], 3, 5, idx_in=True, batch=1, E=12, N=4)
+    N = 4
+    xd = x["xd"].requires_grad_()
+    args = (x["u"].requires_grad_(), x["delta"].requires_grad_(), x["A"].requires_grad_(),
+            xd.transpose(1, 2)[..., :N], xd.transpose(1, 2)[..., N:], x["D"], None, x["delta_bias"], orders, 15,
+            True, True, True)
+    torch.library.opcheck(torch.ops.localmamba.ordered_scan.default, args)
+    xz = torch.randn(1, 15, 24, requires_grad=True)
+    torch.library.opcheck(torch.ops.localmamba.ordered_conv.default,
+                          (xz[..., :12], torch.randn(24, 1, 4, requires_grad=True),
+                           torch.randn(24, requires_grad=True), orders, inv))
+
+
+def test_ordered_kernels_give_the_same_bits_on_any_number_of_threads():
+    """The ordered kernels follow the C++ scan's rule: work items and every sum's order come from the
+    shape, so 1, 2 and 3 threads give the same bits (outputs and all gradients)."""
+    x, orders, inv = ordered_case(["h", "v_flip", "w2", "w3_flip"], 5, 7, None, False, True, 3, E=40)
+    dout = torch.randn(3, 4, 35, 40, generator=torch.Generator().manual_seed(6))
+    xz = torch.randn(3, 35, 80, generator=torch.Generator().manual_seed(7))
+    w, b = torch.randn(160, 1, 4), torch.randn(160)
+
+    def both():
+        out, grads = run_ordered(x, orders, 35, False, dout)
+        xz_ = xz.clone().requires_grad_()
+        u = scan_kernel.ordered_conv(xz_[..., :40], w, b, orders, inv)
+        return [out, *grads.values(), u, *torch.autograd.grad(u, xz_, torch.ones_like(u))]
+    runs = [_with_threads(n, both) for n in (1, 2, 3)]
+    for other in runs[1:]:
+        assert all(torch.equal(a, c) for a, c in zip(runs[0], other))
 
 
 DAMAGED_CACHE = """
@@ -948,6 +1077,123 @@ def test_search_logits_init():
 
 
 
+@pytest.fixture(params=["readable", "fused"])
+def mixer_path(request, monkeypatch):
+    """Runs a model test on both mixer paths: "readable" (the library's default: scan_tokens -> conv
+    -> selective_scan -> unscan_tokens) and "fused" (the C++ scan switched on, so the mixers run the
+    ordered kernels); the fused run fails if no mixer took the fused path."""
+    if request.param == "fused":
+        calls, real = [], lm.ordered_scan
+        monkeypatch.setattr(scan_kernel, "COMPILE_TORCH_PATH", True)
+        monkeypatch.delenv("LOCALMAMBA_FUSED", raising=False)
+        monkeypatch.setattr(lm, "ordered_scan", lambda *a: calls.append(1) or real(*a))
+    yield request.param
+    if request.param == "fused":
+        assert calls, "no mixer took the fused path"
+
+
+def _perturbed(model, seed=1):
+    """The model moved off its symmetric init (equal directions, zero biases), so that a mix-up of
+    directions, a dropped bias or a wrong padding shows."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return model
+
+
+def _out_and_grads(model, x, fused, weight):
+    """model(x), and the gradients of (model(x) * weight).sum() for x and every parameter, on one path."""
+    lm.set_fused(model, fused)
+    x = x.clone().requires_grad_()
+    model.zero_grad(set_to_none=True)
+    out = model(x)
+    (out * weight.to(out.dtype)).sum().backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    return {"output": out.detach(), "input grad": x.grad, **grads}
+
+
+VIM3 = dict(depth=3, directions=lm.SEARCHED_DIRECTIONS["local_vim_tiny"][:3])   # LocalVim-T's first 3 layers
+FUSED_CASES = [   # (model, create_model kwargs, input (C, H, W), batch)
+    ("local_vim_nano", dict(in_chans=1), (1, 28, 28), 2),
+    ("local_vim_nano_p1", dict(in_chans=1, img_size=12), (1, 12, 12), 2),
+    ("local_vim_nano_search", dict(in_chans=1), (1, 28, 28), 1),                  # supernet, batch 1
+    ("local_vim_tiny", dict(img_size=80, **VIM3), (3, 80, 80), 1),                # 5×5: w2 and w7 pad the grid
+    ("local_vim_tiny", dict(dynamic_img_size=True, **VIM3), (3, 48, 80), 2),      # a non-square 3×5 grid
+    ("local_vim_tiny_middle_cls_token", dict(img_size=96, **VIM3), (3, 96, 96), 2),
+    ("local_vim_tiny_search", dict(img_size=64, depth=2), (3, 64, 64), 2),
+    ("local_vmamba_tiny", dict(depths=(1, 1, 2, 1), directions=lm.SEARCHED_DIRECTIONS["local_vmamba_tiny"][1:6]),
+     (3, 75, 75), 1),                                                              # odd: 19, 10, 5, 3 grids
+    ("local_vmamba_tiny_search", dict(depths=(1, 1, 2, 1)), (3, 52, 70), 2),      # non-square, supernet
+] + [pytest.param(name, {}, None, 1, marks=pytest.mark.slow) for name in                 # the published models
+     ("local_vim_tiny", "local_vim_tiny_middle_cls_token", "local_vim_small", "local_vmamba_tiny", "local_vmamba_small")]
+
+
+@pytest.mark.parametrize("name,kw,shape,batch", FUSED_CASES)
+def test_fused_mixer_path_matches_the_readable_path(name, kw, shape, batch, monkeypatch):
+    """The fused path (ordered kernels) against the readable one on the same model: the output, the
+    input's gradient and every parameter's gradient. Both in fp32 are held to the float64 readable
+    path, and the fused one may not be more than a few times further from it than the readable one
+    is (both are fp32 sums in other orders: a gradient that sums terms which cancel, such as the
+    search logits', is far from float64 on either path; a wrong index is nowhere near it)."""
+    monkeypatch.setattr(scan_kernel, "COMPILE_TORCH_PATH", True)
+    monkeypatch.delenv("LOCALMAMBA_FUSED", raising=False)
+    torch.manual_seed(0)
+    model = _perturbed(create_model(name, drop_path_rate=0.0, **kw))
+    c, h, w = shape or model.pretrained_cfg["input_size"]
+    x = torch.randn(batch, c, h, w, generator=torch.Generator().manual_seed(2))
+    weight = torch.randn(batch, model.num_classes, generator=torch.Generator().manual_seed(3))
+    calls, real = [], lm.ordered_scan
+    monkeypatch.setattr(lm, "ordered_scan", lambda *a: calls.append(1) or real(*a))
+    fused = _out_and_grads(model, x, True, weight)
+    assert len(calls) == len(model.directions)                            # every mixer took the fused path
+    readable = _out_and_grads(model, x, False, weight)
+    assert len(calls) == len(model.directions)                            # and none on the readable one
+    truth = _out_and_grads(copy.deepcopy(model).double(), x.double(), False, weight.double())
+    assert fused.keys() == readable.keys() == truth.keys()
+    for key in truth:
+        assert rel_err(fused[key], truth[key]) <= 10 * rel_err(readable[key], truth[key]) + 1e-6, key
+
+
+def test_fused_mixer_path_under_bf16_autocast(monkeypatch):
+    """CPU bf16 autocast (the trainer's --amp bf16): the fused path's bf16 model is as close to the
+    float64 model as the readable path's bf16 model is (the same casts: the kernels compute in fp32
+    and return the activations' dtype)."""
+    monkeypatch.setattr(scan_kernel, "COMPILE_TORCH_PATH", True)
+    torch.manual_seed(0)
+    model = _perturbed(create_model("local_vim_nano", in_chans=1, drop_path_rate=0.0))
+    x = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(2))
+    weight = torch.randn(2, model.num_classes, generator=torch.Generator().manual_seed(3))
+    truth = _out_and_grads(copy.deepcopy(model).double(), x.double(), False, weight.double())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused, readable = (_out_and_grads(model, x, f, weight) for f in (True, False))
+    for key in ("output", "input grad", "layers.0.mixer.in_proj.weight", "layers.1.mixer.A_log_2"):
+        assert rel_err(fused[key], truth[key]) <= 2 * rel_err(readable[key], truth[key]) + 1e-3, key
+
+
+def test_the_fused_path_is_switched_per_model_and_by_environment(monkeypatch):
+    """The fused path runs where its kernels do (the C++ scan on, a CPU tensor, not fp64, not while
+    exporting); set_fused(model, False) and LOCALMAMBA_FUSED=0 force the readable path; any other
+    value of the variable is one message."""
+    calls, real = [], lm.ordered_scan
+    monkeypatch.setattr(lm, "ordered_scan", lambda *a: calls.append(1) or real(*a))
+    m = create_model("local_vmamba_tiny_search", depths=(1, 1, 1, 1)).eval()
+    x = torch.randn(1, 3, 64, 64)
+    fused_calls = lambda model, inp: (calls.clear(), model(inp), len(calls))[2]
+    monkeypatch.setattr(scan_kernel, "COMPILE_TORCH_PATH", False)
+    assert fused_calls(m, x) == 0                                        # the library's default: eager scan
+    monkeypatch.setattr(scan_kernel, "COMPILE_TORCH_PATH", True)
+    assert fused_calls(m, x) == 4
+    assert fused_calls(copy.deepcopy(m).double(), x.double()) == 0      # fp64: the readable path
+    assert fused_calls(lm.set_fused(m, False), x) == 0
+    lm.set_fused(m, True)
+    monkeypatch.setenv("LOCALMAMBA_FUSED", "0")
+    assert fused_calls(m, x) == 0
+    monkeypatch.setenv("LOCALMAMBA_FUSED", "yes")
+    with pytest.raises(lm.BadInput, match=r"LOCALMAMBA_FUSED='yes': set it to 0 .* or 1"):
+        m(x)
+
+
 def _official_scan(x, d, H, W):
     """(B, C, L) -> (B, C, Ls): official MultiScan.scan semantics (multi_mamba.py, local_scan.py), by reshapes."""
     kind, k, flip = lm.parse_direction(d)
@@ -1018,7 +1264,7 @@ def official_vim_mixer(m, h, H, W, cls_pos=None):
     (6, 6, ["h", "h_flip", "v", "w2_flip"], True),        # middle cls token
     (4, 4, None, False),                                  # supernet, all 8 with the softmax mix
 ])
-def test_vim_mixer_one_grouped_call_equals_k_separate_calls(H, W, dirs, cls):
+def test_vim_mixer_one_grouped_call_equals_k_separate_calls(H, W, dirs, cls, mixer_path):
     torch.manual_seed(0)
     cls_pos = (H * W) // 2 if cls else None
     m = lm.LocalVimMixer(16, dirs or list(lm.DIRECTIONS), (H, W), cls_pos, search=dirs is None)
@@ -1055,7 +1301,7 @@ def official_ss2d(op, x):
 
 
 @pytest.mark.parametrize("H,W,dirs", [(7, 7, ["h", "v_flip", "w2", "w7_flip"]), (5, 6, ["h_flip", "v", "w2_flip", "w7"]), (4, 4, None)])
-def test_ss2d_one_grouped_call_equals_k_separate_calls(H, W, dirs):
+def test_ss2d_one_grouped_call_equals_k_separate_calls(H, W, dirs, mixer_path):
     torch.manual_seed(0)
     op = lm.SS2D(8, dirs or list(lm.DIRECTIONS), search=dirs is None)
     with torch.no_grad():
@@ -1306,7 +1552,7 @@ SMALL = {  # every named model at a small image size
 
 
 @pytest.mark.parametrize("name", list(SMALL))
-def test_every_model_forward_backward(name):
+def test_every_model_forward_backward(name, mixer_path):
     torch.manual_seed(0)
     m = create_model(name, num_classes=7, drop_path_rate=0.1, **SMALL[name])
     assert name in lm.MODELS
@@ -1360,7 +1606,7 @@ def official_vim_features(m, x):
     return m.norm_f(residual + hidden)
 
 
-def test_local_vim_follows_the_official_block_flow_with_rope():
+def test_local_vim_follows_the_official_block_flow_with_rope(mixer_path):
     """RoPE before every layer on the hidden states AND the residual stream, the residual add, the
     final add + norm: the model against a transcription of the official forward."""
     torch.manual_seed(0)
@@ -1573,17 +1819,26 @@ def test_the_benchmarks_peak_memory_is_what_a_step_allocates():
 def test_the_traffic_count_is_the_bytes_each_op_reads_and_writes():
     """benchmark.count_traffic against a hand count: Linear(4 -> 3) on a (2, 4) batch is one addmm
     reading the bias (3), x (2×4) and W^T (a view of W, 3×4) and writing (2, 3): 29 floats, 116 bytes;
-    the transpose is a view (free). On a LocalMamba model the C++ scan kernel is counted too."""
+    the transpose is a view (free). On a LocalMamba model the fused mixer's custom ops are counted as
+    ops (their tensor inputs and outputs), and on the readable path the C++ scan kernel is counted too."""
     import benchmark
     lin = nn.Linear(4, 3)
     assert dict(benchmark.count_traffic(lin, torch.randn(2, 4))) == {"addmm": 116}
     scan_kernel.use_compiled_torch_path(True)
     try:
         m = create_model("local_vim_nano", in_chans=1).eval()
-        counts = benchmark.count_traffic(m, torch.randn(2, 1, 28, 28))
+        fused = benchmark.count_traffic(m, torch.randn(2, 1, 28, 28))
+        readable = benchmark.count_traffic(lm.set_fused(m, False), torch.randn(2, 1, 28, 28))
     finally:
         scan_kernel.use_compiled_torch_path(False)
-    assert counts["scan kernel (fwd)"] > 0 and counts["addmm"] + counts.get("mm", 0) + counts.get("bmm", 0) > 0
+    assert fused["ordered_scan"] > 0 and fused["ordered_conv"] > 0 and "scan kernel (fwd)" not in fused
+    assert readable["scan kernel (fwd)"] > 0 and "ordered_scan" not in readable
+    E, L, K, N, batch, R = 2 * m.embed_dim, 196, 4, 16, 2, m.layers[0].mixer.dt_rank
+    # one layer's ordered_scan by hand: u, Δ, out (batch, K, L, E); B, C (batch, K, L, N); z (batch, 1, L, E);
+    # A (K·E, N); D, Δ's bias (K·E); the orders (K, L) int64; the chunk starts (none: inference)
+    floats = batch * K * L * E * 3 + batch * K * L * N * 2 + batch * L * E + K * E * N + 2 * K * E
+    assert fused["ordered_scan"] == len(m.layers) * (4 * floats + 8 * K * L)
+    assert readable["addmm"] + readable.get("mm", 0) + readable.get("bmm", 0) > 0
 
 
 @pytest.mark.slow

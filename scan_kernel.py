@@ -911,19 +911,25 @@ def selective_scan_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None,
 # does). Tensors are channels-last, (batch, K, rows, channels) with any strides but a contiguous
 # last axis, so a K-shared input (SS2D's u, LocalVim's gate z) is a stride-0 view, not K copies.
 # Each is a PyTorch custom op (torch.library.custom_op: torch.compile, export, FX and profilers see
-# one op) with a fake (meta) implementation and its backward registered. They run the C++ kernels
-# of scan_kernel_cpu.py, and only those: `ordered_kernels_take` says when the models may use them.
+# one op) with a fake (meta) implementation and its backward registered. On the CPU they run the C++
+# kernels of scan_kernel_cpu.py, on CUDA the Triton kernels below them (`ordered_scan_triton`, ...,
+# which the tests also run on the CPU under TRITON_INTERPRET=1); `ordered_kernels_take` says when
+# the models may use them.
 
 _Tensor = torch.Tensor
 
 
 def ordered_kernels_take(x):
-    """Whether the ordered C++ kernels can run a mixer on x: their source is here, the C++ scan is
-    switched on (compiling: LOCALMAMBA_COMPILE=1, use_compiled_torch_path, train_mini.py's CPU
-    default), x is a CPU tensor in fp32/fp16/bf16, and nothing is exporting the model."""
+    """Whether the ordered kernels can run a mixer on x (fp32/fp16/bf16, nothing exporting the model):
+    on CUDA the Triton kernels, where Triton imports; on the CPU the C++ kernels, where their source
+    is here and the C++ scan is switched on (LOCALMAMBA_COMPILE=1, use_compiled_torch_path,
+    train_mini.py's CPU default)."""
+    if torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export() or x.dtype == torch.float64:
+        return False
+    if x.device.type == "cuda":
+        return HAS_TRITON
     return (scan_kernel_cpu is not None and COMPILE_TORCH_PATH and not _COMPILE_ENV_ERROR
-            and x.device.type == "cpu" and x.dtype != torch.float64
-            and not torch.compiler.is_exporting() and not torch.onnx.is_in_onnx_export())
+            and x.device.type == "cpu")
 
 
 def _f32(t):
@@ -984,7 +990,8 @@ def ordered_scan(u: _Tensor, delta: _Tensor, A: _Tensor, B: _Tensor, C: _Tensor,
 @ordered_scan.register_fake
 def _(u, delta, A, B, C, D, z, delta_bias, order, L_out, delta_softplus, idx_in, need_starts):
     batch, K, _, E = delta.shape
-    n = -(-order.shape[1] // CPU_CHUNK)
+    chunk = CPU_CHUNK if delta.device.type == "cpu" else _triton_config(A.shape[1], E)[2]
+    n = -(-order.shape[1] // chunk)
     starts = delta.new_empty(batch, K * E, n, A.shape[1], dtype=torch.float32) if need_starts else \
         delta.new_empty(0, dtype=torch.float32)
     return u.new_empty(batch, K, L_out, E), starts
@@ -1006,16 +1013,23 @@ def ordered_scan_backward(u: _Tensor, delta: _Tensor, A: _Tensor, B: _Tensor, C:
     du, ddelta = torch.empty(batch, K, rows, E, **f32), torch.empty(batch, K, rows, E, **f32)
     dz = torch.empty(batch, K, L_out, E, **f32) if z is not None else torch.empty(0, **f32)
     dBs, dCs = (torch.empty(batch, K, S, rows, N, **f32) for _ in range(2))    # every row written (a permutation)
-    dAb, dDb, dbb = torch.empty(batch, K * E, N, **f32), torch.empty(batch, K * E, **f32), torch.empty(batch, K * E, **f32)
+    dAb, dDb, dbb = torch.empty(batch, K * E, N, **f32), *torch.empty(2, batch, K * E, **f32).unbind(0)
     _cpu_kernel("ordered_scan_bwd", N, CPU_CHUNK)(*ins, order.contiguous(), st, starts, g, du, ddelta, dz, dBs, dCs,
                                                   dAb, dDb, dbb, batch, K, E, Lmax, rows, S, flags)
+    return _ordered_grads(u, delta, A, B, C, D, z, delta_bias, du, ddelta, dAb, dBs.sum(2), dCs.sum(2), dDb, dz, dbb)
+
+
+def _ordered_grads(u, delta, A, B, C, D, z, delta_bias, du, ddelta, dAb, dB, dC, dDb, dz, dbb):
+    """The kernels' gradients (per direction; dA, dD, dbias per batch row) as ordered_scan_backward
+    returns them: du and dz summed over the directions where u and z are shared, dA, dD, dbias over
+    the batch in a fixed order, each in its input's dtype, empty where the input is None."""
     if u.shape[1] == 1:
         du = du.sum(1, keepdim=True)
     if z is not None and z.shape[1] == 1:
         dz = dz.sum(1, keepdim=True)
-    opt = lambda t, like: t.to(like.dtype) if like is not None else torch.empty(0, dtype=delta.dtype)
-    return [du.to(u.dtype), ddelta.to(delta.dtype), _fixed_order_sum(dAb, 0).to(A.dtype), dBs.sum(2).to(B.dtype),
-            dCs.sum(2).to(C.dtype), opt(_fixed_order_sum(dDb, 0), D), opt(dz, z), opt(_fixed_order_sum(dbb, 0), delta_bias)]
+    opt = lambda t, like: t.to(like.dtype) if like is not None else delta.new_empty(0)
+    return [du.to(u.dtype), ddelta.to(delta.dtype), _fixed_order_sum(dAb, 0).to(A.dtype), dB.to(B.dtype),
+            dC.to(C.dtype), opt(_fixed_order_sum(dDb, 0), D), opt(dz, z), opt(_fixed_order_sum(dbb, 0), delta_bias)]
 
 
 @ordered_scan_backward.register_fake
@@ -1107,6 +1121,358 @@ def _ordered_conv_grad(ctx, du):
 ordered_conv.register_autograd(_ordered_conv_grad, setup_context=_ordered_conv_setup)
 
 
+# --- the ordered kernels in Triton: the same ops on CUDA tensors (and on the CPU under TRITON_INTERPRET=1) ---
+# Program (pid_e, pid_bk) owns batch row b, direction k and BLOCK_D channels e of it, all N states;
+# along the scan it walks chunks of CHUNK steps as _scan_fwd_kernel / _scan_bwd_kernel do (the same
+# `_scan_chunk`), but every load and store goes through the row of each step: order[k][s] (IDX_IN,
+# and always for z and out) or s, -1 a padding step (u, B, C zero, Δ its bias alone). Strides st
+# as in scan_kernel_cpu.ORDERED_SCAN_FWD: (batch, direction, row) of u, Δ, B/C, z, out; channels 1.
+
+if HAS_TRITON:
+    @triton.jit
+    def _ordered_rows(order_ptr, k, Lmax, offs_l, IDX_IN: tl.constexpr):
+        # the token rows of steps offs_l: ro (z, out) and r (u, Δ, B, C), -1 at padding and past Lmax
+        ro = tl.load(order_ptr + k * Lmax + offs_l, mask=offs_l < Lmax, other=-1)
+        if IDX_IN:
+            r = ro
+        else:
+            r = tl.where(offs_l < Lmax, offs_l, -1)
+        return ro, r
+
+    @triton.jit
+    def _at(st_ptr, i: tl.constexpr, b, k, rows):
+        # the element offset of (batch row b, direction k, rows) in the tensor whose strides are st[i:i+3]
+        return b * tl.load(st_ptr + i) + k * tl.load(st_ptr + i + 1) + rows * tl.load(st_ptr + i + 2)
+
+    @triton.jit
+    def _ordered_chunk(u_ptr, dt_ptr, B_ptr, C_ptr, st_ptr, b, k, r, in_seq, offs_e, mask_e, offs_n, mask_n, bias,
+                       HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+        # one chunk's inputs at rows r (BT,): u, Δ before softplus, Δ (BE, BT); B, C (BN, BT); in_seq: steps < Lmax
+        ok = mask_e[:, None] & (r[None, :] >= 0)
+        u = tl.load(u_ptr + _at(st_ptr, 0, b, k, r[None, :]) + offs_e[:, None], mask=ok, other=0.0).to(tl.float32)
+        dt_raw = tl.load(dt_ptr + _at(st_ptr, 3, b, k, r[None, :]) + offs_e[:, None], mask=ok, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            dt_raw += bias[:, None]
+        if SOFTPLUS:
+            dt = _softplus(dt_raw)
+        else:
+            dt = dt_raw
+        dt = tl.where(in_seq[None, :], dt, 0.0)        # past Lmax: the state unchanged; padding steps keep Δ
+        okn = mask_n[:, None] & (r[None, :] >= 0)
+        bc = _at(st_ptr, 6, b, k, r[None, :]) + offs_n[:, None]
+        Bc = tl.load(B_ptr + bc, mask=okn, other=0.0).to(tl.float32)
+        Cc = tl.load(C_ptr + bc, mask=okn, other=0.0).to(tl.float32)
+        return u, dt_raw, dt, Bc, Cc
+
+    @triton.jit
+    def _ordered_tile(A_ptr, D_ptr, bias_ptr, K, E, N, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+        # the scan's `_tile` with the K directions as its groups (E channels each): b, k, channels offs_e of
+        # direction k (offs_d = k * E + offs_e in A, D, bias), and the tile's A, D skip, Δ bias
+        b, offs_d, mask_e, offs_n, mask_n, mask_dn, A, Dskip, bias, _, _ = _tile(
+            A_ptr, D_ptr, bias_ptr, K * E, 1, N, K, HAS_D, HAS_BIAS, BLOCK_D, BLOCK_N)
+        k = tl.program_id(1) % K
+        return b, k, offs_d - k * E, mask_e, offs_d, offs_n, mask_n, mask_dn, A, Dskip, bias
+
+    @triton.jit
+    def _ordered_scan_fwd_kernel(
+        u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, order_ptr, st_ptr,
+        out_ptr, starts_ptr,  # out (batch, K, L_out, E) contiguous; starts (batch, K*E, n_chunks, N) fp32
+        K, E, N, Lmax, n_chunks,
+        HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+        IDX_IN: tl.constexpr, SAVE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
+    ):
+        b, k, offs_e, mask_e, offs_d, offs_n, mask_n, mask_dn, A, Dskip, bias = _ordered_tile(
+            A_ptr, D_ptr, bias_ptr, K, E, N, HAS_D, HAS_BIAS, BLOCK_D, BLOCK_N)
+        offs_t = tl.arange(0, CHUNK)
+        x = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+        for c in range(0, n_chunks):
+            offs_l = c * CHUNK + offs_t
+            ro, r = _ordered_rows(order_ptr, k, Lmax, offs_l, IDX_IN)
+            if SAVE:
+                tl.store(starts_ptr + (((b * K * E + offs_d[:, None]) * n_chunks + c) * N + offs_n[None, :]), x,
+                         mask=mask_dn)
+            u, _, dt, Bc, Cc = _ordered_chunk(u_ptr, dt_ptr, B_ptr, C_ptr, st_ptr, b, k, r, offs_l < Lmax, offs_e,
+                                              mask_e, offs_n, mask_n, bias, HAS_BIAS, SOFTPLUS)
+            _, xs = _scan_chunk(u, dt, Bc, A, x)
+            y = tl.sum(xs * Cc[None, :, :], axis=1)                                    # (BD, T)
+            if HAS_D:
+                y += Dskip[:, None] * u
+            mo = mask_e[:, None] & (ro[None, :] >= 0)
+            if HAS_Z:
+                zz = tl.load(z_ptr + _at(st_ptr, 9, b, k, ro[None, :]) + offs_e[:, None], mask=mo, other=0.0)
+                y = y * zz.to(tl.float32) * tl.sigmoid(zz.to(tl.float32))
+            tl.store(out_ptr + _at(st_ptr, 12, b, k, ro[None, :]) + offs_e[:, None], y.to(out_ptr.dtype.element_ty),
+                     mask=mo)
+            x = tl.sum(tl.where(offs_t[None, None, :] == CHUNK - 1, xs, 0.0), axis=2)
+
+    @triton.jit
+    def _ordered_scan_bwd_kernel(
+        u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, order_ptr, st_ptr, starts_ptr, dout_ptr,
+        du_ptr, ddt_ptr, dz_ptr,   # (batch, K, rows, E), (batch, K, rows, E), (batch, K, L_out, E) fp32
+        dB_ptr, dC_ptr,            # (batch, K, rows, N) fp32 zeroed (atomics), or per channel tile (DETERMINISTIC)
+        dA_ptr, dD_ptr, dbias_ptr,  # (batch, K*E, N), (batch, K*E) x2 fp32
+        K, E, N, Lmax, rows, L_out, n_chunks,
+        HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+        IDX_IN: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
+        DETERMINISTIC: tl.constexpr,
+    ):
+        b, k, offs_e, mask_e, offs_d, offs_n, mask_n, mask_dn, A, Dskip, bias = _ordered_tile(
+            A_ptr, D_ptr, bias_ptr, K, E, N, HAS_D, HAS_BIAS, BLOCK_D, BLOCK_N)
+        offs_t = tl.arange(0, CHUNK)
+        dh_carry = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+        dA_acc = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+        dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        base = (b * K + k) * rows
+        for i in range(0, n_chunks):
+            c = n_chunks - 1 - i
+            offs_l = c * CHUNK + offs_t
+            in_seq = offs_l < Lmax
+            ro, r = _ordered_rows(order_ptr, k, Lmax, offs_l, IDX_IN)
+            x0 = tl.load(starts_ptr + (((b * K * E + offs_d[:, None]) * n_chunks + c) * N + offs_n[None, :]),
+                         mask=mask_dn, other=0.0)
+            u, dt_raw, dt, Bc, Cc = _ordered_chunk(u_ptr, dt_ptr, B_ptr, C_ptr, st_ptr, b, k, r, in_seq, offs_e,
+                                                   mask_e, offs_n, mask_n, bias, HAS_BIAS, SOFTPLUS)
+            dBu, xs = _scan_chunk(u, dt, Bc, A, x0)
+            a = xs - dBu                                                               # exp(Δ_l A) x_{l-1}
+            _, rn = _ordered_rows(order_ptr, k, Lmax, offs_l + 1, IDX_IN)               # Δ at l+1
+            _, _, dtn, _, _ = _ordered_chunk(u_ptr, dt_ptr, B_ptr, C_ptr, st_ptr, b, k, rn, offs_l + 1 < Lmax,
+                                             offs_e, mask_e, offs_n, mask_n, bias, HAS_BIAS, SOFTPLUS)
+            mo = mask_e[:, None] & (ro[None, :] >= 0)
+            dout = tl.load(dout_ptr + ((b * K + k) * L_out + ro[None, :]) * E + offs_e[:, None], mask=mo,
+                           other=0.0).to(tl.float32)
+            y = tl.sum(xs * Cc[None, :, :], axis=1)
+            if HAS_D:
+                y += Dskip[:, None] * u
+            if HAS_Z:
+                zz = tl.load(z_ptr + _at(st_ptr, 9, b, k, ro[None, :]) + offs_e[:, None], mask=mo, other=0.0)
+                zz = zz.to(tl.float32)
+                sz = tl.sigmoid(zz)
+                gy = dout * zz * sz
+                tl.store(dz_ptr + ((b * K + k) * L_out + ro[None, :]) * E + offs_e[:, None],
+                         dout * y * sz * (1.0 + zz * (1.0 - sz)), mask=mo)
+            else:
+                gy = dout
+            dA_next = tl.exp(dtn[:, None, :] * A[:, :, None])
+            gC = gy[:, None, :] * Cc[None, :, :]
+            Q, rr = tl.associative_scan((dA_next, gC), 2, _recurrence_combine, reverse=True)
+            dh = rr + Q * dh_carry[:, :, None]
+            dh_carry = tl.sum(tl.where(offs_t[None, None, :] == 0, dh, 0.0), axis=2)
+            dhdt = dh * dt[:, None, :]
+            ddt = tl.sum(dh * (A[:, :, None] * a + Bc[None, :, :] * u[:, None, :]), axis=1)
+            dA_acc += tl.sum(dhdt * a, axis=2)
+            du = tl.sum(dhdt * Bc[None, :, :], axis=1)
+            if HAS_D:
+                du += gy * Dskip[:, None]
+                dD_acc += tl.sum(gy * u, axis=1)
+            mr = mask_n[:, None] & (r[None, :] >= 0)
+            bc = (base + r[None, :]) * N + offs_n[:, None]
+            dB = tl.sum(dhdt * u[:, None, :], axis=0)
+            dC = tl.sum(xs * gy[:, None, :], axis=0)
+            if DETERMINISTIC:
+                part = tl.program_id(0) * (tl.num_programs(1) * rows * N)
+                tl.store(dB_ptr + part + bc, dB, mask=mr)
+                tl.store(dC_ptr + part + bc, dC, mask=mr)
+            else:
+                tl.atomic_add(dB_ptr + bc, dB, mask=mr)
+                tl.atomic_add(dC_ptr + bc, dC, mask=mr)
+            if SOFTPLUS:
+                ddt = ddt * tl.where(dt_raw <= 20.0, tl.sigmoid(dt_raw), 1.0)
+            ddt = tl.where(in_seq[None, :], ddt, 0.0)
+            if HAS_BIAS:
+                dbias_acc += tl.sum(ddt, axis=1)                 # padding steps too: their Δ is the bias
+            mi = mask_e[:, None] & (r[None, :] >= 0)
+            tl.store(du_ptr + (base + r[None, :]) * E + offs_e[:, None], du, mask=mi)
+            tl.store(ddt_ptr + (base + r[None, :]) * E + offs_e[:, None], ddt, mask=mi)
+        tl.store(dA_ptr + (b * K * E + offs_d[:, None]) * N + offs_n[None, :], dA_acc, mask=mask_dn)
+        if HAS_D:
+            tl.store(dD_ptr + b * K * E + offs_d, dD_acc, mask=mask_e)
+        if HAS_BIAS:
+            tl.store(dbias_ptr + b * K * E + offs_d, dbias_acc, mask=mask_e)
+
+    @triton.jit
+    def _conv_x(x_ptr, order_ptr, b, k, sj, offs_e, mask_e, Lmax, sx_b, sx_r):
+        # x at the rows of steps sj (BS,) of direction k, (BS, BE) fp32: zero before the sequence and at padding
+        r = tl.load(order_ptr + k * Lmax + sj, mask=(sj >= 0) & (sj < Lmax), other=-1)
+        return tl.load(x_ptr + b * sx_b + r[:, None] * sx_r + offs_e[None, :], mask=(r[:, None] >= 0) & mask_e[None, :],
+                       other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _conv_pre(x_ptr, w_ptr, bias_ptr, order_ptr, b, k, offs_s, offs_e, mask_e, E, Lmax, sx_b, sx_r,
+                  D_CONV: tl.constexpr):
+        # the pre-activation (BS, BE): bias + sum_j w[j] x[order[s - (D_CONV-1) + j]], zero outside the sequence
+        acc = tl.zeros((offs_s.shape[0], offs_e.shape[0]), dtype=tl.float32)
+        acc += tl.load(bias_ptr + k * E + offs_e, mask=mask_e, other=0.0).to(tl.float32)[None, :]
+        for j in tl.static_range(D_CONV):
+            xv = _conv_x(x_ptr, order_ptr, b, k, offs_s - (D_CONV - 1) + j, offs_e, mask_e, Lmax, sx_b, sx_r)
+            wv = tl.load(w_ptr + (k * D_CONV + j) * E + offs_e, mask=mask_e, other=0.0)
+            acc += wv[None, :] * xv
+        return acc
+
+    @triton.jit
+    def _ordered_conv_fwd_kernel(x_ptr, w_ptr, bias_ptr, order_ptr, u_ptr, batch, E, Lmax, sx_b, sx_r,
+                                 D_CONV: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr):
+        # u (K, batch, Lmax, E) = SiLU(the pre-activation); program (s block, e block, k * batch + b)
+        k, b = tl.program_id(2) // batch, tl.program_id(2) % batch
+        offs_s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+        offs_e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
+        mask_e = offs_e < E
+        acc = _conv_pre(x_ptr, w_ptr, bias_ptr, order_ptr, b, k, offs_s, offs_e, mask_e, E, Lmax, sx_b, sx_r, D_CONV)
+        tl.store(u_ptr + ((k * batch + b) * Lmax + offs_s[:, None]) * E + offs_e[None, :],
+                 (acc * tl.sigmoid(acc)).to(u_ptr.dtype.element_ty), mask=(offs_s[:, None] < Lmax) & mask_e[None, :])
+
+    @triton.jit
+    def _ordered_conv_bwd_kernel(x_ptr, w_ptr, bias_ptr, order_ptr, du_ptr, dpre_ptr, dwp_ptr, dbp_ptr, batch, K, E,
+                                 Lmax, sx_b, sx_r, D_CONV: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr):
+        # pass 1: dpre (K, batch, Lmax, E) = du SiLU'(pre); this program's part of dw (K, D_CONV, E) and dbias (K, E)
+        # in its own slot of dwp (s blocks, batch, ...), dbp: summed afterwards in a fixed order, no atomics
+        k, b = tl.program_id(2) // batch, tl.program_id(2) % batch
+        offs_s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+        offs_e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
+        mask_e = offs_e < E
+        m = (offs_s[:, None] < Lmax) & mask_e[None, :]
+        acc = _conv_pre(x_ptr, w_ptr, bias_ptr, order_ptr, b, k, offs_s, offs_e, mask_e, E, Lmax, sx_b, sx_r, D_CONV)
+        at = ((k * batch + b) * Lmax + offs_s[:, None]) * E + offs_e[None, :]
+        sg = tl.sigmoid(acc)
+        g = tl.where(m, tl.load(du_ptr + at, mask=m, other=0.0).to(tl.float32) * sg * (1.0 + acc * (1.0 - sg)), 0.0)
+        tl.store(dpre_ptr + at, g, mask=m)
+        slot = (tl.program_id(0) * batch + b) * K + k
+        tl.store(dbp_ptr + slot * E + offs_e, tl.sum(g, axis=0), mask=mask_e)
+        for j in tl.static_range(D_CONV):
+            xv = _conv_x(x_ptr, order_ptr, b, k, offs_s - (D_CONV - 1) + j, offs_e, mask_e, Lmax, sx_b, sx_r)
+            tl.store(dwp_ptr + (slot * D_CONV + j) * E + offs_e, tl.sum(g * xv, axis=0), mask=mask_e)
+
+    @triton.jit
+    def _ordered_conv_dx_kernel(w_ptr, inv_ptr, dpre_ptr, dx_ptr, batch, K, E, Lmax, Lin,
+                                D_CONV: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr):
+        # pass 2: dx[b][p] = sum_k sum_j w_k[j] dpre[k][b][inv_k[p] + D_CONV-1 - j], each token summed in one program
+        b = tl.program_id(2)
+        offs_p = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+        offs_e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
+        mask_p, mask_e = offs_p < Lin, offs_e < E
+        acc = tl.zeros((BLOCK_S, BLOCK_E), dtype=tl.float32)
+        for k in range(0, K):
+            s0 = tl.load(inv_ptr + k * Lin + offs_p, mask=mask_p, other=0)
+            for j in tl.static_range(D_CONV):
+                s = s0 + (D_CONV - 1) - j
+                m = (mask_p & (s < Lmax))[:, None] & mask_e[None, :]
+                gv = tl.load(dpre_ptr + ((k * batch + b) * Lmax + s[:, None]) * E + offs_e[None, :], mask=m, other=0.0)
+                wv = tl.load(w_ptr + (k * D_CONV + j) * E + offs_e, mask=mask_e, other=0.0)
+                acc += wv[None, :] * gv
+        tl.store(dx_ptr + (b * Lin + offs_p[:, None]) * E + offs_e[None, :], acc,
+                 mask=mask_p[:, None] & mask_e[None, :])
+
+
+def _ordered_triton_config(N, E, batch, K, rows, L_out, Lmax):
+    """(BLOCK_D, BLOCK_N, CHUNK) as the scan's, after checking the int32 offsets."""
+    BLOCK_D, BLOCK_N, CHUNK = _triton_config(N, E)
+    largest = max(batch * K * max(rows, L_out) * max(E, N), batch * K * E * -(-Lmax // CHUNK) * N)
+    if largest >= INT32_LIMIT:
+        raise ValueError(f"ordered_scan: the Triton kernels compute offsets in int32 and this call needs {largest:,} "
+                         f">= 2^31; split the batch")
+    return BLOCK_D, BLOCK_N, CHUNK
+
+
+def _lastdim(t):
+    return t if t is None or t.stride(-1) == 1 else t.contiguous()
+
+
+def ordered_scan_triton(u, delta, A, B, C, D, z, delta_bias, order, L_out, delta_softplus, idx_in, need_starts):
+    """ordered_scan's forward on the Triton kernels (its CUDA implementation; CPU tensors under
+    TRITON_INTERPRET=1). The same contract, the chunk starts in the Triton kernels' chunks."""
+    batch, K, rows, E = delta.shape
+    N, Lmax = A.shape[1], order.shape[1]
+    u, delta, B, C, z = (_lastdim(t) for t in (u, delta, B, C, z))
+    if B.stride() != C.stride():
+        B, C = B.contiguous(), C.contiguous()
+    BLOCK_D, BLOCK_N, CHUNK = _ordered_triton_config(N, E, batch, K, rows, L_out, Lmax)
+    n_chunks = -(-Lmax // CHUNK)
+    out = torch.empty(batch, K, L_out, E, dtype=u.dtype, device=u.device)
+    starts = torch.empty(batch, K * E, n_chunks, N, dtype=torch.float32, device=u.device) if need_starts else \
+        torch.empty(0, dtype=torch.float32, device=u.device)
+    st = _scan_strides(u, delta, B, z, out, L_out).to(u.device)
+    with torch.cuda.device(u.device) if u.is_cuda else contextlib.nullcontext():
+        _ordered_scan_fwd_kernel[(triton.cdiv(E, BLOCK_D), batch * K)](
+            u, delta, A.contiguous(), B, C, _or_dummy(D, u), _or_dummy(z, u), _or_dummy(delta_bias, u),
+            order.contiguous(), st, out, starts if need_starts else out, K, E, N, Lmax, n_chunks,
+            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
+            IDX_IN=bool(idx_in), SAVE=bool(need_starts), BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, CHUNK=CHUNK)
+    return out, starts
+
+
+def ordered_scan_backward_triton(u, delta, A, B, C, D, z, delta_bias, order, starts, dout, delta_softplus, idx_in):
+    """ordered_scan_backward on the Triton kernels: the same list of gradients."""
+    batch, K, rows, E = delta.shape
+    N, Lmax, L_out = A.shape[1], order.shape[1], dout.shape[2]
+    u, delta, B, C, z = (_lastdim(t) for t in (u, delta, B, C, z))
+    if B.stride() != C.stride():
+        B, C = B.contiguous(), C.contiguous()
+    BLOCK_D, BLOCK_N, CHUNK = _ordered_triton_config(N, E, batch, K, rows, L_out, Lmax)
+    grid = (triton.cdiv(E, BLOCK_D), batch * K)
+    f32 = dict(dtype=torch.float32, device=u.device)
+    du, ddt = torch.empty(batch, K, rows, E, **f32), torch.empty(batch, K, rows, E, **f32)
+    dz = torch.empty(batch, K, L_out, E, **f32) if z is not None else None
+    det = torch.are_deterministic_algorithms_enabled() and grid[0] > 1
+    parts = (grid[0],) if det else ()
+    dB, dC = (torch.empty if det else torch.zeros)(2, *parts, batch, K, rows, N, **f32).unbind(0)
+    dA, dD, dbias = torch.empty(batch, K * E, N, **f32), *torch.empty(2, batch, K * E, **f32).unbind(0)
+    st = _scan_strides(u, delta, B, z, None, L_out).to(u.device)
+    with torch.cuda.device(u.device) if u.is_cuda else contextlib.nullcontext():
+        _ordered_scan_bwd_kernel[grid](
+            u, delta, A.contiguous(), B, C, _or_dummy(D, u), _or_dummy(z, u), _or_dummy(delta_bias, u),
+            order.contiguous(), st, starts, dout.contiguous(), du, ddt, _or_dummy(dz, du), dB, dC, dA, dD, dbias,
+            K, E, N, Lmax, rows, L_out, -(-Lmax // CHUNK),
+            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
+            IDX_IN=bool(idx_in), BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, CHUNK=CHUNK, DETERMINISTIC=det)
+    if det:
+        dB, dC = dB.sum(0), dC.sum(0)
+    return _ordered_grads(u, delta, A, B, C, D, z, delta_bias, du, ddt, dA, dB, dC, dD, dz, dbias)
+
+
+def ordered_conv_triton(x, weight, bias, order, inv):
+    """ordered_conv on the Triton kernels."""
+    batch, L_in, E = x.shape
+    K, Lmax = order.shape
+    x, wt, b = _lastdim(x), *_conv_args(x, weight, bias)[1:]
+    u = torch.empty(K, batch, Lmax, E, dtype=x.dtype, device=x.device)
+    BS, BE = 16, min(128, triton.next_power_of_2(E))
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        _ordered_conv_fwd_kernel[(triton.cdiv(Lmax, BS), triton.cdiv(E, BE), K * batch)](
+            x, wt, b, order.contiguous(), u, batch, E, Lmax, x.stride(0), x.stride(1),
+            D_CONV=weight.shape[-1], BLOCK_S=BS, BLOCK_E=BE)
+    return u
+
+
+def ordered_conv_backward_triton(x, weight, bias, order, inv, du):
+    """ordered_conv_backward on the Triton kernels (no atomics: partial sums per program, summed in order)."""
+    batch, L_in, E = x.shape
+    K, Lmax = order.shape
+    dc = weight.shape[-1]
+    x, wt, b = _lastdim(x), *_conv_args(x, weight, bias)[1:]
+    BS, BE = 16, min(128, triton.next_power_of_2(E))
+    nblk = triton.cdiv(Lmax, BS)
+    f32 = dict(dtype=torch.float32, device=x.device)
+    dpre, dx = torch.empty(K, batch, Lmax, E, **f32), torch.empty(batch, L_in, E, **f32)
+    dwp, dbp = torch.empty(nblk, batch, K, dc, E, **f32), torch.empty(nblk, batch, K, E, **f32)
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        _ordered_conv_bwd_kernel[(nblk, triton.cdiv(E, BE), K * batch)](
+            x, wt, b, order.contiguous(), du.contiguous(), dpre, dwp, dbp, batch, K, E, Lmax, x.stride(0), x.stride(1),
+            D_CONV=dc, BLOCK_S=BS, BLOCK_E=BE)
+        _ordered_conv_dx_kernel[(triton.cdiv(L_in, BS), triton.cdiv(E, BE), batch)](
+            wt, inv.contiguous(), dpre, dx, batch, K, E, Lmax, L_in, D_CONV=dc, BLOCK_S=BS, BLOCK_E=BE)
+    dw = _fixed_order_sum(dwp.flatten(0, 1), 0).transpose(1, 2).reshape(weight.shape)
+    db = _fixed_order_sum(dbp.flatten(0, 1), 0).reshape(bias.shape)
+    return [dx.to(x.dtype), dw.to(weight.dtype), db.to(bias.dtype)]
+
+
+if HAS_TRITON:   # the CUDA implementations of the four ops
+    ordered_scan.register_kernel("cuda")(ordered_scan_triton)
+    ordered_scan_backward.register_kernel("cuda")(ordered_scan_backward_triton)
+    ordered_conv.register_kernel("cuda")(ordered_conv_triton)
+    ordered_conv_backward.register_kernel("cuda")(ordered_conv_backward_triton)
+
+
 # -----------------------------------------------------------------------------
 # "export": the recurrence as ONE loop that exporters keep (torch.export, torch.onnx's dynamo
 # path): torch's `scan` higher-order op, which becomes a single ONNX `Scan` node. The "torch"
@@ -1176,10 +1542,11 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None,
 # GPU machine code without a GPU: python scan_kernel.py --compile-check 80 90
 
 def compile_check(archs=(80, 90)):
-    """Compile both kernels to CUDA machine code for each compute capability in archs (80 = A100,
-    90 = H100) and read their resource use: Triton's compiler and the ptxas / cuobjdump that ship
-    with it run on the CPU, so this catches what the interpreter cannot (code the GPU compiler
-    rejects, register spills) on a machine with no GPU. Returns one row per compiled variant."""
+    """Compile the kernels (the scan's two, the fused mixer's five) to CUDA machine code for each
+    compute capability in archs (80 = A100, 90 = H100) and read their resource use: Triton's
+    compiler and the ptxas / cuobjdump that ship with it run on the CPU, so this catches what the
+    interpreter cannot (code the GPU compiler rejects, register spills) on a machine with no GPU.
+    Returns one row per compiled variant."""
     import subprocess
     import tempfile
     from triton.backends.compiler import GPUTarget
@@ -1187,17 +1554,23 @@ def compile_check(archs=(80, 90)):
     if not HAS_TRITON or TRITON_INTERPRET:
         raise RuntimeError("compile_check needs triton, imported without TRITON_INTERPRET=1")
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    io_dtype = ("u_ptr", "dt_ptr", "B_ptr", "C_ptr", "z_ptr", "out_ptr", "dout_ptr")   # u's dtype; the rest fp32
+    io_dtype = ("u_ptr", "dt_ptr", "B_ptr", "C_ptr", "z_ptr", "out_ptr", "dout_ptr", "x_ptr")   # u's dtype; else fp32
     variants = [  # (dtype, HAS_D/HAS_Z/HAS_BIAS/SOFTPLUS, N, channels per group)
         ("fp32", True, 16, 96), ("bf16", True, 16, 96), ("fp16", False, 16, 96), ("fp32", True, 256, 96)]
+    kernels = [(_scan_fwd_kernel, variants), (_scan_bwd_kernel, variants),                # the selective scan
+               (_ordered_scan_fwd_kernel, variants[:3]), (_ordered_scan_bwd_kernel, variants[:3]),   # the fused mixer
+               (_ordered_conv_fwd_kernel, variants[:2]), (_ordered_conv_bwd_kernel, variants[:1]),
+               (_ordered_conv_dx_kernel, variants[:1])]
     rows = []
     for arch in archs:
-        for kernel in (_scan_fwd_kernel, _scan_bwd_kernel):
-            for dtype, flags, N, dg in variants:
+        for kernel, kernel_variants in kernels:
+            for dtype, flags, N, dg in kernel_variants:
                 blocks = dict(zip(("BLOCK_D", "BLOCK_N", "CHUNK"), _triton_config(N, dg)))
-                const = dict(HAS_D=flags, HAS_Z=flags, HAS_BIAS=flags, SOFTPLUS=flags, **blocks,
-                             **({"DETERMINISTIC": flags} if "DETERMINISTIC" in kernel.arg_names else {}))
-                sig = {a: "constexpr" if a in const else ("*" + (dtype if a in io_dtype else "fp32"))
+                const = dict(HAS_D=flags, HAS_Z=flags, HAS_BIAS=flags, SOFTPLUS=flags, **blocks, DETERMINISTIC=flags,
+                             IDX_IN=flags, SAVE=True, D_CONV=4, BLOCK_S=16, BLOCK_E=128)
+                const = {k: v for k, v in const.items() if k in kernel.arg_names}
+                sig = {a: "constexpr" if a in const else ("*i64" if a in ("order_ptr", "st_ptr", "inv_ptr") else
+                                                          "*" + (dtype if a in io_dtype else "fp32"))
                        if a.endswith("_ptr") else "i32" for a in kernel.arg_names}
                 compiled = triton.compile(ASTSource(kernel, sig, const), target=GPUTarget("cuda", arch, 32))
                 usage = {}

@@ -255,7 +255,7 @@ extern "C" void kernel(const float* u, const float* delta, const float* A2t, con
                save = flags & 32;
     const int64_t n_chunks = (Lmax + T - 1) / T, nvec = (E + VL - 1) / VL, per = (nvec + S - 1) / S;
     static const float zeros[N] = {0.f};
-    #pragma omp parallel for schedule(static)
+    #pragma omp parallel for schedule(dynamic)
     for (int64_t w = 0; w < batch * K * S; w++) {
         const int64_t b = w / (K * S), k = (w / S) %% K, sp_ = w %% S;
         const int64_t* ord = order + k * Lmax;
@@ -269,7 +269,7 @@ extern "C" void kernel(const float* u, const float* delta, const float* A2t, con
             const Vec vbias = has_bias ? gather(bias + d0, 1, nc) : Vec(0.f);
             const Vec vD = has_D ? gather(Dskip + d0, 1, nc) : Vec(0.f);
             for (int64_t s = 0; s < Lmax; s++) {
-                if (save && s %% T == 0)                                        // chunk start: (batch, K*E, n_chunks, N)
+                if (save && s %% T == 0)                                      // chunk start (batch, K*E, n_chunks, N)
                     for (int64_t n = 0; n < N; n++)
                         scatter(x[n], starts + ((b * K * E + d0) * n_chunks + s / T) * N + n, n_chunks * N, nc);
                 const int64_t ro = ord[s], r = idx_in ? ro : s;
@@ -314,7 +314,7 @@ extern "C" void kernel(const float* u, const float* delta, const float* A2t, con
     const int64_t n_chunks = (Lmax + T - 1) / T, nvec = (E + VL - 1) / VL, per = (nvec + S - 1) / S;
     const int64_t Lout = st[15];
     static const float zeros[N] = {0.f};
-    #pragma omp parallel for schedule(static)
+    #pragma omp parallel for schedule(dynamic)
     for (int64_t w = 0; w < batch * K * S; w++) {
         const int64_t b = w / (K * S), k = (w / S) %% K, sp_ = w %% S;
         const int64_t v0 = std::min(nvec, sp_ * per), nv = std::min(nvec, v0 + per) - v0;
@@ -361,7 +361,8 @@ extern "C" void kernel(const float* u, const float* delta, const float* A2t, con
                     for (int64_t n = 0; n < N; n++) {
                         const Vec e = exp2v(a[n] * dt);
                         e.store(eA + (t * N + n) * VL);
-                        at::vec::fmadd(e, Vec::loadu(xs + (t * N + n) * VL), dtu * Vec(Bn[n])).store(xs + ((t + 1) * N + n) * VL);
+                        const Vec x = at::vec::fmadd(e, Vec::loadu(xs + (t * N + n) * VL), dtu * Vec(Bn[n]));
+                        x.store(xs + ((t + 1) * N + n) * VL);
                     }
                 }
                 for (int64_t t = nt - 1; t >= 0; t--) {                  // the reverse scan
@@ -372,7 +373,8 @@ extern "C" void kernel(const float* u, const float* delta, const float* A2t, con
                     const Vec zz = has_z && ro >= 0 ? Vec::loadu(z0 + ro * st[11] + e0, nc) : Vec(0.f);
                     const Vec sz = has_z ? sigmoid(zz) : Vec(1.f);
                     const Vec gy = has_z ? go * zz * sz : go;             // dL/dy
-                    const float* Bn = r >= 0 ? B0 + r * st[8] : zeros; const float* Cn = r >= 0 ? C0 + r * st[8] : zeros;
+                    const float* Bn = r >= 0 ? B0 + r * st[8] : zeros;
+                    const float* Cn = r >= 0 ? C0 + r * st[8] : zeros;
                     Vec* sB = sumB.data() + t * N; Vec* sC = sumC.data() + t * N;
                     Vec wA[2] = {Vec(0.f), Vec(0.f)}, hB[2] = {Vec(0.f), Vec(0.f)}, y[2] = {vD * uu, Vec(0.f)};
                     for (int64_t n = 0; n < N; n++) {
@@ -397,14 +399,17 @@ extern "C" void kernel(const float* u, const float* delta, const float* A2t, con
                         (dt * dhB + gy * vD).store(du0 + r * E + e0, nc); // du
                         ddt.store(dd0 + r * E + e0, nc);
                     }
-                    if (has_z && ro >= 0) (go * (y[0] + y[1]) * sz * (Vec(1.f) + zz * (Vec(1.f) - sz))).store(dz0 + ro * E + e0, nc);
+                    if (has_z && ro >= 0)                                 // dz
+                        (go * (y[0] + y[1]) * sz * (Vec(1.f) + zz * (Vec(1.f) - sz))).store(dz0 + ro * E + e0, nc);
                 }
                 dDv[i] = dD_sum; dbv[i] = db_sum;
             }
             for (int64_t t = 0; t < nt; t++) {                           // the chunk's dB, dC: lanes summed once
                 const int64_t r = idx_in ? ord[t0 + t] : t0 + t;
                 if (r < 0) continue;
-                for (int64_t n = 0; n < N; n++) { dBw[r * N + n] = hsum(sumB[t * N + n]); dCw[r * N + n] = hsum(sumC[t * N + n]); }
+                for (int64_t n = 0; n < N; n++) {
+                    dBw[r * N + n] = hsum(sumB[t * N + n]); dCw[r * N + n] = hsum(sumC[t * N + n]);
+                }
             }
         }
         for (int64_t i = 0; i < nv; i++) {
@@ -437,7 +442,7 @@ ORDERED_CONV_FWD = COMMON + CONV_COMMON + r'''
 extern "C" void kernel(const float* x, const float* wt, const float* bias, const int64_t* order, float* u,
                        int64_t batch, int64_t K, int64_t E, int64_t Lmax, int64_t dc, int64_t sx_b, int64_t sx_r) {
     const int64_t nblk = (Lmax + T - 1) / T;
-    #pragma omp parallel for schedule(static)
+    #pragma omp parallel for schedule(dynamic)
     for (int64_t w = 0; w < K * batch * nblk; w++) {
         const int64_t k = w / (batch * nblk), b = (w / nblk) %% batch, s0 = (w %% nblk) * T;
         const int64_t* ord = order + k * Lmax;
@@ -461,7 +466,7 @@ ORDERED_CONV_BWD = COMMON + CONV_COMMON + r'''
 extern "C" void kernel(const float* x, const float* wt, const float* bias, const int64_t* order, const int64_t* inv,
                        const float* du, float* dpre, float* dx, float* dwb, float* dbb, int64_t batch, int64_t K,
                        int64_t E, int64_t Lmax, int64_t Lin, int64_t dc, int64_t sx_b, int64_t sx_r) {
-    #pragma omp parallel for schedule(static)
+    #pragma omp parallel for schedule(dynamic)
     for (int64_t w = 0; w < K * batch; w++) {
         const int64_t k = w / batch, b = w %% batch;
         const int64_t* ord = order + k * Lmax;
@@ -473,7 +478,8 @@ extern "C" void kernel(const float* x, const float* wt, const float* bias, const
             for (int64_t e0 = 0; e0 < E; e0 += VL) {
                 const int64_t nc = std::min(VL, E - e0);
                 const Vec acc = conv_pre(x + b * sx_b, sx_r, wt + k * dc * E, bias + k * E, ord, s, e0, nc, E, dc);
-                const Vec sg = sigmoid(acc), g = Vec::loadu(du + off + e0, nc) * sg * (Vec(1.f) + acc * (Vec(1.f) - sg));
+                const Vec sg = sigmoid(acc);
+                const Vec g = Vec::loadu(du + off + e0, nc) * sg * (Vec(1.f) + acc * (Vec(1.f) - sg));   // SiLU
                 g.store(dpre + off + e0, nc);
                 (Vec::loadu(db + e0, nc) + g).store(db + e0, nc);
                 for (int64_t j = 0; j < dc; j++) {
@@ -484,7 +490,7 @@ extern "C" void kernel(const float* x, const float* wt, const float* bias, const
             }
         }
     }
-    #pragma omp parallel for schedule(static)
+    #pragma omp parallel for schedule(dynamic)
     for (int64_t w = 0; w < batch * Lin; w++) {
         const int64_t b = w / Lin, p = w %% Lin;
         for (int64_t e0 = 0; e0 < E; e0 += VL) {
@@ -494,8 +500,9 @@ extern "C" void kernel(const float* x, const float* wt, const float* bias, const
                 const int64_t s0 = inv[k * Lin + p];
                 for (int64_t j = 0; j < dc; j++) {
                     const int64_t s = s0 + (dc - 1) - j;
-                    if (s < Lmax) acc = at::vec::fmadd(Vec::loadu(wt + (k * dc + j) * E + e0, nc),
-                                                       Vec::loadu(dpre + ((k * batch + b) * Lmax + s) * E + e0, nc), acc);
+                    if (s >= Lmax) continue;
+                    const Vec g = Vec::loadu(dpre + ((k * batch + b) * Lmax + s) * E + e0, nc);
+                    acc = at::vec::fmadd(Vec::loadu(wt + (k * dc + j) * E + e0, nc), g, acc);
                 }
             }
             acc.store(dx + (b * Lin + p) * E + e0, nc);

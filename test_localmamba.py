@@ -411,7 +411,8 @@ def ordered_reference(x, orders, inv, idx_in):
     K, E, N = orders.shape[0], x["delta"].shape[3], x["A"].shape[1]
     outs = []
     for k in range(K):
-        to_seq = (lambda t: lm.scan_tokens(t.transpose(-1, -2), orders[k])) if idx_in else (lambda t: t.transpose(-1, -2))
+        to_seq = ((lambda t: lm.scan_tokens(t.transpose(-1, -2), orders[k])) if idx_in else
+                  (lambda t: t.transpose(-1, -2)))
         u = to_seq(x["u"][:, min(k, x["u"].shape[1] - 1)])
         Bk, Ck = to_seq(x["xd"][:, :, k, :N]), to_seq(x["xd"][:, :, k, N:])
         z = None if x["z"] is None else lm.scan_tokens(x["z"][:, 0].transpose(1, 2), orders[k])
@@ -464,7 +465,8 @@ def test_ordered_conv_matches_conv1d_on_the_gathered_sequence():
         want = want.view(2, K, E, Lmax).permute(1, 0, 3, 2)
         assert rel_err(got, want) < 1e-6
         dout = torch.randn(got.shape, generator=g)
-        for a, c in zip(torch.autograd.grad(got, (xz, w, b), dout), torch.autograd.grad(want, (xz, w, b), dout.double())):
+        got_g = torch.autograd.grad(got, (xz, w, b), dout)
+        for a, c in zip(got_g, torch.autograd.grad(want, (xz, w, b), dout.double())):
             assert rel_err(a, c) < 1e-6
 
 
@@ -483,6 +485,48 @@ def test_ordered_ops_are_custom_ops_that_torch_checks():
     torch.library.opcheck(torch.ops.localmamba.ordered_conv.default,
                           (xz[..., :12], torch.randn(24, 1, 4, requires_grad=True),
                            torch.randn(24, requires_grad=True), orders, inv))
+
+
+@needs_triton
+@pytest.mark.parametrize("dirs,H,W,cls_pos,idx_in,z,batch", ORDERED_CASES[:3])
+def test_ordered_triton_kernels_match_the_readable_ops_in_float64(dirs, H, W, cls_pos, idx_in, z, batch):
+    """The Triton versions of the ordered kernels (ordered_scan's CUDA implementation), run as CI runs
+    Triton (on the CPU under the interpreter), against the same float64 reference as the C++ ones:
+    the output and the gradient of every input."""
+    x, orders, inv = ordered_case(dirs, H, W, cls_pos, idx_in, z, batch, E=12, N=4)
+    want = ordered_reference({k: None if v is None else v.requires_grad_() for k, v in x.items()}, orders, inv, idx_in)
+    dout = torch.randn(want.shape, generator=torch.Generator().manual_seed(5))
+    names = [k for k, v in x.items() if v is not None]
+    want_g = dict(zip(names, torch.autograd.grad(want, [x[k] for k in names], dout.double())))
+    d = {k: None if v is None else v.detach().to(TRITON_DEVICE) for k, v in x.items()}
+    Bv, Cv = d["xd"].transpose(1, 2)[..., :4], d["xd"].transpose(1, 2)[..., 4:]
+    args = (d["u"], d["delta"], d["A"], Bv, Cv, d["D"], d["z"], d["delta_bias"], orders.to(TRITON_DEVICE))
+    out, starts = scan_kernel.ordered_scan_triton(*args, inv.shape[1], True, idx_in, True)
+    du, ddelta, dA, dB, dC, dD, dz, dbias = scan_kernel.ordered_scan_backward_triton(
+        *args, starts, dout.to(TRITON_DEVICE), True, idx_in)
+    assert rel_err(out.cpu(), want) < 1e-5
+    got_g = dict(u=du, delta=ddelta, A=dA, D=dD, delta_bias=dbias, z=dz, xd=torch.cat([dB, dC], -1).transpose(1, 2))
+    for k in names:
+        assert rel_err(got_g[k].cpu(), want_g[k]) < 1e-5, k
+
+
+@needs_triton
+def test_ordered_triton_conv_matches_the_cpu_kernel():
+    """ordered_conv's Triton version (forward, dx through the inverse orders, dw and the bias in
+    partial sums per program) against the C++ one, itself held to F.conv1d above."""
+    g = torch.Generator().manual_seed(3)
+    orders, inv, _ = lm.MultiScan(["h", "v_flip", "w2", "w3_flip"]).index(5, 7)
+    xz = torch.randn(2, 35, 40, generator=g)
+    w, b = torch.randn(80, 1, 4, generator=g), torch.randn(80, generator=g)
+    du = torch.randn(4, 2, orders.shape[1], 20, generator=g)
+    dev = lambda *ts: [t.to(TRITON_DEVICE) for t in ts]
+    want = scan_kernel.ordered_conv(xz[..., :20], w, b, orders, inv)
+    got = scan_kernel.ordered_conv_triton(dev(xz)[0][..., :20], *dev(w, b, orders, inv))
+    assert rel_err(got.cpu(), want) < 1e-6
+    want_g = scan_kernel.ordered_conv_backward(xz[..., :20], w, b, orders, inv, du)
+    got_g = scan_kernel.ordered_conv_backward_triton(dev(xz)[0][..., :20], *dev(w, b, orders, inv, du))
+    for a, c in zip(got_g, want_g):
+        assert rel_err(a.cpu(), c) < 1e-6
 
 
 def test_ordered_kernels_give_the_same_bits_on_any_number_of_threads():
@@ -615,8 +659,9 @@ def _gpu_compiler_available():
 @pytest.mark.slow
 @pytest.mark.skipif(not _gpu_compiler_available(), reason="triton's CUDA backend (ptxas) is not installed")
 def test_triton_kernels_compile_to_gpu_code_without_spills():
-    """What the interpreter cannot check: the kernels go through Triton's real compiler and ptxas
-    for A100 (sm_80) and H100 (sm_90), and their state stays in registers (no local-memory spill).
+    """What the interpreter cannot check: the kernels (the scan's and the fused mixer's) go through
+    Triton's real compiler and ptxas for A100 (sm_80) and H100 (sm_90), and their state stays in
+    registers (no local-memory spill).
     In a subprocess: the compiler needs triton imported without TRITON_INTERPRET."""
     import subprocess
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -625,7 +670,10 @@ def test_triton_kernels_compile_to_gpu_code_without_spills():
                        cwd=Path(__file__).resolve().parent)
     assert p.returncode == 0, p.stderr
     rows = json.loads(p.stdout.strip().splitlines()[-1])
-    assert len(rows) == 2 * 2 * 4 and {r["arch"] for r in rows} == {80, 90}
+    assert len(rows) == 2 * (2 * 4 + 2 * 3 + 2 + 1 + 1) and {r["arch"] for r in rows} == {80, 90}
+    fused = {"_ordered_scan_fwd_kernel", "_ordered_scan_bwd_kernel", "_ordered_conv_fwd_kernel",
+             "_ordered_conv_bwd_kernel", "_ordered_conv_dx_kernel"}
+    assert {r["kernel"] for r in rows} >= fused
     for r in rows:
         assert r["cubin_bytes"] > 0
         if r["registers"] is not None:          # cuobjdump ships beside ptxas; read when present

@@ -142,6 +142,12 @@ if __name__ == "__main__":
     import signal
     signal.signal(signal.SIGINT, lambda *_: (print("interrupted: nothing was started", file=sys.stderr), os._exit(130)))
     _EARLY_ARGS = parse_args()
+    # OpenMP's idle threads spin 300,000 rounds before they sleep (GNU libgomp, with as many threads as
+    # cores): on a shared machine they burn the share of the core that their slower partner needs, so
+    # a step beside two busy processes took 3.1× its time alone, where its CPU share gives 2×. A short
+    # spin keeps the speed alone and takes it to 2.2× (docs/benchmark.md, "Fair under contention").
+    # Read when libgomp loads, so set before torch; a value the user set stays.
+    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 import torch
 import torch.distributed as dist

@@ -10,16 +10,19 @@ transformers), and a Vim-style LocalVim-T (every layer scans h, h_flip only), so
 LocalMamba's 4 directions is visible.
 
     python benchmark.py                              # CPU: every model, batch 2, ~5 minutes on 2 cores
-    python benchmark.py --device cuda --batch 64     # GPU: the Triton scan; also the PyTorch scan on the GPU
+    python benchmark.py --device cuda --batch 64     # GPU: the Triton kernels, fused and readable mixer; the PyTorch scan
+    python benchmark.py --paths fused readable       # CPU: the fused mixer (default) and the readable one
     python benchmark.py --models local_vim_tiny deit_tiny --reps 5
     python benchmark.py --traffic --models local_vim_tiny local_vmamba_tiny   # MB moved per image, fp32 inference
 
 Each model runs in fresh subprocesses: a timing pass (times are the median of --reps steps after
-one warm-up step, which also builds the CPU scan: the CPU rows use the scan's C++ kernels,
-as train_mini.py does), then a memory pass (one warm-up step, then the measured one). Peak memory:
+one warm-up step, which also builds the CPU scan: the CPU rows use the scan's C++ kernels and
+glibc keeps freed memory for reuse, as train_mini.py does), then a memory pass (one warm-up step, then the measured one). Peak memory:
 on CUDA torch.cuda.max_memory_allocated (weights, AdamW's moments and all); on the CPU what the
 step allocates at its peak on top of what is resident before it (the built model, its inputs
 and, training, AdamW's moments), see cpu_peak_mb.
+The mixer column: "fused", the mixers' ordered kernels (C++ on the CPU, Triton on CUDA), or
+"readable", scan_tokens -> conv -> selective_scan -> unscan_tokens (localmamba.set_fused).
 Measure on a quiet machine: another heavy process on the same cores slows PyTorch many times.
 """
 import argparse
@@ -81,14 +84,20 @@ def cpu_peak_mb(step):
     return max(0.0, peak[0] - before)
 
 
-def measure(name, batch, reps, device, scan, memory=False):
+def measure(name, batch, reps, device, scan, memory=False, path="fused"):
     """One model, in this process: for inference and then a training step, {img_s, ms} (the timing
-    pass) or {peak_mb} (the memory pass); and the model's params and image size."""
+    pass) or {peak_mb} (the memory pass); and the model's params and image size. path: the mixers'
+    fused path (where its kernels run) or the readable one."""
     import scan_kernel
+    import localmamba
     if device == "cpu":
         scan_kernel.use_compiled_torch_path(True)
+        if not memory:                          # freed activations reused, as train_mini.py sets glibc
+            import localmamba_run
+            localmamba_run.keep_freed_memory()
     torch.manual_seed(0)
     model, size, chans = build(name)
+    localmamba.set_fused(model, path == "fused")
     model.to(device)
     x = torch.randn(batch, chans, size, size, device=device)
     y = torch.randint(0, 1000, (batch,), device=device)
@@ -97,7 +106,6 @@ def measure(name, batch, reps, device, scan, memory=False):
 
     def scan_with(*a, **k):                     # the row's scan backend for every call of the model
         return orig(*a, **{**k, "backend": backend})
-    import localmamba
     localmamba.selective_scan = scan_with
 
     def step(mode):
@@ -198,13 +206,14 @@ def print_traffic(models):
         print(f"| {name} | {total:.0f} | {top} |", flush=True)
 
 
-def run_row(name, batch, reps, device, scan):
+def run_row(name, batch, reps, device, scan, path):
     """measure() in fresh subprocesses: the timing pass, then the memory pass (on the CPU with
     glibc told to map big blocks on their own, see cpu_peak_mb). ({...}, None) or (None, why)."""
     res = {"infer": {}, "train": {}}
     for memory in (False, True):
         env = dict(os.environ, **({"MALLOC_MMAP_THRESHOLD_": "65536"} if memory and device == "cpu" else {}))
-        p = subprocess.run([sys.executable, __file__, "--_row", json.dumps([name, batch, reps, device, scan, memory])],
+        p = subprocess.run([sys.executable, __file__, "--_row", json.dumps([name, batch, reps, device, scan, memory,
+                                                                           path])],
                            capture_output=True, text=True, env=env, cwd=HERE)
         if p.returncode != 0:
             return None, (p.stderr.strip().splitlines() or ["failed"])[-1][:200]
@@ -224,6 +233,9 @@ def main(argv=None):
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     p.add_argument("--traffic", action="store_true", help="instead: MB per image an fp32 inference forward moves "
                    "(bytes read + written by every op, views free; the scan kernel as its tensor arguments), CPU")
+    p.add_argument("--paths", nargs="+", choices=("fused", "readable"), default=None,
+                   help="the mixers' paths to run: the fused one (the ordered kernels) and/or the readable one "
+                        "(default: fused on the CPU, both on CUDA)")
     p.add_argument("--_row", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args._row:
@@ -246,27 +258,32 @@ def main(argv=None):
     unknown = [m for m in models if m not in MODELS]
     if unknown:
         sys.exit(f"error: unknown --models {', '.join(unknown)}; choose from {', '.join(MODELS)}")
-    scans = ["triton", "torch"] if args.device == "cuda" else ["torch"]
+    paths = args.paths or (["fused", "readable"] if args.device == "cuda" else ["fused"])
+    # (scan backend, mixer path) per row: on CUDA the Triton scan on each path, and the PyTorch scan (readable)
+    scans = [("triton", p) for p in paths] + [("torch", "readable")] if args.device == "cuda" else \
+        [("torch", p) for p in paths]
     name_of = {"cpu": f"CPU ({os.cpu_count()} cores)", "cuda": torch.cuda.get_device_name() if args.device == "cuda"
                else ""}
     print(f"torch {torch.__version__}, {name_of[args.device]}, batch {batch}, median of {args.reps} steps\n")
-    print("| model | img px | params | scan | inference img/s | inference peak MB | train img/s | train peak MB |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| model | img px | params | scan | mixer | inference img/s | inference peak MB | train img/s | "
+          "train peak MB |")
+    print("|---|---|---|---|---|---|---|---|---|")
     rows = []
     for name in models:
-        for scan in (["-"] if name in TIMM_MODELS else scans):
-            res, why = run_row(name, batch, args.reps, args.device, "torch" if scan == "-" else scan)
+        for scan, path in ([("-", "-")] if name in TIMM_MODELS else scans):
+            res, why = run_row(name, batch, args.reps, args.device, "torch" if scan == "-" else scan,
+                               "readable" if path == "-" else path)
             scan_name = {"triton": "Triton", "torch": "C++ kernels" if args.device == "cpu" else "PyTorch",
                          "-": "(none)"}[scan]
             if res is None:
-                print(f"| {name} | | | {scan_name} | failed: {why} | | | |", flush=True)
+                print(f"| {name} | | | {scan_name} | {path} | failed: {why} | | | |", flush=True)
                 continue
             f = lambda v, fmt: "n/a" if v is None else fmt.format(v)
-            print(f"| {name} | {res['img_size']} | {res['params'] / 1e6:.1f} M | {scan_name} | "
+            print(f"| {name} | {res['img_size']} | {res['params'] / 1e6:.1f} M | {scan_name} | {path} | "
                   + " | ".join(f(res[m][k], fmt) for m in ("infer", "train") for k, fmt in (("img_s", "{:.1f}"),
                                                                                           ("peak_mb", "{:.0f}")))
                   + " |", flush=True)
-            rows.append(dict(model=name, scan=scan, batch=batch, device=args.device, **res))
+            rows.append(dict(model=name, scan=scan, mixer=path, batch=batch, device=args.device, **res))
     if args.json:
         try:
             Path(args.json).write_text(json.dumps(rows, indent=1))

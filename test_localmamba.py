@@ -1905,13 +1905,17 @@ def test_the_model_benchmark_prints_its_table(tmp_path):
     memory for inference and training, and the JSON beside; an unknown model is one message."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     p = subprocess.run([sys.executable, str(HERE / "benchmark.py"), "--models", "local_vim_nano", "--reps", "1",
-                        "--json", str(tmp_path / "b.json")], capture_output=True, text=True, env=env, timeout=600)
+                        "--paths", "fused", "readable", "--json", str(tmp_path / "b.json")], capture_output=True,
+                       text=True, env=env, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
-    row = next(l for l in p.stdout.splitlines() if l.startswith("| local_vim_nano"))
-    cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[1] == "28" and cells[3] == "C++ kernels" and all(float(c) > 0 for c in cells[4:8:2]), row
-    rec = json.loads((tmp_path / "b.json").read_text())[0]
-    assert rec["infer"]["img_s"] > 0 and rec["train"]["peak_mb"] is not None
+    rows = [l for l in p.stdout.splitlines() if l.startswith("| local_vim_nano")]
+    assert [r.split("|")[5].strip() for r in rows] == ["fused", "readable"], rows
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[1] == "28" and cells[3] == "C++ kernels" and all(float(c) > 0 for c in cells[5:9:2]), row
+    recs = json.loads((tmp_path / "b.json").read_text())
+    assert [r["mixer"] for r in recs] == ["fused", "readable"]
+    assert recs[0]["infer"]["img_s"] > 0 and recs[0]["train"]["peak_mb"] is not None
     for argv, needle in ((["--models", "resnet50"], "unknown --models resnet50"),
                          (["--batch", "0"], "--batch and --reps must be at least 1, got --batch 0"),
                          (["--json", str(tmp_path / "b.json" / "x.json")], "cannot be written")):   # b.json: a file

@@ -3229,14 +3229,14 @@ def test_plot_draws_a_runs_curves_or_says_why_not(tmp_path, capsys, monkeypatch)
 @needs_fashion
 def test_the_trainer_says_which_scan_it_runs_and_honours_localmamba_compile(finished_tiny_run, tmp_path):
     """On the CPU the trainer runs the C++ scan kernels unless --no-compile or LOCALMAMBA_COMPILE=0 (the
-    way out its build-failure message offers, for a machine without a C++ compiler); the first lines
-    and the config say which. A warm-up longer than the run is said too."""
+    way out its build-failure message offers, for a machine without a C++ compiler), and with them the
+    fused mixer; the first lines and the config say which. A warm-up longer than the run is said too."""
     cfg, _ = read_log(finished_tiny_run)
-    assert cfg["scan"] == "cpu (C++ kernels)"
+    assert cfg["scan"] == "cpu (C++ kernels)" and cfg["mixer"] == "fused"
     rc, so, se = run_cli(*TINY, "--max-steps", "1", "--warmup-epochs", "5", "--out", tmp_path / "r",
                          env={"LOCALMAMBA_COMPILE": "0"})
     assert rc == 0, se
-    assert "scan: torch (eager)" in so and read_log(tmp_path / "r")[0]["scan"] == "torch (eager)"
+    assert "scan: torch (eager); mixer: readable" in so and read_log(tmp_path / "r")[0]["scan"] == "torch (eager)"
     assert "note: the warm-up (5 epochs, --warmup-epochs) is longer than the run (1 epochs)" in so   # said, not refused
     rc, so, se = run_cli("--train-per-class", "3", "--test-per-class", "2", "--batch-size", "10", "--print-every",
                          "0", "--max-steps", "1", "--out", tmp_path / "smoke")

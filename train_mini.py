@@ -619,14 +619,14 @@ def log_run_config(r, sets, num_classes, in_chans, amp_flag, val_flag):
                     total_steps=r.total_steps, warmup_steps=r.warmup_steps, train_images=len(train_set),
                     val_images=len(val_set), test_images=len(test_set) if test_set else 0,
                     directions=r.model.directions, device=str(r.device), torch=str(torch.__version__),
-                    scan=scan_choice(r.device))
+                    scan=scan_choice(r.device), mixer=mixer_choice(r.device))
     log_json(r, r.config)
     test = f"{len(test_set):,} test images (once, at the end; --test-per-class N cuts them)" if test_set else \
         "no test split"
     r.log(f"{s.model}: {n_params:,} params; {len(train_set):,} train / {len(val_set):,} val images, {test}; "
           f"{num_classes} classes; {world} process(es) × batch {s.batch_size}; lr {s.lr:.3g} ({s.lr_rule}); "
           f"{s.epochs} epochs = {r.total_steps} steps; amp {s.amp} ({'--amp' if amp_flag else 'default'}); {r.device}; "
-          f"scan: {r.config['scan']}")
+          f"scan: {r.config['scan']}; mixer: {r.config['mixer']}")
     if s.max_steps and s.max_steps < r.total_steps and val_flag is None:   # a smoke run: said
         r.log(f"note: the --max-steps {s.max_steps} stop evaluates all {len(val_set):,} validation images; "
               f"--val-per-class N evaluates N per class (a smoke run: 2)")
@@ -637,6 +637,12 @@ def scan_choice(device):
     if device.type == "cuda":
         return "triton" if scan_kernel.HAS_TRITON else "torch"
     return "cpu (C++ kernels)" if scan_kernel.COMPILE_TORCH_PATH and scan_kernel.scan_kernel_cpu else "torch (eager)"
+
+
+def mixer_choice(device):
+    """Which mixer path the model runs: "fused" (the ordered kernels, where they run) or "readable"."""
+    probe = torch.empty(0, device=device)
+    return "fused" if scan_kernel.ordered_kernels_take(probe) and localmamba.fused_env() else "readable"
 
 
 def train_loop(r, sampler, train_loader, loader_gen, epoch, step, batch_in_epoch):

@@ -964,6 +964,53 @@ def _ordered_scan_args(u, delta, A, B, C, D, z, delta_bias, delta_softplus, idx_
     return ins, flags, _cpu_splits(u.shape[0], K, -(-E // 8) * 8)
 
 
+def _check_ordered_inputs(name, tensors, shapes, order, L_in, device_of):
+    """One ValueError naming the argument when a call of an ordered op does not fit its contract:
+    tensors {name: tensor or None}, shapes {name: the shape it needs, None for any size}; order
+    (K, Lmax) int64 with entries in [-1, L_in) (read on the CPU only: on a GPU it would wait)."""
+    def need(cond, msg):
+        if not cond:
+            raise ValueError(f"{name}: {msg}")
+    for arg, t in tensors.items():
+        if t is None:
+            continue
+        want = shapes[arg]
+        need(isinstance(t, torch.Tensor) and t.dim() == len(want)
+             and all(w is None or s == w for s, w in zip(t.shape, want)),
+             f"{arg} must be ({', '.join('*' if w is None else str(w) for w in want)}{',' * (len(want) == 1)}), got "
+             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+        need(t.device == device_of.device, f"{arg} is on {t.device}, not on {device_of.device} with the others")
+    need(order.dtype == torch.long and order.dim() == 2, f"order must be (K, Lmax) int64, got {order.dtype}")
+    if order.device.type == "cpu" and order.numel() and not torch.compiler.is_compiling():
+        lo, hi = int(order.min()), int(order.max())
+        need(lo >= -1 and hi < L_in, f"order holds {lo}..{hi}; each entry must be a token in [0, {L_in}) or -1")
+
+
+def _check_ordered_scan(u, delta, A, B, C, D, z, delta_bias, order, L_out, idx_in):
+    """ordered_scan's contract (its docstring), checked before any kernel reads memory."""
+    if not (isinstance(delta, torch.Tensor) and delta.dim() == 4 and isinstance(A, torch.Tensor) and A.dim() == 2
+            and isinstance(order, torch.Tensor) and order.dim() == 2 and order.shape[0] == delta.shape[1]):
+        raise ValueError("ordered_scan: delta must be (batch, K, rows, E), A (K*E, N) and order (K, Lmax)")
+    batch, K, _, E = delta.shape
+    rows, N = L_out if idx_in else order.shape[1], A.shape[1]
+    _check_ordered_inputs("ordered_scan", dict(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias), dict(
+        u=(batch, None, rows, E), delta=(batch, K, rows, E), A=(K * E, N), B=(batch, K, rows, N), C=(batch, K, rows, N),
+        D=(K * E,), z=(batch, None, L_out, E), delta_bias=(K * E,)), order, L_out, delta)
+    if u.shape[1] not in (1, K) or (z is not None and z.shape[1] not in (1, K)):
+        raise ValueError(f"ordered_scan: u and z have 1 direction (shared) or K = {K}")
+
+
+def _check_ordered_conv(x, weight, bias, order, inv):
+    """ordered_conv's contract, checked before any kernel reads memory."""
+    if not (isinstance(x, torch.Tensor) and x.dim() == 3 and isinstance(order, torch.Tensor) and order.dim() == 2):
+        raise ValueError("ordered_conv: x must be (batch, L_in, E) and order (K, Lmax)")
+    (K, Lmax), (batch, L_in, E) = order.shape, x.shape
+    _check_ordered_inputs("ordered_conv", dict(x=x, weight=weight, bias=bias, inv=inv), dict(
+        x=(batch, L_in, E), weight=(K * E, 1, None), bias=(K * E,), inv=(K, L_in)), order, L_in, x)
+    if inv.device.type == "cpu" and not torch.compiler.is_compiling() and not bool(((inv >= 0) & (inv < Lmax)).all()):
+        raise ValueError(f"ordered_conv: inv must hold scan positions in [0, {Lmax}) (inverse_order of order)")
+
+
 @torch.library.custom_op("localmamba::ordered_scan", mutates_args=())
 def ordered_scan(u: _Tensor, delta: _Tensor, A: _Tensor, B: _Tensor, C: _Tensor, D: Optional[_Tensor],
                  z: Optional[_Tensor], delta_bias: Optional[_Tensor], order: _Tensor, L_out: int,
@@ -975,6 +1022,7 @@ def ordered_scan(u: _Tensor, delta: _Tensor, A: _Tensor, B: _Tensor, C: _Tensor,
     in scan order). Returns out (batch, K, L_out, E) in u's dtype, each direction's output at its
     tokens' row-major places, and the chunk starts for the backward ((batch, K*E, chunks, N) fp32;
     empty unless need_starts)."""
+    _check_ordered_scan(u, delta, A, B, C, D, z, delta_bias, order, L_out, idx_in)
     batch, K, _, E = delta.shape
     Lmax, N = order.shape[1], A.shape[1]
     ins, flags, S = _ordered_scan_args(u, delta, A, B, C, D, z, delta_bias, delta_softplus, idx_in)
@@ -1072,6 +1120,7 @@ def ordered_conv(x: _Tensor, weight: _Tensor, bias: _Tensor, order: _Tensor, inv
     (scan_kernel_cpu.ORDERED_CONV_FWD): x (batch, L_in, E), channels-last (the in_proj output's first
     half, a view); weight (K*E, 1, d_conv) and bias (K*E,), the K conv1d_k stacked; order (K, Lmax)
     and its inverse inv (K, L_in). Returns u (K, batch, Lmax, E) in scan order, x's dtype."""
+    _check_ordered_conv(x, weight, bias, order, inv)
     batch, L_in, E = x.shape
     K, Lmax = order.shape
     xf, wt, b = _conv_args(x, weight, bias)
@@ -1381,6 +1430,7 @@ def _lastdim(t):
 def ordered_scan_triton(u, delta, A, B, C, D, z, delta_bias, order, L_out, delta_softplus, idx_in, need_starts):
     """ordered_scan's forward on the Triton kernels (its CUDA implementation; CPU tensors under
     TRITON_INTERPRET=1). The same contract, the chunk starts in the Triton kernels' chunks."""
+    _check_ordered_scan(u, delta, A, B, C, D, z, delta_bias, order, L_out, idx_in)
     batch, K, rows, E = delta.shape
     N, Lmax = A.shape[1], order.shape[1]
     u, delta, B, C, z = (_lastdim(t) for t in (u, delta, B, C, z))
@@ -1432,6 +1482,7 @@ def ordered_scan_backward_triton(u, delta, A, B, C, D, z, delta_bias, order, sta
 
 def ordered_conv_triton(x, weight, bias, order, inv):
     """ordered_conv on the Triton kernels."""
+    _check_ordered_conv(x, weight, bias, order, inv)
     batch, L_in, E = x.shape
     K, Lmax = order.shape
     x, wt, b = _lastdim(x), *_conv_args(x, weight, bias)[1:]

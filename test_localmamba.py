@@ -529,6 +529,37 @@ def test_ordered_triton_conv_matches_the_cpu_kernel():
         assert rel_err(a.cpu(), c) < 1e-6
 
 
+def test_ordered_ops_refuse_calls_outside_their_contract():
+    """The ordered kernels index memory with the orders and the shapes they are given: a call that
+    does not fit (an order entry past the tokens, a shape that disagrees) is one ValueError naming
+    the argument, before any kernel runs, on the C++ and the Triton path."""
+    x, orders, inv = ordered_case(["h", "w2_flip"], 3, 5, idx_in=True, batch=1, E=12, N=4)
+    Bv, Cv = x["xd"].transpose(1, 2)[..., :4], x["xd"].transpose(1, 2)[..., 4:]
+    args = dict(u=x["u"], delta=x["delta"], A=x["A"], B=Bv, C=Cv, D=x["D"], z=None, delta_bias=x["delta_bias"],
+                order=orders)
+    bad_order = orders.clone()
+    bad_order[0, 3] = 15                                              # one past the 15 tokens
+    cases = [(dict(order=bad_order), r"order holds -1\.\.15; each entry must be a token in \[0, 15\) or -1"),
+             (dict(order=orders.int()), r"order must be \(K, Lmax\) int64"),
+             (dict(A=x["A"][:, :3]), r"B must be \(1, 2, 15, 3\), got \(1, 2, 15, 4\)"),
+             (dict(D=x["D"][:-1]), r"D must be \(24,\), got \(23,\)"),
+             (dict(u=x["u"][:, :, :-1]), r"u must be \(1, \*, 15, 12\), got \(1, 1, 14, 12\)"),
+             (dict(z=torch.randn(1, 1, 14, 12)), r"z must be \(1, \*, 15, 12\), got \(1, 1, 14, 12\)")]
+    fns = [scan_kernel.ordered_scan] + ([scan_kernel.ordered_scan_triton] if TRITON_DEVICE == "cpu" else [])
+    for over, match in cases:
+        for fn in fns:
+            a = {**args, **over}
+            with pytest.raises(ValueError, match="ordered_scan: " + match):
+                fn(*a.values(), 15, True, True, True)
+    xz = torch.randn(1, 15, 24)
+    w, b = torch.randn(24, 1, 4), torch.randn(24)
+    with pytest.raises(ValueError, match=r"ordered_conv: order holds -1\.\.15"):
+        scan_kernel.ordered_conv(xz[..., :12], w, b, bad_order, inv)
+    with pytest.raises(ValueError, match=r"ordered_conv: inv must hold scan positions"):
+        scan_kernel.ordered_conv(xz[..., :12], w, b, orders, inv + 100)
+    with pytest.raises(ValueError, match=r"ordered_conv: weight must be \(24, 1, \*\), got \(20, 1, 4\)"):
+        scan_kernel.ordered_conv(xz[..., :12], w[:20], b, orders, inv)
+
 def test_ordered_kernels_give_the_same_bits_on_any_number_of_threads():
     """The ordered kernels follow the C++ scan's rule: work items and every sum's order come from the
     shape, so 1, 2 and 3 threads give the same bits (outputs and all gradients)."""

@@ -10,14 +10,15 @@ transformers), and a Vim-style LocalVim-T (every layer scans h, h_flip only), so
 LocalMamba's 4 directions is visible.
 
     python benchmark.py                              # CPU: every model, batch 2, ~5 minutes on 2 cores
-    python benchmark.py --device cuda --batch 64     # GPU: the Triton kernels, fused and readable mixer; the PyTorch scan
+    python benchmark.py --device cuda --batch 64     # GPU: Triton, fused and readable mixer; the PyTorch scan
     python benchmark.py --paths fused readable       # CPU: the fused mixer (default) and the readable one
     python benchmark.py --models local_vim_tiny deit_tiny --reps 5
     python benchmark.py --traffic --models local_vim_tiny local_vmamba_tiny   # MB moved per image, fp32 inference
 
 Each model runs in fresh subprocesses: a timing pass (times are the median of --reps steps after
 one warm-up step, which also builds the CPU scan: the CPU rows use the scan's C++ kernels and
-glibc keeps freed memory for reuse, as train_mini.py does), then a memory pass (one warm-up step, then the measured one). Peak memory:
+glibc keeps freed memory for reuse, as train_mini.py does), then a memory pass (one warm-up
+step, then the measured one). Peak memory:
 on CUDA torch.cuda.max_memory_allocated (weights, AdamW's moments and all); on the CPU what the
 step allocates at its peak on top of what is resident before it (the built model, its inputs
 and, training, AdamW's moments), see cpu_peak_mb.

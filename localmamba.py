@@ -34,9 +34,9 @@ Glossary (code name -> paper):
                  stored as `multi_scan.weights` (the official name, for checkpoint compatibility)
 
 Order of the file: scan orders -> SCAttn -> MultiScan (K directions + the search relaxation)
--> the fused mixer path's switch -> shared parts -> LocalVim (config, mixer, block, RoPE, model) -> LocalVMamba (config, SS2D,
-VSSBlock, PatchMerging2D, model) -> presets and create_model -> derive / search helpers -> the
-pictures and __main__. Generic plumbing (timm's interface, checkpoint files, the optimizer's
+-> the fused mixer path's switch -> shared parts -> LocalVim (config, mixer, block, RoPE, model)
+-> LocalVMamba (config, SS2D, VSSBlock, PatchMerging2D, model) -> presets and create_model ->
+derive / search helpers -> the pictures and __main__. Generic plumbing (timm's interface, checkpoint files, the optimizer's
 groups, MAC drivers) is in localmamba_helpers.py; its user-facing functions are re-exported here.
 
 `python localmamba.py` prints the model table and the 8 scan orders; `--draw-orders FILE.png`

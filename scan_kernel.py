@@ -1082,10 +1082,8 @@ def _ordered_grads(u, delta, A, B, C, D, z, delta_bias, du, ddelta, dAb, dB, dC,
 
 @ordered_scan_backward.register_fake
 def _(u, delta, A, B, C, D, z, delta_bias, order, starts, dout, delta_softplus, idx_in):
-    none = delta.new_empty(0)
-    return [torch.empty_like(u), torch.empty_like(delta), torch.empty_like(A), torch.empty_like(B),
-            torch.empty_like(C), none if D is None else torch.empty_like(D), none if z is None else torch.empty_like(z),
-            none if delta_bias is None else torch.empty_like(delta_bias)]
+    like = lambda t: delta.new_empty(0) if t is None else t.new_empty(t.shape)     # contiguous, as the kernels write
+    return [like(t) for t in (u, delta, A, B, C, D, z, delta_bias)]
 
 
 def _ordered_scan_setup(ctx, inputs, output):
@@ -1155,7 +1153,7 @@ def ordered_conv_backward(x: _Tensor, weight: _Tensor, bias: _Tensor, order: _Te
 
 @ordered_conv_backward.register_fake
 def _(x, weight, bias, order, inv, du):
-    return [torch.empty_like(x), torch.empty_like(weight), torch.empty_like(bias)]
+    return [t.new_empty(t.shape) for t in (x, weight, bias)]                      # contiguous, as the kernels write
 
 
 def _ordered_conv_setup(ctx, inputs, output):

@@ -473,18 +473,36 @@ def test_ordered_conv_matches_conv1d_on_the_gathered_sequence():
 def test_ordered_ops_are_custom_ops_that_torch_checks():
     """Both ordered ops are registered torch.library custom ops: torch.library.opcheck runs their
     schema, fake (meta) implementations, autograd registration and AOT dispatch (what torch.compile
-    and torch.export trace) against the real kernels."""
-    x, orders, inv = ordered_case(["h", "w2_flip"], 3, 5, idx_in=True, batch=1, E=12, N=4)
+    and torch.export trace) against the real kernels; and every op's fake gives its real outputs'
+    shapes and strides."""
+    x, orders, inv = ordered_case(["h", "w2_flip"], 3, 5, idx_in=True, batch=2, E=12, N=4)
     N = 4
     xd = x["xd"].requires_grad_()
-    args = (x["u"].requires_grad_(), x["delta"].requires_grad_(), x["A"].requires_grad_(),
+    delta = x["delta"].transpose(0, 1).contiguous().transpose(0, 1)      # dense but permuted, as the mixers pass Δ
+    args = (x["u"].requires_grad_(), delta.requires_grad_(), x["A"].requires_grad_(),
             xd.transpose(1, 2)[..., :N], xd.transpose(1, 2)[..., N:], x["D"], None, x["delta_bias"], orders, 15,
             True, True, True)
     torch.library.opcheck(torch.ops.localmamba.ordered_scan.default, args)
-    xz = torch.randn(1, 15, 24, requires_grad=True)
-    torch.library.opcheck(torch.ops.localmamba.ordered_conv.default,
-                          (xz[..., :12], torch.randn(24, 1, 4, requires_grad=True),
-                           torch.randn(24, requires_grad=True), orders, inv))
+    xz = torch.randn(2, 15, 24, requires_grad=True)
+    conv_args = (xz[..., :12], torch.randn(24, 1, 4, requires_grad=True), torch.randn(24, requires_grad=True), orders,
+                 inv)
+    torch.library.opcheck(torch.ops.localmamba.ordered_conv.default, conv_args)
+    # the fake implementations give the real outputs' shapes AND strides (a compiled graph asserts them), for
+    # the backward ops too, which get the saved inputs in the mixers' permuted layouts
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    out, starts = scan_kernel.ordered_scan(*args)
+    dout = torch.randn(out.shape).transpose(0, 1).contiguous().transpose(0, 1)
+    calls = [(torch.ops.localmamba.ordered_scan.default, args),
+             (torch.ops.localmamba.ordered_scan_backward.default, (*args[:9], starts, dout, True, True)),
+             (torch.ops.localmamba.ordered_conv.default, conv_args),
+             (torch.ops.localmamba.ordered_conv_backward.default, (*conv_args, torch.randn(2, 2, 16, 12)))]
+    for op, call in calls:
+        plain = [a.detach() if isinstance(a, torch.Tensor) else a for a in call]
+        real = op(*plain)
+        with FakeTensorMode() as mode:
+            fake = op(*[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in plain])
+        real, fake = ((r,) if isinstance(r, torch.Tensor) else r for r in (real, fake))
+        assert [(r.shape, r.stride(), r.dtype) for r in real] == [(f.shape, f.stride(), f.dtype) for f in fake], op
 
 
 @needs_triton
@@ -1249,6 +1267,28 @@ def test_fused_mixer_path_under_bf16_autocast(monkeypatch):
     for key in ("output", "input grad", "layers.0.mixer.in_proj.weight", "layers.1.mixer.A_log_2"):
         assert rel_err(fused[key], truth[key]) <= 2 * rel_err(readable[key], truth[key]) + 1e-3, key
 
+
+@pytest.mark.slow
+def test_torch_compile_runs_the_fused_model_as_one_graph(monkeypatch):
+    """torch.compile traces the fused mixer's ops as ops (their fake implementations, their registered
+    backwards): a whole model compiles without a graph break, and its output and gradients are the
+    eager model's."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    monkeypatch.setattr(scan_kernel, "COMPILE_TORCH_PATH", True)
+    torch.manual_seed(0)
+    model = _perturbed(create_model("local_vim_nano", in_chans=1, drop_path_rate=0.0))
+    x = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(2))
+    weight = torch.randn(2, model.num_classes, generator=torch.Generator().manual_seed(3))
+    eager = _out_and_grads(model, x, True, weight)
+    torch._dynamo.reset()
+    counters.clear()
+    with torch._inductor.config.patch(force_disable_caches=True):
+        compiled = _out_and_grads(torch.compile(model), x, True, weight)
+    assert dict(counters["graph_break"]) == {}
+    assert {k.replace("_orig_mod.", "") for k in compiled} == set(eager)
+    for key, value in compiled.items():
+        assert rel_err(value, eager[key.replace("_orig_mod.", "")]) < 1e-5, key
 
 def test_the_fused_path_is_switched_per_model_and_by_environment(monkeypatch):
     """The fused path runs where its kernels do (the C++ scan on, a CPU tensor, not fp64, not while

@@ -225,6 +225,31 @@ def run_row(name, batch, reps, device, scan, path):
     return res, None
 
 
+def print_rows(models, scans, batch, reps, device):
+    """The table: one row per model and (scan backend, mixer path), each measured by run_row as it is
+    printed. Returns the rows as dicts (for --json)."""
+    print("| model | img px | params | scan | mixer | inference img/s | inference peak MB | train img/s | "
+          "train peak MB |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    rows = []
+    for name in models:
+        for scan, path in ([("-", "-")] if name in TIMM_MODELS else scans):
+            res, why = run_row(name, batch, reps, device, "torch" if scan == "-" else scan,
+                               "readable" if path == "-" else path)
+            scan_name = {"triton": "Triton", "torch": "C++ kernels" if device == "cpu" else "PyTorch",
+                         "-": "(none)"}[scan]
+            if res is None:
+                print(f"| {name} | | | {scan_name} | {path} | failed: {why} | | | |", flush=True)
+                continue
+            f = lambda v, fmt: "n/a" if v is None else fmt.format(v)
+            print(f"| {name} | {res['img_size']} | {res['params'] / 1e6:.1f} M | {scan_name} | {path} | "
+                  + " | ".join(f(res[m][k], fmt) for m in ("infer", "train") for k, fmt in (("img_s", "{:.1f}"),
+                                                                                          ("peak_mb", "{:.0f}")))
+                  + " |", flush=True)
+            rows.append(dict(model=name, scan=scan, mixer=path, batch=batch, device=device, **res))
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Model-level benchmark: img/s and peak memory, inference and training.")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
@@ -266,25 +291,7 @@ def main(argv=None):
     name_of = {"cpu": f"CPU ({os.cpu_count()} cores)", "cuda": torch.cuda.get_device_name() if args.device == "cuda"
                else ""}
     print(f"torch {torch.__version__}, {name_of[args.device]}, batch {batch}, median of {args.reps} steps\n")
-    print("| model | img px | params | scan | mixer | inference img/s | inference peak MB | train img/s | "
-          "train peak MB |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    rows = []
-    for name in models:
-        for scan, path in ([("-", "-")] if name in TIMM_MODELS else scans):
-            res, why = run_row(name, batch, args.reps, args.device, "torch" if scan == "-" else scan,
-                               "readable" if path == "-" else path)
-            scan_name = {"triton": "Triton", "torch": "C++ kernels" if args.device == "cpu" else "PyTorch",
-                         "-": "(none)"}[scan]
-            if res is None:
-                print(f"| {name} | | | {scan_name} | {path} | failed: {why} | | | |", flush=True)
-                continue
-            f = lambda v, fmt: "n/a" if v is None else fmt.format(v)
-            print(f"| {name} | {res['img_size']} | {res['params'] / 1e6:.1f} M | {scan_name} | {path} | "
-                  + " | ".join(f(res[m][k], fmt) for m in ("infer", "train") for k, fmt in (("img_s", "{:.1f}"),
-                                                                                          ("peak_mb", "{:.0f}")))
-                  + " |", flush=True)
-            rows.append(dict(model=name, scan=scan, mixer=path, batch=batch, device=args.device, **res))
+    rows = print_rows(models, scans, batch, args.reps, args.device)
     if args.json:
         try:
             Path(args.json).write_text(json.dumps(rows, indent=1))

@@ -36,8 +36,9 @@ Glossary (code name -> paper):
 Order of the file: scan orders -> SCAttn -> MultiScan (K directions + the search relaxation)
 -> the fused mixer path's switch -> shared parts -> LocalVim (config, mixer, block, RoPE, model)
 -> LocalVMamba (config, SS2D, VSSBlock, PatchMerging2D, model) -> presets and create_model ->
-derive / search helpers -> the pictures and __main__. Generic plumbing (timm's interface, checkpoint files, the optimizer's
-groups, MAC drivers) is in localmamba_helpers.py; its user-facing functions are re-exported here.
+derive / search helpers -> the pictures and __main__. Generic plumbing (timm's interface,
+checkpoint files, the optimizer's groups, MAC drivers) is in localmamba_helpers.py; its
+user-facing functions are re-exported here.
 
 `python localmamba.py` prints the model table and the 8 scan orders; `--draw-orders FILE.png`
 draws them as paths.
@@ -289,7 +290,8 @@ def fused_env():
     value = os.environ.get("LOCALMAMBA_FUSED", "")
     if value not in ("", "0", "1"):
         raise BadInput(f"LOCALMAMBA_FUSED={value!r}: set it to 0 (every mixer runs the readable path) or 1 "
-                       f"(the fused path where its kernels run: CPU, the C++ scan on), or unset it")
+                       f"(the fused path where its kernels run: CUDA with Triton, or the CPU with the C++ scan on), "
+                       f"or unset it")
     return value != "0"
 
 
@@ -304,7 +306,7 @@ def set_fused(model, enabled=True):
 
 def _fused(mixer, x):
     """Whether `mixer` runs its fused path on x: switched on, and scan_kernel.ordered_kernels_take(x)
-    (the C++ kernels here and on, a CPU fp32/fp16/bf16 tensor, no exporter tracing)."""
+    (an fp32/fp16/bf16 tensor, no exporter tracing; on CUDA with Triton, on the CPU with the C++ scan on)."""
     return mixer.fused and ordered_kernels_take(x) and fused_env()
 
 

@@ -219,6 +219,17 @@ if HAS_TRITON:
         return tl.where(x <= 20.0, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))), x)
 
     @triton.jit
+    def _delta(dt_raw, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+        # Δ before softplus (with its bias) and Δ, (BD, T)
+        if HAS_BIAS:
+            dt_raw += bias[:, None]
+        if SOFTPLUS:
+            dt = _softplus(dt_raw)
+        else:
+            dt = dt_raw
+        return dt_raw, dt
+
+    @triton.jit
     def _tile(A_ptr, D_ptr, bias_ptr, dim, L, N, G,
               HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
         # program (pid_d, pid_bg) -> batch b, group g, channels offs_d of that group; the tile's
@@ -251,13 +262,7 @@ if HAS_TRITON:
         # one chunk's inputs, fp32: u (BD, T); Δ before softplus (dt_raw, for the backward's softplus
         # derivative) and Δ itself, 0 on padding steps (BD, T); B and C (BN, T)
         u = tl.load(u_ptr + ptrs, mask=m2, other=0.0).to(tl.float32)
-        dt_raw = tl.load(dt_ptr + ptrs, mask=m2, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            dt_raw += bias[:, None]
-        if SOFTPLUS:
-            dt = _softplus(dt_raw)
-        else:
-            dt = dt_raw
+        dt_raw, dt = _delta(tl.load(dt_ptr + ptrs, mask=m2, other=0.0).to(tl.float32), bias, HAS_BIAS, SOFTPLUS)
         dt = tl.where(m2, dt, 0.0)            # padding steps must leave the state unchanged
         Bc = tl.load(B_ptr + bc_ptrs, mask=mbc, other=0.0).to(tl.float32)
         Cc = tl.load(C_ptr + bc_ptrs, mask=mbc, other=0.0).to(tl.float32)
@@ -346,11 +351,7 @@ if HAS_TRITON:
             a = xs - dBu                                                               # exp(Δ_l A) x_{l-1}
             # Δ at l+1, for the factor exp(Δ_{l+1} A) of the reverse scan
             m2n = mask_d[:, None] & (offs_l[None, :] + 1 < L)
-            dtn = tl.load(dt_ptr + ptrs + 1, mask=m2n, other=0.0).to(tl.float32)
-            if HAS_BIAS:
-                dtn += bias[:, None]
-            if SOFTPLUS:
-                dtn = _softplus(dtn)
+            _, dtn = _delta(tl.load(dt_ptr + ptrs + 1, mask=m2n, other=0.0).to(tl.float32), bias, HAS_BIAS, SOFTPLUS)
             dtn = tl.where(m2n, dtn, 0.0)
             dout = tl.load(dout_ptr + ptrs, mask=m2, other=0.0).to(tl.float32)
 
@@ -961,7 +962,7 @@ def _ordered_scan_args(u, delta, A, B, C, D, z, delta_bias, delta_softplus, idx_
              | bool(idx_in) << 4)
     A2t = (A.detach().to(torch.float32) * LOG2E).t().contiguous()             # (N, K*E)
     ins = [u, delta, A2t, B, C, opt(D), none if z is None else z, opt(delta_bias)]
-    return ins, flags, _cpu_splits(u.shape[0], K, -(-E // 8) * 8)
+    return ins, flags, _cpu_splits(u.shape[0], K, E)
 
 
 def _check_ordered_inputs(name, tensors, shapes, order, L_in, device_of):
@@ -1198,12 +1199,7 @@ if HAS_TRITON:
         ok = mask_e[:, None] & (r[None, :] >= 0)
         u = tl.load(u_ptr + _at(st_ptr, 0, b, k, r[None, :]) + offs_e[:, None], mask=ok, other=0.0).to(tl.float32)
         dt_raw = tl.load(dt_ptr + _at(st_ptr, 3, b, k, r[None, :]) + offs_e[:, None], mask=ok, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            dt_raw += bias[:, None]
-        if SOFTPLUS:
-            dt = _softplus(dt_raw)
-        else:
-            dt = dt_raw
+        dt_raw, dt = _delta(dt_raw, bias, HAS_BIAS, SOFTPLUS)
         dt = tl.where(in_seq[None, :], dt, 0.0)        # past Lmax: the state unchanged; padding steps keep Δ
         okn = mask_n[:, None] & (r[None, :] >= 0)
         bc = _at(st_ptr, 6, b, k, r[None, :]) + offs_n[:, None]

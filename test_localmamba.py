@@ -1293,7 +1293,7 @@ def test_torch_compile_runs_the_fused_model_as_one_graph(monkeypatch):
 def test_the_fused_path_is_switched_per_model_and_by_environment(monkeypatch):
     """The fused path runs where its kernels do (the C++ scan on, a CPU tensor, not fp64, not while
     exporting); set_fused(model, False) and LOCALMAMBA_FUSED=0 force the readable path; any other
-    value of the variable is one message."""
+    value of the variable is one message, in the trainer before any setup."""
     calls, real = [], lm.ordered_scan
     monkeypatch.setattr(lm, "ordered_scan", lambda *a: calls.append(1) or real(*a))
     m = create_model("local_vmamba_tiny_search", depths=(1, 1, 1, 1)).eval()
@@ -1311,6 +1311,8 @@ def test_the_fused_path_is_switched_per_model_and_by_environment(monkeypatch):
     monkeypatch.setenv("LOCALMAMBA_FUSED", "yes")
     with pytest.raises(lm.BadInput, match=r"LOCALMAMBA_FUSED='yes': set it to 0 .* or 1"):
         m(x)
+    with pytest.raises(train_mini.UserError, match=r"^LOCALMAMBA_FUSED='yes'"):   # the trainer: before any setup
+        train_mini.resolve_settings(train_mini.parse_args([]), None, torch.device("cpu"))
 
 
 def _official_scan(x, d, H, W):

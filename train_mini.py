@@ -229,10 +229,11 @@ def adopt_checkpoint_settings(s, saved):
 
 
 def check_flag_pairs(s):
-    """Flags that do not go together, or need another; and LOCALMAMBA_COMPILE, read strictly into
-    s.compile_env (1 True, 0 False, unset None). One UserError each."""
+    """Flags that do not go together, or need another; LOCALMAMBA_COMPILE, read strictly into
+    s.compile_env (1 True, 0 False, unset None), and LOCALMAMBA_FUSED (0, 1 or unset). One UserError each."""
     try:
         s.compile_env = scan_kernel.compile_env()
+        localmamba.fused_env()
     except ValueError as e:
         raise UserError(str(e)) from None
     if s.search and s.directions:

@@ -32,6 +32,8 @@ CASES = {   # name: (what it is, model, create_model kwargs, batch, "infer" or "
                 dict(in_chans=1, num_classes=10), 64, "train"),
 }
 
+# One measurement, a script of its own: it runs in the base commit's folder too, so it imports nothing of this
+# checkout's benchmark.py (whose measure() it resembles) and uses only what both codes have.
 STEP = r"""
 import json, statistics, sys, time
 import torch

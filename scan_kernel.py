@@ -1169,6 +1169,48 @@ def _ordered_conv_grad(ctx, du):
 ordered_conv.register_autograd(_ordered_conv_grad, setup_context=_ordered_conv_setup)
 
 
+def _check_gated_sum(y, a):
+    if not (isinstance(y, torch.Tensor) and isinstance(a, torch.Tensor) and y.dim() == 4 and a.dim() == 3
+            and a.shape == (y.shape[0], y.shape[1], y.shape[3]) and a.device == y.device):
+        raise ValueError(f"gated_sum: y must be (batch, K, L, E) and a (batch, K, E) on y's device, got "
+                         f"{tuple(getattr(y, 'shape', ()))} and {tuple(getattr(a, 'shape', ()))}")
+
+
+@torch.library.custom_op("localmamba::gated_sum", mutates_args=())
+def gated_sum(y: _Tensor, a: _Tensor) -> _Tensor:
+    """SCAttn's channel gate and the sum of the K directions in one pass: out[b, t] = sum_k a[b, k] * y[b, k, t]
+    (scan_kernel_cpu.GATED_SUM), which the readable path computes as (y * a[:, :, None]).sum(1), writing the
+    gated (batch, K, L, E) copy and reading it again. y (batch, K, L, E), a (batch, K, E); returns (batch, L,
+    E) in y's dtype, computed in fp32."""
+    _check_gated_sum(y, a)
+    batch, K, L, E = y.shape
+    yf, af = y.detach().to(torch.float32).contiguous(), a.detach().to(torch.float32).contiguous()
+    out = torch.empty(batch, L, E, dtype=torch.float32)
+    _cpu_kernel("gated_sum", 1, CPU_CHUNK)(yf, af, out, batch, K, L, E)
+    return out.to(y.dtype)
+
+
+@gated_sum.register_fake
+def _(y, a):
+    return y.new_empty(y.shape[0], y.shape[2], y.shape[3])
+
+
+def _gated_sum_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _gated_sum_grad(ctx, g):
+    # dy[b, k, t] = a[b, k] g[b, t] and da[b, k] = sum_t y[b, k, t] g[b, t]: per-token products, PyTorch ops
+    y, a = ctx.saved_tensors
+    g = g.unsqueeze(1)                                                          # (batch, 1, L, E)
+    dy = (a.unsqueeze(2) * g).to(y.dtype) if ctx.needs_input_grad[0] else None
+    da = (y * g).sum(2).to(a.dtype) if ctx.needs_input_grad[1] else None
+    return dy, da
+
+
+gated_sum.register_autograd(_gated_sum_grad, setup_context=_gated_sum_setup)
+
+
 # --- the ordered kernels in Triton: the same ops on CUDA tensors (and on the CPU under TRITON_INTERPRET=1) ---
 # Program (pid_e, pid_bk) owns batch row b, direction k and BLOCK_D channels e of it, all N states;
 # along the scan it walks chunks of CHUNK steps as _scan_fwd_kernel / _scan_bwd_kernel do (the same
@@ -1407,6 +1449,22 @@ if HAS_TRITON:
                  mask=mask_p[:, None] & mask_e[None, :])
 
 
+    @triton.jit
+    def _gated_sum_kernel(y_ptr, a_ptr, out_ptr, K, L, E, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
+        # program (t block, e block, b): out[b, t, e] = sum_k a[b, k, e] y[b, k, t, e], k in order
+        b = tl.program_id(2).to(tl.int64)
+        offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        offs_e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
+        mask_e = offs_e < E
+        m = (offs_t < L)[:, None] & mask_e[None, :]
+        acc = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
+        for k in range(0, K):
+            av = tl.load(a_ptr + (b * K + k) * E + offs_e, mask=mask_e, other=0.0).to(tl.float32)
+            yv = tl.load(y_ptr + ((b * K + k) * L + offs_t[:, None]) * E + offs_e[None, :], mask=m, other=0.0)
+            acc += av[None, :] * yv.to(tl.float32)
+        tl.store(out_ptr + (b * L + offs_t[:, None]) * E + offs_e[None, :], acc.to(out_ptr.dtype.element_ty), mask=m)
+
+
 def _ordered_triton_config(N, E, batch, K, rows, L_out, Lmax):
     """(BLOCK_D, BLOCK_N, CHUNK) as the scan's, after checking the int32 offsets."""
     BLOCK_D, BLOCK_N, CHUNK = _triton_config(N, E)
@@ -1511,11 +1569,24 @@ def ordered_conv_backward_triton(x, weight, bias, order, inv, du):
     return [dx.to(x.dtype), dw.to(weight.dtype), db.to(bias.dtype)]
 
 
-if HAS_TRITON:   # the CUDA implementations of the four ops
+def gated_sum_triton(y, a):
+    """gated_sum on the Triton kernel (its CUDA implementation; CPU tensors under TRITON_INTERPRET=1)."""
+    _check_gated_sum(y, a)
+    batch, K, L, E = y.shape
+    y, a = y.contiguous(), a.contiguous()
+    out = torch.empty(batch, L, E, dtype=y.dtype, device=y.device)
+    BT, BE = 16, min(128, triton.next_power_of_2(E))
+    with torch.cuda.device(y.device) if y.is_cuda else contextlib.nullcontext():
+        _gated_sum_kernel[(triton.cdiv(L, BT), triton.cdiv(E, BE), batch)](y, a, out, K, L, E, BLOCK_T=BT, BLOCK_E=BE)
+    return out
+
+
+if HAS_TRITON:   # the CUDA implementations of the five ops
     ordered_scan.register_kernel("cuda")(ordered_scan_triton)
     ordered_scan_backward.register_kernel("cuda")(ordered_scan_backward_triton)
     ordered_conv.register_kernel("cuda")(ordered_conv_triton)
     ordered_conv_backward.register_kernel("cuda")(ordered_conv_backward_triton)
+    gated_sum.register_kernel("cuda")(gated_sum_triton)
 
 
 # -----------------------------------------------------------------------------
@@ -1587,7 +1658,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None,
 # GPU machine code without a GPU: python scan_kernel.py --compile-check 80 90
 
 def compile_check(archs=(80, 90)):
-    """Compile the kernels (the scan's two, the fused mixer's five) to CUDA machine code for each
+    """Compile the kernels (the scan's two, the fused mixer's six) to CUDA machine code for each
     compute capability in archs (80 = A100, 90 = H100) and read their resource use: Triton's
     compiler and the ptxas / cuobjdump that ship with it run on the CPU, so this catches what the
     interpreter cannot (code the GPU compiler rejects, register spills) on a machine with no GPU.
@@ -1605,14 +1676,14 @@ def compile_check(archs=(80, 90)):
     kernels = [(_scan_fwd_kernel, variants), (_scan_bwd_kernel, variants),                # the selective scan
                (_ordered_scan_fwd_kernel, variants[:3]), (_ordered_scan_bwd_kernel, variants[:3]),   # the fused mixer
                (_ordered_conv_fwd_kernel, variants[:2]), (_ordered_conv_bwd_kernel, variants[:1]),
-               (_ordered_conv_dx_kernel, variants[:1])]
+               (_ordered_conv_dx_kernel, variants[:1]), (_gated_sum_kernel, variants[:1])]
     rows = []
     for arch in archs:
         for kernel, kernel_variants in kernels:
             for dtype, flags, N, dg in kernel_variants:
                 blocks = dict(zip(("BLOCK_D", "BLOCK_N", "CHUNK"), _triton_config(N, dg)))
                 const = dict(HAS_D=flags, HAS_Z=flags, HAS_BIAS=flags, SOFTPLUS=flags, **blocks, DETERMINISTIC=flags,
-                             IDX_IN=flags, SAVE=True, D_CONV=4, BLOCK_S=16, BLOCK_E=128)
+                             IDX_IN=flags, SAVE=True, D_CONV=4, BLOCK_S=16, BLOCK_T=16, BLOCK_E=128)
                 const = {k: v for k, v in const.items() if k in kernel.arg_names}
                 sig = {a: "constexpr" if a in const else ("*i64" if a in ("order_ptr", "st_ptr", "inv_ptr") else
                                                           "*" + (dtype if a in io_dtype else "fp32"))

@@ -26,8 +26,9 @@ dB and dC are sums over a group's channels: each work item sums its channel vect
 (batch, G, splits, L, N) buffer, and the splits are summed afterwards; dA and dD likewise over
 the batch. The arithmetic is fp32 (fp16/bf16 inputs are cast first; fp64 takes the PyTorch path).
 
-Names: FWD, BWD (the two kernels' source, `%`-formatted with N and T), COMMON (what both share:
-the exp2 polynomial, softplus, sigmoid, tile loads; experiments/bench_scan.py's floor reuses it),
+Names: FWD, BWD (the two kernels' source, `%`-formatted with N and T); ORDERED_SCAN_FWD/_BWD,
+ORDERED_CONV_FWD/_BWD and GATED_SUM (the fused mixer's kernels, scan_kernel.ordered_scan, ...);
+COMMON (what all share: the exp2 polynomial, softplus, sigmoid, tile loads; experiments/bench_scan.py's floor reuses it),
 SIGNATURES (their argument types), build(kind, N, T), library_is_whole(path) (a damaged cached binary is
 rebuilt, not loaded).
 """
@@ -45,12 +46,18 @@ constexpr int64_t N = %(N)d;            // states per channel (a compile-time co
 constexpr int64_t T = %(T)d;            // steps per chunk
 constexpr int64_t VL = Vec::size();     // channels per vector
 constexpr float LN2 = 0.6931471805599453f;
-// 2^x: on AVX2 / AVX-512 inline, as 2^round(x) (built in the exponent bits) times a degree-6
-// polynomial of 2^f on [-1/2, 1/2] (relative error < 2e-7; x clamped to [-126, 126]); elsewhere
-// at::vec's exp2 (Sleef, a call). Both the kernels and the floor use it.
+// 2^x: on AVX2 / AVX-512 inline, as 2^round(x) times a degree-6 polynomial of 2^f on [-1/2, 1/2]
+// (f = x - round(x); relative error < 2e-7); elsewhere at::vec's exp2 (Sleef, a call). AVX-512 scales
+// by 2^round(x) in one instruction (vscalefps: 0 below the smallest float, inf above the largest, so no
+// clamp); AVX2 builds 2^round(x) in the exponent bits, x clamped to [-126, 126]. Both the kernels and
+// the floor use it.
 static inline Vec exp2v(const Vec& x) {
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+#if defined(CPU_CAPABILITY_AVX512)
+    const Vec& v = x;
+#else
     const Vec v = at::vec::minimum(at::vec::maximum(x, Vec(-126.f)), Vec(126.f));
+#endif
     const Vec r = v.round(), f = v - r;
     Vec p(1.5403530393381609e-4f);
     p = at::vec::fmadd(p, f, Vec(1.3333558146428443e-3f));
@@ -60,8 +67,7 @@ static inline Vec exp2v(const Vec& x) {
     p = at::vec::fmadd(p, f, Vec(0.6931471805599453f));
     p = at::vec::fmadd(p, f, Vec(1.f));
 #if defined(CPU_CAPABILITY_AVX512)
-    return p * Vec(_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(r),
-                                                                          _mm512_set1_epi32(127)), 23)));
+    return Vec(_mm512_scalef_ps(p, r));
 #else
     return p * Vec(_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(r),
                                                                           _mm256_set1_epi32(127)), 23)));
@@ -512,6 +518,26 @@ extern "C" void kernel(const float* x, const float* wt, const float* bias, const
 '''
 
 
+GATED_SUM = COMMON + r"""
+// SCAttn's channel gate and the sum of the K directions in one pass (the fused mixer's, after the scan):
+// out[b][t] = sum_k a[b][k] * y[b][k][t], vectors of E channels; y (batch, K, L, E), a (batch, K, E), out
+// (batch, L, E). Each output is one thread's, its K terms added in order (the thread count changes no bit).
+extern "C" void kernel(const float* y, const float* a, float* out, int64_t batch, int64_t K, int64_t L, int64_t E) {
+    #pragma omp parallel for schedule(static)
+    for (int64_t w = 0; w < batch * L; w++) {
+        const int64_t b = w / L, t = w %% L;
+        for (int64_t e0 = 0; e0 < E; e0 += VL) {
+            const int64_t nc = std::min(VL, E - e0);
+            Vec acc(0.f);
+            for (int64_t k = 0; k < K; k++)
+                acc = at::vec::fmadd(Vec::loadu(a + (b * K + k) * E + e0, nc),
+                                     Vec::loadu(y + ((b * K + k) * L + t) * E + e0, nc), acc);
+            acc.store(out + w * E + e0, nc);
+        }
+    }
+}
+"""
+
 SIGNATURES = {   # the pybinding's argument types: inputs, outputs, then the six int64 sizes and flags
     "fwd": ["const float*"] * 8 + ["float*"] * 3 + ["int64_t"] * 6,
     "bwd": ["const float*"] * 10 + ["float*"] * 7 + ["int64_t"] * 6,
@@ -521,9 +547,10 @@ SIGNATURES = {   # the pybinding's argument types: inputs, outputs, then the six
     "ordered_conv_fwd": ["const float*"] * 3 + ["const int64_t*", "float*"] + ["int64_t"] * 7,
     "ordered_conv_bwd": ["const float*"] * 3 + ["const int64_t*"] * 2 + ["const float*"] + ["float*"] * 4
                         + ["int64_t"] * 8,
+    "gated_sum": ["const float*"] * 2 + ["float*"] + ["int64_t"] * 4,
 }
 SOURCES = {"fwd": "FWD", "bwd": "BWD", "ordered_scan_fwd": "ORDERED_SCAN_FWD", "ordered_scan_bwd": "ORDERED_SCAN_BWD",
-           "ordered_conv_fwd": "ORDERED_CONV_FWD", "ordered_conv_bwd": "ORDERED_CONV_BWD"}
+           "ordered_conv_fwd": "ORDERED_CONV_FWD", "ordered_conv_bwd": "ORDERED_CONV_BWD", "gated_sum": "GATED_SUM"}
 
 
 def library_is_whole(path):

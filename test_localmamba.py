@@ -596,6 +596,62 @@ def test_ordered_kernels_give_the_same_bits_on_any_number_of_threads():
         assert all(torch.equal(a, c) for a, c in zip(runs[0], other))
 
 
+
+def gated_sum_case(batch=2, K=4, L=13, E=20, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, K, L, E, generator=g), torch.rand(batch, K, E, generator=g)
+
+
+def test_gated_sum_matches_the_readable_ops_in_float64():
+    """gated_sum (SCAttn's gate and the K-sum in one kernel; C++, and Triton under the interpreter)
+    against (y * a).sum(1) in float64: output and both gradients; a registered custom op that
+    opcheck passes, whose fake gives the real shape and strides; a bad shape is one ValueError;
+    the same bits on 1, 2 and 3 threads."""
+    y, a = gated_sum_case()
+    want = (y.double() * a.double()[:, :, None]).sum(1)
+    g = torch.randn(want.shape, generator=torch.Generator().manual_seed(1))
+    yd, ad = y.double().requires_grad_(), a.double().requires_grad_()
+    want_g = torch.autograd.grad((yd * ad[:, :, None]).sum(1), (yd, ad), g.double())
+    triton_runs = scan_kernel.HAS_TRITON and (TRITON_DEVICE == "cpu" or torch.cuda.is_available())
+    fns = [scan_kernel.gated_sum] + ([scan_kernel.gated_sum_triton] if triton_runs else [])
+    for fn in fns:
+        dev = "cpu" if fn is scan_kernel.gated_sum else TRITON_DEVICE
+        assert rel_err(fn(y.to(dev), a.to(dev)).cpu(), want) < 1e-6, fn.__name__
+    y_, a_ = y.clone().requires_grad_(), a.clone().requires_grad_()
+    got = scan_kernel.gated_sum(y_, a_)
+    for c, w in zip(torch.autograd.grad(got, (y_, a_), g), want_g):
+        assert rel_err(c, w) < 1e-6
+    torch.library.opcheck(torch.ops.localmamba.gated_sum.default, (y_, a_))
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode() as mode:
+        fake = scan_kernel.gated_sum(mode.from_tensor(y), mode.from_tensor(a))
+    assert (fake.shape, fake.stride()) == (got.shape, got.stride())
+    for bad in (a[:, :3], a[..., :-1], a[0]):
+        for fn in fns:
+            with pytest.raises(ValueError, match=r"gated_sum: y must be \(batch, K, L, E\) and a \(batch, K, E\)"):
+                fn(y, bad)
+    y3, a3 = gated_sum_case(batch=3, L=37, E=40)
+    runs = [_with_threads(n, lambda: scan_kernel.gated_sum(y3, a3)) for n in (1, 2, 3)]
+    assert all(torch.equal(runs[0], r) for r in runs[1:])
+
+
+def test_scattn_channel_gate_is_the_forward_gate():
+    """SCAttn.channel_gate (the fused path's: LayerNorm's token mean from per-token statistics and a
+    matmul, never writing a normalised copy) is forward's channel gate: in float64 to 1e-12, with
+    LayerNorm's affine weights not at their init; and in fp32 under bf16 autocast the statistics stay fp32."""
+    torch.manual_seed(0)
+    attn = lm.SCAttn(24).double()
+    with torch.no_grad():
+        attn.norm.weight.normal_()
+        attn.norm.bias.normal_()
+    x = torch.randn(2, 3, 11, 24, dtype=torch.float64) * 3 + 1
+    want = attn(x) / x                                                      # forward's gate, broadcast
+    got = attn.channel_gate(x)
+    assert got.shape == (2, 3, 1, 24) and rel_err(got.expand_as(x), want) < 1e-12
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lowp = attn.float().channel_gate(x.float())
+    assert rel_err(lowp.double(), got) < 2e-2
+
 DAMAGED_CACHE = """
 import warnings, torch, scan_kernel, scan_kernel_cpu
 u = torch.randn(1, 8, 5)

@@ -544,8 +544,9 @@ class LocalVimMixer(nn.Module):
 
     def _forward_fused(self, h, H, W, cls_pos):
         """forward's math with the orders inside the kernels: the conv reads x through each order and
-        writes scan order; x_proj and dt_proj run per token on that; the scan reads z through the
-        order and writes every direction's output at its row-major tokens."""
+        writes scan order; x_proj runs per token on that; the scan computes Δ from its low-rank input
+        (dt_proj inside the kernel), reads z through the order and writes every direction's output at
+        its row-major tokens."""
         B, K, E, N, R = h.shape[0], self.K, self.d_inner, self.d_state, self.dt_rank
         orders, inv, _ = self.multi_scan.index(H, W, cls_pos, h.device)           # (K, Lmax), (K, L_in)
         Lmax, L_in = orders.shape[1], inv.shape[1]
@@ -556,13 +557,12 @@ class LocalVimMixer(nn.Module):
         x_proj_w = torch.stack([getattr(self, f"x_proj_{k}").weight for k in range(K)])   # (K, R+2N, E)
         x_dbl = torch.bmm(u.view(K, B * Lmax, E), x_proj_w.transpose(1, 2))        # (K, B*Lmax, R+2N)
         dt_projs = [getattr(self, f"dt_proj_{k}") for k in range(K)]
-        dt = torch.bmm(x_dbl[..., :R], torch.stack([p.weight for p in dt_projs]).transpose(1, 2))  # (K, B*Lmax, E)
         x_dbl = x_dbl.view(K, B, Lmax, R + 2 * N).transpose(0, 1)                  # (B, K, Lmax, R+2N), a view
-        ys, _ = ordered_scan(u.transpose(0, 1), dt.view(K, B, Lmax, E).transpose(0, 1),
-                             -torch.exp(self._stacked("A_log").float()), x_dbl[..., R:R + N], x_dbl[..., R + N:],
-                             self._stacked("D").float(), xz[..., E:].unsqueeze(1),
-                             torch.cat([p.bias for p in dt_projs]).float(), orders, L_in, True, False,
-                             torch.is_grad_enabled())                              # (B, K, L_in, E)
+        ys, _ = ordered_scan(u.transpose(0, 1), x_dbl[..., :R], -torch.exp(self._stacked("A_log").float()),
+                             x_dbl[..., R:R + N], x_dbl[..., R + N:], self._stacked("D").float(),
+                             xz[..., E:].unsqueeze(1), torch.cat([p.bias for p in dt_projs]).float(), orders, L_in,
+                             True, False, torch.is_grad_enabled(),
+                             torch.stack([p.weight for p in dt_projs]))          # (B, K, L_in, E)
         y = _attend_and_sum(self.multi_scan, self.attn, ys)                         # SCAttn per direction, then sum
         return self.out_proj(y)                                                    # (B, L_in, D)
 
@@ -590,10 +590,13 @@ class LocalVimBlock(nn.Module):
         self.norm = RMSNorm(d_model, eps=1e-5)
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, hidden, residual, grid=None):
-        # hidden, residual: (B, L_in, D) -> (B, L_in, D), (B, L_in, D) fp32; residual None in the first block
+    def forward(self, hidden, residual, grid=None, rope=None):
+        # hidden, residual: (B, L_in, D) -> (B, L_in, D), (B, L_in, D) fp32; residual None in the first block;
+        # rope: RoPE2D of the sum, = rope(residual) + DropPath(rope(hidden)) as the official code adds them
         residual = hidden if residual is None else residual + self.drop_path(hidden)
         residual = residual.float()                                                 # kept in fp32
+        if rope is not None:
+            residual = rope(residual, grid)
         hidden = self.mixer(self.norm(residual.to(self.norm.weight.dtype)), grid)
         return hidden, residual
 
@@ -706,11 +709,11 @@ class LocalVim(TimmInterface, nn.Module):
         return x + pos, None, grid
 
     def _layer(self, layer, hidden, residual, grid):
-        # RoPE on the hidden states and the residual stream, then the block: (B, L_in, D) each
-        if self.cfg.rope:
-            hidden = self.rope(hidden, grid)
-            residual = None if residual is None else self.rope(residual, grid)
-        return maybe_checkpoint(self, layer, hidden, residual, None if grid == self.cfg.grid else grid)
+        # RoPE on the hidden states and the residual stream, then the block: (B, L_in, D) each. The official
+        # code rotates both and the block adds them; RoPE is linear and per token (DropPath a per-sample
+        # scale), so the block rotates their sum instead: the same numbers, half the RoPE work.
+        return maybe_checkpoint(self, layer, hidden, residual, None if grid == self.cfg.grid else grid,
+                                self.rope if self.cfg.rope else None)
 
     def _final(self, hidden, residual):
         # the last add and the final norm: (B, L_in, D)
@@ -868,21 +871,20 @@ class SS2D(nn.Module):
         return self.out_proj(y)                                                    # (B, H, W, C)
 
     def _scan_fused(self, x, H, W):
-        """forward's scan with the orders inside the kernel: x_proj and dt_proj run per token in
-        row-major order; the scan reads x, Δ, B, C through each order (zeros at padding) and writes
-        every direction's output at its row-major tokens. x: (B, E, H, W) -> (B, H*W, E), summed."""
+        """forward's scan with the orders inside the kernel: x_proj runs per token in row-major order;
+        the scan reads x, Δ's low-rank input, B, C through each order (zeros at padding), computes Δ
+        (dt_proj inside the kernel) and writes every direction's output at its row-major tokens.
+        x: (B, E, H, W) -> (B, H*W, E), summed."""
         B, E, N, R = x.shape[0], self.d_inner, self.d_state, self.dt_rank
         K, C2 = len(self.multi_scan.directions), R + 2 * self.d_state
         orders, _, _ = self.multi_scan.index(H, W, None, x.device)
         xr = x.permute(0, 2, 3, 1).reshape(B, H * W, E)                   # (B, L, E); a view: conv2d kept channels-last
         x_dbl = (xr @ self.x_proj_weight.reshape(K * C2, E).t()).view(B, H * W, K, C2)   # every direction at once
-        dt = torch.bmm(x_dbl.view(B * H * W, K, C2)[..., :R].transpose(0, 1),
-                       self.dt_projs_weight.transpose(1, 2))                    # (K, B*L, E)
         x_dbl = x_dbl.transpose(1, 2)                                           # (B, K, L, R+2N), a view
-        ys, _ = ordered_scan(xr.unsqueeze(1), dt.view(K, B, H * W, E).transpose(0, 1), -torch.exp(self.A_logs.float()),
+        ys, _ = ordered_scan(xr.unsqueeze(1), x_dbl[..., :R], -torch.exp(self.A_logs.float()),
                              x_dbl[..., R:R + N], x_dbl[..., R + N:], self.Ds.float(), None,
                              self.dt_projs_bias.view(-1).float(), orders, H * W, True, True,
-                             torch.is_grad_enabled())                           # (B, K, L, E)
+                             torch.is_grad_enabled(), self.dt_projs_weight)     # (B, K, L, E)
         return _attend_and_sum(self.multi_scan, self.multi_scan.attn, ys)      # SCAttn per direction, sum
 
     def macs(self, H, W):

@@ -949,9 +949,16 @@ def _scan_strides(u, delta, B, z, out, L_out):
     return torch.tensor(st + [L_out], dtype=torch.long)
 
 
-def _ordered_scan_args(u, delta, A, B, C, D, z, delta_bias, delta_softplus, idx_in):
-    """The kernels' fp32 inputs, flag bits and work-item splits."""
-    K, E = delta.shape[1], delta.shape[3]
+def _lowrank_weights(dt_proj):
+    """dt_proj (K, E, R) as the kernels read it, (K, R, E) fp32, and R (0: Δ given whole)."""
+    if dt_proj is None:
+        return None, 0
+    return dt_proj.detach().to(torch.float32).transpose(1, 2).contiguous(), dt_proj.shape[2]
+
+
+def _ordered_scan_args(u, delta, A, B, C, D, z, delta_bias, delta_softplus, idx_in, dt_proj):
+    """The kernels' fp32 inputs (dt_proj as (K, R, E), empty if None), flag bits and work-item splits."""
+    K, E = delta.shape[1], u.shape[3]
     u, delta, z = _f32(u), _f32(delta), None if z is None else _f32(z)
     B, C = _f32(B), _f32(C)
     if B.stride() != C.stride():                                               # one layout for both
@@ -961,7 +968,8 @@ def _ordered_scan_args(u, delta, A, B, C, D, z, delta_bias, delta_softplus, idx_
     flags = ((D is not None) | (z is not None) << 1 | (delta_bias is not None) << 2 | bool(delta_softplus) << 3
              | bool(idx_in) << 4)
     A2t = (A.detach().to(torch.float32) * LOG2E).t().contiguous()             # (N, K*E)
-    ins = [u, delta, A2t, B, C, opt(D), none if z is None else z, opt(delta_bias)]
+    Wdt = none if dt_proj is None else _lowrank_weights(dt_proj)[0]
+    ins = [u, delta, A2t, B, C, opt(D), none if z is None else z, opt(delta_bias), Wdt]
     return ins, flags, _cpu_splits(u.shape[0], K, E)
 
 
@@ -987,16 +995,20 @@ def _check_ordered_inputs(name, tensors, shapes, order, L_in, device_of):
         need(lo >= -1 and hi < L_in, f"order holds {lo}..{hi}; each entry must be a token in [0, {L_in}) or -1")
 
 
-def _check_ordered_scan(u, delta, A, B, C, D, z, delta_bias, order, L_out, idx_in):
+def _check_ordered_scan(u, delta, A, B, C, D, z, delta_bias, order, L_out, idx_in, dt_proj):
     """ordered_scan's contract (its docstring), checked before any kernel reads memory."""
-    if not (isinstance(delta, torch.Tensor) and delta.dim() == 4 and isinstance(A, torch.Tensor) and A.dim() == 2
-            and isinstance(order, torch.Tensor) and order.dim() == 2 and order.shape[0] == delta.shape[1]):
-        raise ValueError("ordered_scan: delta must be (batch, K, rows, E), A (K*E, N) and order (K, Lmax)")
-    batch, K, _, E = delta.shape
+    if not (isinstance(delta, torch.Tensor) and delta.dim() == 4 and isinstance(u, torch.Tensor) and u.dim() == 4
+            and isinstance(A, torch.Tensor) and A.dim() == 2 and isinstance(order, torch.Tensor) and order.dim() == 2
+            and order.shape[0] == delta.shape[1]):
+        raise ValueError("ordered_scan: u must be (batch, K or 1, rows, E), delta (batch, K, rows, E or R), A (K*E, N) "
+                         "and order (K, Lmax)")
+    batch, K, _, E = *delta.shape[:3], u.shape[3]
     rows, N = L_out if idx_in else order.shape[1], A.shape[1]
-    _check_ordered_inputs("ordered_scan", dict(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias), dict(
-        u=(batch, None, rows, E), delta=(batch, K, rows, E), A=(K * E, N), B=(batch, K, rows, N), C=(batch, K, rows, N),
-        D=(K * E,), z=(batch, None, L_out, E), delta_bias=(K * E,)), order, L_out, delta)
+    R = dt_proj.shape[-1] if isinstance(dt_proj, torch.Tensor) and dt_proj.dim() == 3 else E
+    _check_ordered_inputs("ordered_scan", dict(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias,
+                                               dt_proj=dt_proj), dict(
+        u=(batch, None, rows, E), delta=(batch, K, rows, R), A=(K * E, N), B=(batch, K, rows, N), C=(batch, K, rows, N),
+        D=(K * E,), z=(batch, None, L_out, E), delta_bias=(K * E,), dt_proj=(K, E, None)), order, L_out, delta)
     if u.shape[1] not in (1, K) or (z is not None and z.shape[1] not in (1, K)):
         raise ValueError(f"ordered_scan: u and z have 1 direction (shared) or K = {K}")
 
@@ -1015,30 +1027,33 @@ def _check_ordered_conv(x, weight, bias, order, inv):
 @torch.library.custom_op("localmamba::ordered_scan", mutates_args=())
 def ordered_scan(u: _Tensor, delta: _Tensor, A: _Tensor, B: _Tensor, C: _Tensor, D: Optional[_Tensor],
                  z: Optional[_Tensor], delta_bias: Optional[_Tensor], order: _Tensor, L_out: int,
-                 delta_softplus: bool, idx_in: bool, need_starts: bool) -> Tuple[_Tensor, _Tensor]:
+                 delta_softplus: bool, idx_in: bool, need_starts: bool,
+                 dt_proj: Optional[_Tensor] = None) -> Tuple[_Tensor, _Tensor]:
     """The selective scan of K directions with the orders inside (scan_kernel_cpu.ORDERED_SCAN_FWD).
     delta (batch, K, rows, E); u (batch, K or 1, rows, E); B, C (batch, K, rows, N); z (batch, K or
     1, L_out, E) or None; A (K*E, N); D, delta_bias (K*E,); order (K, Lmax). rows: L_out when
     idx_in (u, delta, B, C in row-major token order, read at order[k][s]), Lmax when not (already
-    in scan order). Returns out (batch, K, L_out, E) in u's dtype, each direction's output at its
-    tokens' row-major places, and the chunk starts for the backward ((batch, K*E, chunks, N) fp32;
-    empty unless need_starts)."""
-    _check_ordered_scan(u, delta, A, B, C, D, z, delta_bias, order, L_out, idx_in)
-    batch, K, _, E = delta.shape
+    in scan order). dt_proj (K, E, R): delta is Δ's low-rank input (batch, K, rows, R) and the kernel
+    computes Δ = dt_proj[k] delta per step (Δ never stored). Returns out (batch, K, L_out, E) in u's
+    dtype, each direction's output at its tokens' row-major places, and the chunk starts for the
+    backward ((batch, K*E, chunks, N) fp32; empty unless need_starts)."""
+    _check_ordered_scan(u, delta, A, B, C, D, z, delta_bias, order, L_out, idx_in, dt_proj)
+    batch, K, E = delta.shape[0], delta.shape[1], u.shape[3]
     Lmax, N = order.shape[1], A.shape[1]
-    ins, flags, S = _ordered_scan_args(u, delta, A, B, C, D, z, delta_bias, delta_softplus, idx_in)
+    ins, flags, S = _ordered_scan_args(u, delta, A, B, C, D, z, delta_bias, delta_softplus, idx_in, dt_proj)
     out = torch.empty(batch, K, L_out, E, dtype=torch.float32)
     starts = torch.empty(batch, K * E, -(-Lmax // CPU_CHUNK), N, dtype=torch.float32) if need_starts else \
         torch.empty(0, dtype=torch.float32)
     st = _scan_strides(ins[0], ins[1], ins[3], ins[6] if z is not None else None, out, L_out)
-    _cpu_kernel("ordered_scan_fwd", N, CPU_CHUNK)(*ins, order.contiguous(), st, out, starts, batch, K, E, Lmax, S,
+    R = 0 if dt_proj is None else dt_proj.shape[2]
+    _cpu_kernel("ordered_scan_fwd", N, CPU_CHUNK)(*ins, order.contiguous(), st, out, starts, batch, K, E, Lmax, S, R,
                                                   flags | bool(need_starts) << 5)
     return out.to(u.dtype), starts
 
 
 @ordered_scan.register_fake
-def _(u, delta, A, B, C, D, z, delta_bias, order, L_out, delta_softplus, idx_in, need_starts):
-    batch, K, _, E = delta.shape
+def _(u, delta, A, B, C, D, z, delta_bias, order, L_out, delta_softplus, idx_in, need_starts, dt_proj=None):
+    batch, K, E = delta.shape[0], delta.shape[1], u.shape[3]
     chunk = CPU_CHUNK if delta.device.type == "cpu" else _triton_config(A.shape[1], E)[2]
     n = -(-order.shape[1] // chunk)
     starts = delta.new_empty(batch, K * E, n, A.shape[1], dtype=torch.float32) if need_starts else \
@@ -1049,13 +1064,14 @@ def _(u, delta, A, B, C, D, z, delta_bias, order, L_out, delta_softplus, idx_in,
 @torch.library.custom_op("localmamba::ordered_scan_backward", mutates_args=())
 def ordered_scan_backward(u: _Tensor, delta: _Tensor, A: _Tensor, B: _Tensor, C: _Tensor, D: Optional[_Tensor],
                           z: Optional[_Tensor], delta_bias: Optional[_Tensor], order: _Tensor, starts: _Tensor,
-                          dout: _Tensor, delta_softplus: bool, idx_in: bool) -> List[_Tensor]:
-    """ordered_scan's backward (scan_kernel_cpu.ORDERED_SCAN_BWD): [du, ddelta, dA, dB, dC, dD, dz, dbias],
-    each in its input's shape (du, dz summed over the directions where u, z are shared; dD, dz, dbias
-    empty where D, z, delta_bias are None)."""
-    batch, K, rows, E = delta.shape
+                          dout: _Tensor, delta_softplus: bool, idx_in: bool,
+                          dt_proj: Optional[_Tensor] = None) -> List[_Tensor]:
+    """ordered_scan's backward (scan_kernel_cpu.ORDERED_SCAN_BWD): [du, ddelta, dA, dB, dC, dD, dz, dbias,
+    ddt_proj], each in its input's shape (du, dz summed over the directions where u, z are shared; dD,
+    dz, dbias, ddt_proj empty where D, z, delta_bias, dt_proj are None)."""
+    batch, K, rows, E = *delta.shape[:3], u.shape[3]
     Lmax, N, L_out = order.shape[1], A.shape[1], dout.shape[2]
-    ins, flags, S = _ordered_scan_args(u, delta, A, B, C, D, z, delta_bias, delta_softplus, idx_in)
+    ins, flags, S = _ordered_scan_args(u, delta, A, B, C, D, z, delta_bias, delta_softplus, idx_in, dt_proj)
     g = dout.detach().to(torch.float32).contiguous()
     st = _scan_strides(ins[0], ins[1], ins[3], ins[6] if z is not None else None, g, L_out)
     f32 = dict(dtype=torch.float32)
@@ -1064,43 +1080,55 @@ def ordered_scan_backward(u: _Tensor, delta: _Tensor, A: _Tensor, B: _Tensor, C:
     dBs, dCs = (torch.empty(batch, K, S, rows, N, **f32) for _ in range(2))    # every row written (a permutation)
     dAb, dDb, dbb = torch.empty(batch, K * E, N, **f32), *torch.empty(2, batch, K * E, **f32).unbind(0)
     _cpu_kernel("ordered_scan_bwd", N, CPU_CHUNK)(*ins, order.contiguous(), st, starts, g, du, ddelta, dz, dBs, dCs,
-                                                  dAb, dDb, dbb, batch, K, E, Lmax, rows, S, flags)
-    return _ordered_grads(u, delta, A, B, C, D, z, delta_bias, du, ddelta, dAb, dBs.sum(2), dCs.sum(2), dDb, dz, dbb)
+                                                  dAb, dDb, dbb, batch, K, E, Lmax, rows, S,
+                                                  0 if dt_proj is None else dt_proj.shape[2], flags)
+    return _ordered_grads(u, delta, A, B, C, D, z, delta_bias, dt_proj, du, ddelta, dAb, dBs.sum(2), dCs.sum(2), dDb,
+                          dz, dbb)
 
 
-def _ordered_grads(u, delta, A, B, C, D, z, delta_bias, du, ddelta, dAb, dB, dC, dDb, dz, dbb):
-    """The kernels' gradients (per direction; dA, dD, dbias per batch row) as ordered_scan_backward
-    returns them: du and dz summed over the directions where u and z are shared, dA, dD, dbias over
-    the batch in a fixed order, each in its input's dtype, empty where the input is None."""
+def _ordered_grads(u, delta, A, B, C, D, z, delta_bias, dt_proj, du, ddelta, dAb, dB, dC, dDb, dz, dbb):
+    """The kernels' gradients (per direction; dA, dD, dbias per batch row; Δ's full gradient) as
+    ordered_scan_backward returns them: du and dz summed over the directions where u and z are shared,
+    dA, dD, dbias over the batch in a fixed order; with dt_proj, dΔ projected onto the low-rank input
+    (dΔ dt_proj[k]) and onto dt_proj (dΔ^T delta, over the batch and the rows); each in its input's
+    dtype, empty where the input is None."""
     if u.shape[1] == 1:
         du = du.sum(1, keepdim=True)
     if z is not None and z.shape[1] == 1:
         dz = dz.sum(1, keepdim=True)
     opt = lambda t, like: t.to(like.dtype) if like is not None else delta.new_empty(0)
+    dW = None
+    if dt_proj is not None:                                       # dΔ (batch, K, rows, E) -> K matmuls
+        batch, K, rows, E = ddelta.shape
+        g = ddelta.transpose(0, 1).reshape(K, batch * rows, E)
+        dW = torch.bmm(g.transpose(1, 2), delta.detach().float().transpose(0, 1).reshape(K, batch * rows, -1))
+        ddelta = torch.bmm(g, dt_proj.detach().float()).view(K, batch, rows, -1).transpose(0, 1).contiguous()
     return [du.to(u.dtype), ddelta.to(delta.dtype), _fixed_order_sum(dAb, 0).to(A.dtype), dB.to(B.dtype),
-            dC.to(C.dtype), opt(_fixed_order_sum(dDb, 0), D), opt(dz, z), opt(_fixed_order_sum(dbb, 0), delta_bias)]
+            dC.to(C.dtype), opt(_fixed_order_sum(dDb, 0), D), opt(dz, z), opt(_fixed_order_sum(dbb, 0), delta_bias),
+            opt(dW, dt_proj)]
 
 
 @ordered_scan_backward.register_fake
-def _(u, delta, A, B, C, D, z, delta_bias, order, starts, dout, delta_softplus, idx_in):
+def _(u, delta, A, B, C, D, z, delta_bias, order, starts, dout, delta_softplus, idx_in, dt_proj=None):
     like = lambda t: delta.new_empty(0) if t is None else t.new_empty(t.shape)     # contiguous, as the kernels write
-    return [like(t) for t in (u, delta, A, B, C, D, z, delta_bias)]
+    return [like(t) for t in (u, delta, A, B, C, D, z, delta_bias, dt_proj)]
 
 
 def _ordered_scan_setup(ctx, inputs, output):
-    u, delta, A, B, C, D, z, delta_bias, order, L_out, delta_softplus, idx_in, need_starts = inputs
-    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, order, output[1])
-    ctx.flags = delta_softplus, idx_in, (D, z, delta_bias)
+    u, delta, A, B, C, D, z, delta_bias, order, L_out, delta_softplus, idx_in, need_starts, dt_proj = inputs
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, order, output[1], dt_proj)
+    ctx.flags = delta_softplus, idx_in
 
 
 def _ordered_scan_grad(ctx, dout, _dstarts):
-    u, delta, A, B, C, D, z, delta_bias, order, starts = ctx.saved_tensors
+    u, delta, A, B, C, D, z, delta_bias, order, starts, dt_proj = ctx.saved_tensors
     if starts.numel() == 0:
         raise RuntimeError("ordered_scan: called with need_starts=False, so it has no backward; pass "
                            "need_starts=True when a gradient is wanted")
-    grads = ordered_scan_backward(u, delta, A, B, C, D, z, delta_bias, order, starts, dout, *ctx.flags[:2])
-    grads = [g if like is not None else None for g, like in zip(grads, (u, delta, A, B, C, D, z, delta_bias))]
-    return (*grads, None, None, None, None, None)
+    grads = ordered_scan_backward(u, delta, A, B, C, D, z, delta_bias, order, starts, dout, *ctx.flags, dt_proj)
+    inputs = (u, delta, A, B, C, D, z, delta_bias, dt_proj)
+    grads = [g if like is not None else None for g, like in zip(grads, inputs)]
+    return (*grads[:8], None, None, None, None, None, grads[8])
 
 
 ordered_scan.register_autograd(_ordered_scan_grad, setup_context=_ordered_scan_setup)
@@ -1235,12 +1263,22 @@ if HAS_TRITON:
         return b * tl.load(st_ptr + i) + k * tl.load(st_ptr + i + 1) + rows * tl.load(st_ptr + i + 2)
 
     @triton.jit
-    def _ordered_chunk(u_ptr, dt_ptr, B_ptr, C_ptr, st_ptr, b, k, r, in_seq, offs_e, mask_e, offs_n, mask_n, bias,
-                       HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
-        # one chunk's inputs at rows r (BT,): u, Δ before softplus, Δ (BE, BT); B, C (BN, BT); in_seq: steps < Lmax
+    def _ordered_chunk(u_ptr, dt_ptr, W_ptr, B_ptr, C_ptr, st_ptr, b, k, r, in_seq, offs_e, mask_e, offs_n, mask_n,
+                       bias, E, R, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, LOWRANK: tl.constexpr):
+        # one chunk's inputs at rows r (BT,): u, Δ before softplus, Δ (BE, BT); B, C (BN, BT); in_seq: steps < Lmax.
+        # LOWRANK: dt holds Δ's low-rank input (rows of R), W (K, R, E) the dt_proj weights: Δ = W[k]^T dt here
         ok = mask_e[:, None] & (r[None, :] >= 0)
         u = tl.load(u_ptr + _at(st_ptr, 0, b, k, r[None, :]) + offs_e[:, None], mask=ok, other=0.0).to(tl.float32)
-        dt_raw = tl.load(dt_ptr + _at(st_ptr, 3, b, k, r[None, :]) + offs_e[:, None], mask=ok, other=0.0).to(tl.float32)
+        if LOWRANK:
+            rowp = dt_ptr + _at(st_ptr, 3, b, k, r)
+            dt_raw = tl.zeros((offs_e.shape[0], r.shape[0]), dtype=tl.float32)
+            for j in range(0, R):
+                wj = tl.load(W_ptr + (k * R + j) * E + offs_e, mask=mask_e, other=0.0)
+                dj = tl.load(rowp + j, mask=r >= 0, other=0.0).to(tl.float32)
+                dt_raw += wj[:, None] * dj[None, :]
+        else:
+            dt_raw = tl.load(dt_ptr + _at(st_ptr, 3, b, k, r[None, :]) + offs_e[:, None], mask=ok,
+                             other=0.0).to(tl.float32)
         dt_raw, dt = _delta(dt_raw, bias, HAS_BIAS, SOFTPLUS)
         dt = tl.where(in_seq[None, :], dt, 0.0)        # past Lmax: the state unchanged; padding steps keep Δ
         okn = mask_n[:, None] & (r[None, :] >= 0)
@@ -1261,11 +1299,12 @@ if HAS_TRITON:
 
     @triton.jit
     def _ordered_scan_fwd_kernel(
-        u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, order_ptr, st_ptr,
+        u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, W_ptr, order_ptr, st_ptr,
         out_ptr, starts_ptr,  # out (batch, K, L_out, E) contiguous; starts (batch, K*E, n_chunks, N) fp32
-        K, E, N, Lmax, n_chunks,
+        K, E, N, Lmax, n_chunks, R,
         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
         IDX_IN: tl.constexpr, SAVE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
+        LOWRANK: tl.constexpr,
     ):
         b, k, offs_e, mask_e, offs_d, offs_n, mask_n, mask_dn, A, Dskip, bias = _ordered_tile(
             A_ptr, D_ptr, bias_ptr, K, E, N, HAS_D, HAS_BIAS, BLOCK_D, BLOCK_N)
@@ -1277,8 +1316,8 @@ if HAS_TRITON:
             if SAVE:
                 tl.store(starts_ptr + (((b * K * E + offs_d[:, None]) * n_chunks + c) * N + offs_n[None, :]), x,
                          mask=mask_dn)
-            u, _, dt, Bc, Cc = _ordered_chunk(u_ptr, dt_ptr, B_ptr, C_ptr, st_ptr, b, k, r, offs_l < Lmax, offs_e,
-                                              mask_e, offs_n, mask_n, bias, HAS_BIAS, SOFTPLUS)
+            u, _, dt, Bc, Cc = _ordered_chunk(u_ptr, dt_ptr, W_ptr, B_ptr, C_ptr, st_ptr, b, k, r, offs_l < Lmax,
+                                              offs_e, mask_e, offs_n, mask_n, bias, E, R, HAS_BIAS, SOFTPLUS, LOWRANK)
             _, xs = _scan_chunk(u, dt, Bc, A, x)
             y = tl.sum(xs * Cc[None, :, :], axis=1)                                    # (BD, T)
             if HAS_D:
@@ -1293,14 +1332,14 @@ if HAS_TRITON:
 
     @triton.jit
     def _ordered_scan_bwd_kernel(
-        u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, order_ptr, st_ptr, starts_ptr, dout_ptr,
+        u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, W_ptr, order_ptr, st_ptr, starts_ptr, dout_ptr,
         du_ptr, ddt_ptr, dz_ptr,   # (batch, K, rows, E), (batch, K, rows, E), (batch, K, L_out, E) fp32
         dB_ptr, dC_ptr,            # (batch, K, rows, N) fp32 zeroed (atomics), or per channel tile (DETERMINISTIC)
         dA_ptr, dD_ptr, dbias_ptr,  # (batch, K*E, N), (batch, K*E) x2 fp32
-        K, E, N, Lmax, rows, L_out, n_chunks,
+        K, E, N, Lmax, rows, L_out, n_chunks, R,
         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
         IDX_IN: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
-        DETERMINISTIC: tl.constexpr,
+        DETERMINISTIC: tl.constexpr, LOWRANK: tl.constexpr,
     ):
         b, k, offs_e, mask_e, offs_d, offs_n, mask_n, mask_dn, A, Dskip, bias = _ordered_tile(
             A_ptr, D_ptr, bias_ptr, K, E, N, HAS_D, HAS_BIAS, BLOCK_D, BLOCK_N)
@@ -1317,13 +1356,13 @@ if HAS_TRITON:
             ro, r = _ordered_rows(order_ptr, k, Lmax, offs_l, IDX_IN)
             x0 = tl.load(starts_ptr + (((b * K * E + offs_d[:, None]) * n_chunks + c) * N + offs_n[None, :]),
                          mask=mask_dn, other=0.0)
-            u, dt_raw, dt, Bc, Cc = _ordered_chunk(u_ptr, dt_ptr, B_ptr, C_ptr, st_ptr, b, k, r, in_seq, offs_e,
-                                                   mask_e, offs_n, mask_n, bias, HAS_BIAS, SOFTPLUS)
+            u, dt_raw, dt, Bc, Cc = _ordered_chunk(u_ptr, dt_ptr, W_ptr, B_ptr, C_ptr, st_ptr, b, k, r, in_seq, offs_e,
+                                                   mask_e, offs_n, mask_n, bias, E, R, HAS_BIAS, SOFTPLUS, LOWRANK)
             dBu, xs = _scan_chunk(u, dt, Bc, A, x0)
             a = xs - dBu                                                               # exp(Δ_l A) x_{l-1}
             _, rn = _ordered_rows(order_ptr, k, Lmax, offs_l + 1, IDX_IN)               # Δ at l+1
-            _, _, dtn, _, _ = _ordered_chunk(u_ptr, dt_ptr, B_ptr, C_ptr, st_ptr, b, k, rn, offs_l + 1 < Lmax,
-                                             offs_e, mask_e, offs_n, mask_n, bias, HAS_BIAS, SOFTPLUS)
+            _, _, dtn, _, _ = _ordered_chunk(u_ptr, dt_ptr, W_ptr, B_ptr, C_ptr, st_ptr, b, k, rn, offs_l + 1 < Lmax,
+                                             offs_e, mask_e, offs_n, mask_n, bias, E, R, HAS_BIAS, SOFTPLUS, LOWRANK)
             mo = mask_e[:, None] & (ro[None, :] >= 0)
             dout = tl.load(dout_ptr + ((b * K + k) * L_out + ro[None, :]) * E + offs_e[:, None], mask=mo,
                            other=0.0).to(tl.float32)
@@ -1479,11 +1518,13 @@ def _lastdim(t):
     return t if t is None or t.stride(-1) == 1 else t.contiguous()
 
 
-def ordered_scan_triton(u, delta, A, B, C, D, z, delta_bias, order, L_out, delta_softplus, idx_in, need_starts):
+def ordered_scan_triton(u, delta, A, B, C, D, z, delta_bias, order, L_out, delta_softplus, idx_in, need_starts,
+                        dt_proj=None):
     """ordered_scan's forward on the Triton kernels (its CUDA implementation; CPU tensors under
     TRITON_INTERPRET=1). The same contract, the chunk starts in the Triton kernels' chunks."""
-    _check_ordered_scan(u, delta, A, B, C, D, z, delta_bias, order, L_out, idx_in)
-    batch, K, rows, E = delta.shape
+    _check_ordered_scan(u, delta, A, B, C, D, z, delta_bias, order, L_out, idx_in, dt_proj)
+    (batch, K, rows), E = delta.shape[:3], u.shape[3]
+    W, R = _lowrank_weights(dt_proj)
     N, Lmax = A.shape[1], order.shape[1]
     u, delta, B, C, z = (_lastdim(t) for t in (u, delta, B, C, z))
     if B.stride() != C.stride():
@@ -1496,16 +1537,19 @@ def ordered_scan_triton(u, delta, A, B, C, D, z, delta_bias, order, L_out, delta
     st = _scan_strides(u, delta, B, z, out, L_out).to(u.device)
     with torch.cuda.device(u.device) if u.is_cuda else contextlib.nullcontext():
         _ordered_scan_fwd_kernel[(triton.cdiv(E, BLOCK_D), batch * K)](
-            u, delta, A.contiguous(), B, C, _or_dummy(D, u), _or_dummy(z, u), _or_dummy(delta_bias, u),
-            order.contiguous(), st, out, starts if need_starts else out, K, E, N, Lmax, n_chunks,
+            u, delta, A.contiguous(), B, C, _or_dummy(D, u), _or_dummy(z, u), _or_dummy(delta_bias, u), _or_dummy(W, u),
+            order.contiguous(), st, out, starts if need_starts else out, K, E, N, Lmax, n_chunks, R,
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
-            IDX_IN=bool(idx_in), SAVE=bool(need_starts), BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, CHUNK=CHUNK)
+            IDX_IN=bool(idx_in), SAVE=bool(need_starts), BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, CHUNK=CHUNK,
+            LOWRANK=R > 0)
     return out, starts
 
 
-def ordered_scan_backward_triton(u, delta, A, B, C, D, z, delta_bias, order, starts, dout, delta_softplus, idx_in):
+def ordered_scan_backward_triton(u, delta, A, B, C, D, z, delta_bias, order, starts, dout, delta_softplus, idx_in,
+                                 dt_proj=None):
     """ordered_scan_backward on the Triton kernels: the same list of gradients."""
-    batch, K, rows, E = delta.shape
+    (batch, K, rows), E = delta.shape[:3], u.shape[3]
+    W, R = _lowrank_weights(dt_proj)
     N, Lmax, L_out = A.shape[1], order.shape[1], dout.shape[2]
     u, delta, B, C, z = (_lastdim(t) for t in (u, delta, B, C, z))
     if B.stride() != C.stride():
@@ -1522,14 +1566,14 @@ def ordered_scan_backward_triton(u, delta, A, B, C, D, z, delta_bias, order, sta
     st = _scan_strides(u, delta, B, z, None, L_out).to(u.device)
     with torch.cuda.device(u.device) if u.is_cuda else contextlib.nullcontext():
         _ordered_scan_bwd_kernel[grid](
-            u, delta, A.contiguous(), B, C, _or_dummy(D, u), _or_dummy(z, u), _or_dummy(delta_bias, u),
+            u, delta, A.contiguous(), B, C, _or_dummy(D, u), _or_dummy(z, u), _or_dummy(delta_bias, u), _or_dummy(W, u),
             order.contiguous(), st, starts, dout.contiguous(), du, ddt, _or_dummy(dz, du), dB, dC, dA, dD, dbias,
-            K, E, N, Lmax, rows, L_out, -(-Lmax // CHUNK),
+            K, E, N, Lmax, rows, L_out, -(-Lmax // CHUNK), R,
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
-            IDX_IN=bool(idx_in), BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, CHUNK=CHUNK, DETERMINISTIC=det)
+            IDX_IN=bool(idx_in), BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, CHUNK=CHUNK, DETERMINISTIC=det, LOWRANK=R > 0)
     if det:
         dB, dC = dB.sum(0), dC.sum(0)
-    return _ordered_grads(u, delta, A, B, C, D, z, delta_bias, du, ddt, dA, dB, dC, dD, dz, dbias)
+    return _ordered_grads(u, delta, A, B, C, D, z, delta_bias, dt_proj, du, ddt, dA, dB, dC, dD, dz, dbias)
 
 
 def ordered_conv_triton(x, weight, bias, order, inv):
@@ -1683,7 +1727,7 @@ def compile_check(archs=(80, 90)):
             for dtype, flags, N, dg in kernel_variants:
                 blocks = dict(zip(("BLOCK_D", "BLOCK_N", "CHUNK"), _triton_config(N, dg)))
                 const = dict(HAS_D=flags, HAS_Z=flags, HAS_BIAS=flags, SOFTPLUS=flags, **blocks, DETERMINISTIC=flags,
-                             IDX_IN=flags, SAVE=True, D_CONV=4, BLOCK_S=16, BLOCK_T=16, BLOCK_E=128)
+                             IDX_IN=flags, LOWRANK=flags, SAVE=True, D_CONV=4, BLOCK_S=16, BLOCK_T=16, BLOCK_E=128)
                 const = {k: v for k, v in const.items() if k in kernel.arg_names}
                 sig = {a: "constexpr" if a in const else ("*i64" if a in ("order_ptr", "st_ptr", "inv_ptr") else
                                                           "*" + (dtype if a in io_dtype else "fp32"))

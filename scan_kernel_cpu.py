@@ -28,7 +28,8 @@ the batch. The arithmetic is fp32 (fp16/bf16 inputs are cast first; fp64 takes t
 
 Names: FWD, BWD (the two kernels' source, `%`-formatted with N and T); ORDERED_SCAN_FWD/_BWD,
 ORDERED_CONV_FWD/_BWD and GATED_SUM (the fused mixer's kernels, scan_kernel.ordered_scan, ...);
-COMMON (what all share: the exp2 polynomial, softplus, sigmoid, tile loads; experiments/bench_scan.py's floor reuses it),
+COMMON (what all share: the exp2 polynomial, softplus, sigmoid, tile loads, Δ's low-rank row;
+experiments/bench_scan.py's floor reuses it),
 SIGNATURES (their argument types), build(kind, N, T), library_is_whole(path) (a damaged cached binary is
 rebuilt, not loaded).
 """
@@ -99,6 +100,14 @@ static inline void scatter(const Vec& v, float* p, int64_t stride, int64_t nc) {
     alignas(64) float lane[VL];
     v.store(lane);
     for (int64_t c = 0; c < nc; c++) p[c * stride] = lane[c];
+}
+// Δ's row before its bias at channels [e0, e0 + nc): drow[e0..] when R == 0 (Δ given), or its low-rank form
+// sum_j W[j][e] drow[j] with W (R, E) one direction's dt_proj, transposed (Δ computed here, never stored)
+static inline Vec delta_row(const float* drow, const float* W, int64_t R, int64_t E, int64_t e0, int64_t nc) {
+    if (R == 0) return Vec::loadu(drow + e0, nc);
+    Vec acc(0.f);
+    for (int64_t j = 0; j < R; j++) acc = at::vec::fmadd(Vec::loadu(W + j * E + e0, nc), Vec(drow[j]), acc);
+    return acc;
 }
 // work item w -> batch row b, group g, channels [d0, d0 + nc) of split s (splits of whole vectors)
 #define WORK_ITEM                                                                              \
@@ -252,11 +261,12 @@ extern "C" void kernel(const float* u, const float* delta, const float* A2t, con
 ORDERED_SCAN_FWD = COMMON + r'''
 // The selective scan of K directions. Inputs u, Δ, B, C at row order[k][s] (IDX_IN) or row s (inputs already in
 // scan order); z read, and out written, at row order[k][s], real tokens only. Strides st[]: (batch, direction,
-// row) of u, Δ, B/C, z, out, channel stride 1 (u and z may be shared by the directions: stride 0).
+// row) of u, Δ, B/C, z, out, channel stride 1 (u and z may be shared by the directions: stride 0). R > 0: delta
+// holds Δ's low-rank input (rows of R) and Wdt (K, R, E) the dt_proj weights: Δ = Wdt[k] delta_row (delta_row).
 extern "C" void kernel(const float* u, const float* delta, const float* A2t, const float* Bm, const float* Cm,
-                       const float* Dskip, const float* z, const float* bias, const int64_t* order, const int64_t* st,
-                       float* out, float* starts, int64_t batch, int64_t K, int64_t E, int64_t Lmax, int64_t S,
-                       int64_t flags) {
+                       const float* Dskip, const float* z, const float* bias, const float* Wdt, const int64_t* order,
+                       const int64_t* st, float* out, float* starts, int64_t batch, int64_t K, int64_t E, int64_t Lmax,
+                       int64_t S, int64_t R, int64_t flags) {
     const bool has_D = flags & 1, has_z = flags & 2, has_bias = flags & 4, sp = flags & 8, idx_in = flags & 16,
                save = flags & 32;
     const int64_t n_chunks = (Lmax + T - 1) / T, nvec = (E + VL - 1) / VL, per = (nvec + S - 1) / S;
@@ -268,6 +278,7 @@ extern "C" void kernel(const float* u, const float* delta, const float* A2t, con
         const float* u0 = u + b * st[0] + k * st[1]; const float* d0p = delta + b * st[3] + k * st[4];
         const float* B0 = Bm + b * st[6] + k * st[7]; const float* C0 = Cm + b * st[6] + k * st[7];
         const float* z0 = z + b * st[9] + k * st[10]; float* o0 = out + b * st[12] + k * st[13];
+        const float* Wk = Wdt + k * R * E;
         for (int64_t v = sp_ * per; v < std::min(nvec, (sp_ + 1) * per); v++) {
             const int64_t e0 = v * VL, nc = std::min(VL, E - e0), d0 = k * E + e0;
             Vec a[N], x[N];
@@ -282,7 +293,7 @@ extern "C" void kernel(const float* u, const float* delta, const float* A2t, con
                 Vec dt = vbias, uu(0.f);
                 const float* Bn = zeros; const float* Cn = zeros;
                 if (r >= 0) {                                                 // else a zero token
-                    dt = dt + Vec::loadu(d0p + r * st[5] + e0, nc);
+                    dt = dt + delta_row(d0p + r * st[5], Wk, R, E, e0, nc);
                     uu = Vec::loadu(u0 + r * st[2] + e0, nc);
                     Bn = B0 + r * st[8]; Cn = C0 + r * st[8];
                 }
@@ -310,12 +321,13 @@ ORDERED_SCAN_BWD = COMMON + r'''
 // stage a whole-sequence buffer would not fit in any cache). Outputs per direction, in the inputs' rows:
 // du, dΔ (batch, K, rows, E); dz (batch, K, L_out, E), summed over K by the caller when z is shared; dB, dC
 // (batch, K, S, rows, N) per channel split; dA (batch, K*E, N), dD and dbias (batch, K*E) per batch row. dbias
-// sums dΔ over every step, padding steps included (their Δ is softplus(bias)).
+// sums dΔ over every step, padding steps included (their Δ is softplus(bias)). dΔ is Δ's full gradient also where
+// Δ came in low-rank (R > 0): the caller projects it onto the low-rank input and dt_proj.
 extern "C" void kernel(const float* u, const float* delta, const float* A2t, const float* Bm, const float* Cm,
-                       const float* Dskip, const float* z, const float* bias, const int64_t* order, const int64_t* st,
-                       const float* starts, const float* dout, float* du, float* ddelta, float* dz, float* dBs,
-                       float* dCs, float* dAb, float* dDb, float* dbb, int64_t batch, int64_t K, int64_t E,
-                       int64_t Lmax, int64_t rows, int64_t S, int64_t flags) {
+                       const float* Dskip, const float* z, const float* bias, const float* Wdt, const int64_t* order,
+                       const int64_t* st, const float* starts, const float* dout, float* du, float* ddelta, float* dz,
+                       float* dBs, float* dCs, float* dAb, float* dDb, float* dbb, int64_t batch, int64_t K,
+                       int64_t E, int64_t Lmax, int64_t rows, int64_t S, int64_t R, int64_t flags) {
     const bool has_D = flags & 1, has_z = flags & 2, has_bias = flags & 4, sp = flags & 8, idx_in = flags & 16;
     const int64_t n_chunks = (Lmax + T - 1) / T, nvec = (E + VL - 1) / VL, per = (nvec + S - 1) / S;
     const int64_t Lout = st[15];
@@ -330,6 +342,7 @@ extern "C" void kernel(const float* u, const float* delta, const float* A2t, con
         const float* u0 = u + b * st[0] + k * st[1]; const float* d0p = delta + b * st[3] + k * st[4];
         const float* B0 = Bm + b * st[6] + k * st[7]; const float* C0 = Cm + b * st[6] + k * st[7];
         const float* z0 = z + b * st[9] + k * st[10]; const float* g0 = dout + b * st[12] + k * st[13];
+        const float* Wk = Wdt + k * R * E;
         float* du0 = du + (b * K + k) * rows * E; float* dd0 = ddelta + (b * K + k) * rows * E;
         float* dz0 = dz + (b * K + k) * Lout * E;
         // per vector of the item: A log2(e), bias, D, and the carried dh and sums
@@ -359,7 +372,7 @@ extern "C" void kernel(const float* u, const float* delta, const float* A2t, con
                     Vec raw = vbias, uu(0.f);
                     const float* Bn = zeros;
                     if (r >= 0) {
-                        raw = raw + Vec::loadu(d0p + r * st[5] + e0, nc);
+                        raw = raw + delta_row(d0p + r * st[5], Wk, R, E, e0, nc);
                         uu = Vec::loadu(u0 + r * st[2] + e0, nc); Bn = B0 + r * st[8];
                     }
                     const Vec dt = sp ? softplus(raw) : raw, dtu = dt * uu;
@@ -541,9 +554,9 @@ extern "C" void kernel(const float* y, const float* a, float* out, int64_t batch
 SIGNATURES = {   # the pybinding's argument types: inputs, outputs, then the six int64 sizes and flags
     "fwd": ["const float*"] * 8 + ["float*"] * 3 + ["int64_t"] * 6,
     "bwd": ["const float*"] * 10 + ["float*"] * 7 + ["int64_t"] * 6,
-    "ordered_scan_fwd": ["const float*"] * 8 + ["const int64_t*"] * 2 + ["float*"] * 2 + ["int64_t"] * 6,
-    "ordered_scan_bwd": ["const float*"] * 8 + ["const int64_t*"] * 2 + ["const float*"] * 2 + ["float*"] * 8
-                        + ["int64_t"] * 7,
+    "ordered_scan_fwd": ["const float*"] * 9 + ["const int64_t*"] * 2 + ["float*"] * 2 + ["int64_t"] * 7,
+    "ordered_scan_bwd": ["const float*"] * 9 + ["const int64_t*"] * 2 + ["const float*"] * 2 + ["float*"] * 8
+                        + ["int64_t"] * 8,
     "ordered_conv_fwd": ["const float*"] * 3 + ["const int64_t*", "float*"] + ["int64_t"] * 7,
     "ordered_conv_bwd": ["const float*"] * 3 + ["const int64_t*"] * 2 + ["const float*"] + ["float*"] * 4
                         + ["int64_t"] * 8,

@@ -377,11 +377,12 @@ def test_cpu_kernel_build_failure_is_one_message(monkeypatch):
 
 # --- the fused mixer's ordered kernels (scan_kernel.ordered_scan / ordered_conv) ----------------
 
-def ordered_case(dirs, H, W, cls_pos=None, idx_in=True, z=False, batch=2, E=20, N=16, seed=0):
+def ordered_case(dirs, H, W, cls_pos=None, idx_in=True, z=False, batch=2, E=20, N=16, seed=0, rank=0):
     """Inputs of ordered_scan for K = len(dirs) orders of an H×W grid, in the layouts the mixers pass:
     idx_in (SS2D): u (batch, 1, L, E) shared, delta (batch, K, L, E), B and C views of one
     (batch, L, K, 2N) tensor; not idx_in (LocalVim): u, delta, B, C in scan order (rows Lmax), z
-    (batch, 1, L, E) shared. E = 20: two full AVX2 vectors and a partial one."""
+    (batch, 1, L, E) shared. E = 20: two full AVX2 vectors and a partial one. rank > 0: delta is
+    Δ's low-rank input (batch, K, rows, rank) and dt_proj (K, E, rank) its projection, as the mixers pass."""
     g = torch.Generator().manual_seed(seed)
     orders, inv, _ = lm.MultiScan(dirs).index(H, W, cls_pos)
     K, Lmax, L = len(dirs), orders.shape[1], inv.shape[1]
@@ -390,6 +391,8 @@ def ordered_case(dirs, H, W, cls_pos=None, idx_in=True, z=False, batch=2, E=20, 
     x = dict(u=r(batch, 1 if idx_in else K, rows, E), delta=r(batch, K, rows, E) - 1, xd=r(batch, rows, K, 2 * N),
              A=-torch.rand(K * E, N, generator=g) * 2 - 0.2, D=r(K * E), delta_bias=r(K * E) * 0.5)
     x["z"] = r(batch, 1, L, E) if z else None
+    if rank:
+        x["delta"], x["dt_proj"] = r(batch, K, rows, rank) * 0.5, r(K, E, rank) * 0.5
     return x, orders, inv
 
 
@@ -399,7 +402,7 @@ def run_ordered(x, orders, L, idx_in, dout):
     N = x["A"].shape[1]
     Bv, Cv = x["xd"].transpose(1, 2)[..., :N], x["xd"].transpose(1, 2)[..., N:]
     out, _ = scan_kernel.ordered_scan(x["u"], x["delta"], x["A"], Bv, Cv, x["D"], x["z"], x["delta_bias"], orders,
-                                      L, True, idx_in, True)
+                                      L, True, idx_in, True, x.get("dt_proj"))
     names = [k for k, v in x.items() if v is not None]
     return out, dict(zip(names, torch.autograd.grad(out, [x[k] for k in names], dout)))
 
@@ -408,6 +411,8 @@ def ordered_reference(x, orders, inv, idx_in):
     """The same in float64 by the readable path's ops: each direction's inputs gathered with
     scan_tokens, the loop, unscan_tokens; stacked to (batch, K, L, E)."""
     x = {k: None if v is None else v.double() for k, v in x.items()}
+    if x.get("dt_proj") is not None:                                           # Δ from its low-rank input
+        x["delta"] = torch.einsum("bkrj,kej->bkre", x["delta"], x["dt_proj"])
     K, E, N = orders.shape[0], x["delta"].shape[3], x["A"].shape[1]
     outs = []
     for k in range(K):
@@ -423,20 +428,21 @@ def ordered_reference(x, orders, inv, idx_in):
     return torch.stack(outs, 1)
 
 
-ORDERED_CASES = [   # (directions, H, W, cls_pos, idx_in, z, batch)
-    (["h", "v_flip", "w2", "w3_flip"], 5, 7, None, True, False, 2),      # SS2D: non-square, w2/w3 pad the grid
-    (["h", "v_flip", "w2", "w3_flip"], 5, 7, None, False, True, 2),      # LocalVim: scan-order inputs, shared z
-    (["h_flip", "w7"], 4, 4, 8, False, True, 1),                          # middle cls token, w7 > grid, batch 1
-    (list(lm.DIRECTIONS), 3, 6, None, True, False, 1),                    # a supernet's 8 directions
+ORDERED_CASES = [   # (directions, H, W, cls_pos, idx_in, z, batch, rank of Δ's input: 0 = Δ given whole)
+    (["h", "v_flip", "w2", "w3_flip"], 5, 7, None, True, False, 2, 3),   # SS2D: non-square, w2/w3 pad the grid
+    (["h", "v_flip", "w2", "w3_flip"], 5, 7, None, False, True, 2, 3),   # LocalVim: scan-order inputs, shared z
+    (["h_flip", "w7"], 4, 4, 8, False, True, 1, 0),                       # middle cls token, w7 > grid, batch 1
+    (list(lm.DIRECTIONS), 3, 6, None, True, False, 1, 0),                 # a supernet's 8 directions
 ]
 
 
-@pytest.mark.parametrize("dirs,H,W,cls_pos,idx_in,z,batch", ORDERED_CASES)
-def test_ordered_scan_matches_the_readable_ops_in_float64(dirs, H, W, cls_pos, idx_in, z, batch):
+@pytest.mark.parametrize("dirs,H,W,cls_pos,idx_in,z,batch,rank", ORDERED_CASES)
+def test_ordered_scan_matches_the_readable_ops_in_float64(dirs, H, W, cls_pos, idx_in, z, batch, rank):
     """ordered_scan (inputs read through each order, zeros at padding steps, outputs written at the
-    row-major tokens) against gather -> the float64 loop -> un-scan; the output and the gradient
-    of every input, the K-shared u and z summed over their directions, Δ's bias over padding steps too."""
-    x, orders, inv = ordered_case(dirs, H, W, cls_pos, idx_in, z, batch)
+    row-major tokens; Δ from its low-rank input inside the kernel) against gather -> the float64 loop ->
+    un-scan; the output and the gradient of every input (dt_proj's too), the K-shared u and z summed over
+    their directions, Δ's bias over padding steps too."""
+    x, orders, inv = ordered_case(dirs, H, W, cls_pos, idx_in, z, batch, rank=rank)
     want = ordered_reference({k: None if v is None else v.requires_grad_() for k, v in x.items()}, orders, inv, idx_in)
     dout = torch.randn(want.shape, generator=torch.Generator().manual_seed(5))
     names = [k for k, v in x.items() if v is not None]
@@ -475,13 +481,13 @@ def test_ordered_ops_are_custom_ops_that_torch_checks():
     schema, fake (meta) implementations, autograd registration and AOT dispatch (what torch.compile
     and torch.export trace) against the real kernels; and every op's fake gives its real outputs'
     shapes and strides."""
-    x, orders, inv = ordered_case(["h", "w2_flip"], 3, 5, idx_in=True, batch=2, E=12, N=4)
+    x, orders, inv = ordered_case(["h", "w2_flip"], 3, 5, idx_in=True, batch=2, E=12, N=4, rank=2)
     N = 4
     xd = x["xd"].requires_grad_()
-    delta = x["delta"].transpose(0, 1).contiguous().transpose(0, 1)      # dense but permuted, as the mixers pass Δ
+    delta = x["delta"].transpose(0, 1).contiguous().transpose(0, 1)      # dense but permuted
     args = (x["u"].requires_grad_(), delta.requires_grad_(), x["A"].requires_grad_(),
             xd.transpose(1, 2)[..., :N], xd.transpose(1, 2)[..., N:], x["D"], None, x["delta_bias"], orders, 15,
-            True, True, True)
+            True, True, True, x["dt_proj"].requires_grad_())
     torch.library.opcheck(torch.ops.localmamba.ordered_scan.default, args)
     xz = torch.randn(2, 15, 24, requires_grad=True)
     conv_args = (xz[..., :12], torch.randn(24, 1, 4, requires_grad=True), torch.randn(24, requires_grad=True), orders,
@@ -493,7 +499,7 @@ def test_ordered_ops_are_custom_ops_that_torch_checks():
     out, starts = scan_kernel.ordered_scan(*args)
     dout = torch.randn(out.shape).transpose(0, 1).contiguous().transpose(0, 1)
     calls = [(torch.ops.localmamba.ordered_scan.default, args),
-             (torch.ops.localmamba.ordered_scan_backward.default, (*args[:9], starts, dout, True, True)),
+             (torch.ops.localmamba.ordered_scan_backward.default, (*args[:9], starts, dout, True, True, args[13])),
              (torch.ops.localmamba.ordered_conv.default, conv_args),
              (torch.ops.localmamba.ordered_conv_backward.default, (*conv_args, torch.randn(2, 2, 16, 12)))]
     for op, call in calls:
@@ -506,12 +512,12 @@ def test_ordered_ops_are_custom_ops_that_torch_checks():
 
 
 @needs_triton
-@pytest.mark.parametrize("dirs,H,W,cls_pos,idx_in,z,batch", ORDERED_CASES[:3])
-def test_ordered_triton_kernels_match_the_readable_ops_in_float64(dirs, H, W, cls_pos, idx_in, z, batch):
+@pytest.mark.parametrize("dirs,H,W,cls_pos,idx_in,z,batch,rank", ORDERED_CASES[:3])
+def test_ordered_triton_kernels_match_the_readable_ops_in_float64(dirs, H, W, cls_pos, idx_in, z, batch, rank):
     """The Triton versions of the ordered kernels (ordered_scan's CUDA implementation), run as CI runs
     Triton (on the CPU under the interpreter), against the same float64 reference as the C++ ones:
     the output and the gradient of every input."""
-    x, orders, inv = ordered_case(dirs, H, W, cls_pos, idx_in, z, batch, E=12, N=4)
+    x, orders, inv = ordered_case(dirs, H, W, cls_pos, idx_in, z, batch, E=12, N=4, rank=rank)
     want = ordered_reference({k: None if v is None else v.requires_grad_() for k, v in x.items()}, orders, inv, idx_in)
     dout = torch.randn(want.shape, generator=torch.Generator().manual_seed(5))
     names = [k for k, v in x.items() if v is not None]
@@ -519,11 +525,12 @@ def test_ordered_triton_kernels_match_the_readable_ops_in_float64(dirs, H, W, cl
     d = {k: None if v is None else v.detach().to(TRITON_DEVICE) for k, v in x.items()}
     Bv, Cv = d["xd"].transpose(1, 2)[..., :4], d["xd"].transpose(1, 2)[..., 4:]
     args = (d["u"], d["delta"], d["A"], Bv, Cv, d["D"], d["z"], d["delta_bias"], orders.to(TRITON_DEVICE))
-    out, starts = scan_kernel.ordered_scan_triton(*args, inv.shape[1], True, idx_in, True)
-    du, ddelta, dA, dB, dC, dD, dz, dbias = scan_kernel.ordered_scan_backward_triton(
-        *args, starts, dout.to(TRITON_DEVICE), True, idx_in)
+    out, starts = scan_kernel.ordered_scan_triton(*args, inv.shape[1], True, idx_in, True, d.get("dt_proj"))
+    du, ddelta, dA, dB, dC, dD, dz, dbias, dW = scan_kernel.ordered_scan_backward_triton(
+        *args, starts, dout.to(TRITON_DEVICE), True, idx_in, d.get("dt_proj"))
     assert rel_err(out.cpu(), want) < 1e-5
-    got_g = dict(u=du, delta=ddelta, A=dA, D=dD, delta_bias=dbias, z=dz, xd=torch.cat([dB, dC], -1).transpose(1, 2))
+    got_g = dict(u=du, delta=ddelta, A=dA, D=dD, delta_bias=dbias, z=dz, xd=torch.cat([dB, dC], -1).transpose(1, 2),
+                 dt_proj=dW)
     for k in names:
         assert rel_err(got_g[k].cpu(), want_g[k]) < 1e-5, k
 
@@ -2011,10 +2018,14 @@ def test_the_traffic_count_is_the_bytes_each_op_reads_and_writes():
     assert fused["ordered_scan"] > 0 and fused["ordered_conv"] > 0 and "scan kernel (fwd)" not in fused
     assert readable["scan kernel (fwd)"] > 0 and "ordered_scan" not in readable
     E, L, K, N, batch, R = 2 * m.embed_dim, 196, 4, 16, 2, m.layers[0].mixer.dt_rank
-    # one layer's ordered_scan by hand: u, Δ, out (batch, K, L, E); B, C (batch, K, L, N); z (batch, 1, L, E);
-    # A (K·E, N); D, Δ's bias (K·E); the orders (K, L) int64; the chunk starts (none: inference)
-    floats = batch * K * L * E * 3 + batch * K * L * N * 2 + batch * L * E + K * E * N + 2 * K * E
+    # one layer's ordered_scan by hand: u, out (batch, K, L, E); Δ's low-rank input (batch, K, L, R); B, C
+    # (batch, K, L, N); z (batch, 1, L, E); A (K·E, N); D, Δ's bias (K·E); dt_proj (K, E, R); the orders (K, L)
+    # int64; the chunk starts (none: inference)
+    floats = (batch * K * L * E * 2 + batch * K * L * R + batch * K * L * N * 2 + batch * L * E + K * E * N
+              + 2 * K * E + K * E * R)
     assert fused["ordered_scan"] == len(m.layers) * (4 * floats + 8 * K * L)
+    # and its gated_sum: y (batch, K, L, E), the gate (batch, K, E), out (batch, L, E)
+    assert fused["gated_sum"] == len(m.layers) * 4 * (batch * K * L * E + batch * K * E + batch * L * E)
     assert readable["addmm"] + readable.get("mm", 0) + readable.get("bmm", 0) > 0
 
 

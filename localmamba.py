@@ -59,7 +59,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from scan_kernel import gated_sum, ordered_conv, ordered_kernels_take, ordered_scan, selective_scan
+from scan_kernel import gated_sum, ordered_conv, ordered_kernels_take, ordered_scan, selective_scan, token_norm_mean
 # the generic plumbing (timm's interface, checkpoint files, MAC counting) lives beside this file;
 # what a user calls from it is re-exported here, so `from localmamba import ...` is the one import
 from localmamba_helpers import (FASHION_MEAN_STD, IMAGENET_MEAN_STD, BadInput, FeatureInfo, FeatureMaps,
@@ -177,26 +177,18 @@ class SCAttn(nn.Module):
     def forward(self, x):
         # x: (..., L, C) -> (..., L, C)
         u = self.norm(x)
-        g = F.gelu(self.global_reduce(u.mean(-2, keepdim=True)))                # (..., 1, C/8)
-        attn = torch.sigmoid(self.channel_select(g))                            # (..., 1, C)
+        g, attn = self.channel_branch(u.mean(-2, keepdim=True))                 # (..., 1, C/8), (..., 1, C)
         if self.spatial:
             local = F.gelu(self.local_reduce(u))                                 # (..., L, C/8)
             s = self.spatial_select(torch.cat([local, g.expand_as(local)], -1))  # (..., L, 1)
             attn = attn * torch.sigmoid(s)                                       # (..., L, C)
         return x * attn
 
-    def channel_gate(self, x):
-        """forward's channel gate `attn` (..., 1, C) with less memory traffic (the fused mixer's): as
-        mean_L LayerNorm(x) = γ ⊙ (sum_t r_t x_t - sum_t r_t μ_t) / L + β, each token's mean μ_t and
-        r_t = 1/sqrt(var_t + eps) from one read of x, the r-weighted token sum a matmul: x is read
-        twice and never written (LayerNorm writes a normalised copy that the mean reads again)."""
-        with torch.autocast(x.device.type, enabled=False):                       # the statistics in fp32 (or fp64)
-            xf = x.to(torch.promote_types(x.dtype, torch.float32))
-            var, mu = torch.var_mean(xf, -1, correction=0, keepdim=True)            # (..., L, 1)
-            r = torch.rsqrt(var + self.norm.eps)
-            m = (r.transpose(-1, -2) @ xf - (r * mu).sum(-2, keepdim=True)) / x.shape[-2]   # (..., 1, C)
-        g = F.gelu(self.global_reduce(m * self.norm.weight + self.norm.bias))     # (..., 1, C/8)
-        return torch.sigmoid(self.channel_select(g))                              # (..., 1, C)
+    def channel_branch(self, mean_u):
+        """The channel branch from the token mean of the normalised input, mean_u (..., 1, C): the global
+        feature g = GELU(global_reduce(mean_u)) (..., 1, C/8) and the channel gate (..., 1, C)."""
+        g = F.gelu(self.global_reduce(mean_u))
+        return g, torch.sigmoid(self.channel_select(g))
 
     def macs(self, L):
         """Multiply-adds of one direction of one image (convention in `count_macs`)."""
@@ -319,11 +311,13 @@ def set_fused(model, enabled=True):
 
 def _attend_and_sum(multi_scan, attn, ys):
     """multi_scan.combine(attn(ys)) on the fused path: ys (B, K, L, E) -> (B, L, E). A fixed layer with
-    SCAttn's channel branch takes its gate from SCAttn.channel_gate and gates and sums the K directions in
-    one kernel (scan_kernel.gated_sum); the supernet's LN_k and the spatial branch run as written."""
+    SCAttn's channel branch reads ys twice: once for the token mean of its LayerNorm (scan_kernel.
+    token_norm_mean, no normalised copy written), once to gate and sum the K directions (scan_kernel.
+    gated_sum). The supernet's LN_k and the spatial branch run as written."""
     if multi_scan.search or not isinstance(attn, SCAttn) or attn.spatial:
         return multi_scan.combine(attn(ys))
-    return gated_sum(ys, attn.channel_gate(ys).squeeze(-2))
+    mean_u = token_norm_mean(ys, attn.norm.eps)[0] * attn.norm.weight + attn.norm.bias   # mean_L LayerNorm(ys)
+    return gated_sum(ys, attn.channel_branch(mean_u)[1])                       # gate (B, K, E): one per direction
 
 
 def _fused(mixer, x):

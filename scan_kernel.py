@@ -1197,8 +1197,56 @@ def _ordered_conv_grad(ctx, du):
 ordered_conv.register_autograd(_ordered_conv_grad, setup_context=_ordered_conv_setup)
 
 
+def _check_tokens(name, y):
+    if not (isinstance(y, torch.Tensor) and y.dim() == 4 and y.dtype.is_floating_point):
+        raise ValueError(f"{name}: y must be a float tensor (batch, K, L, E), got "
+                         f"{tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__}")
+
+
+@torch.library.custom_op("localmamba::token_norm_mean", mutates_args=())
+def token_norm_mean(y: _Tensor, eps: float) -> Tuple[_Tensor, _Tensor, _Tensor]:
+    """The token mean of y's parameter-free LayerNorm, mean_t (y_t - mu_t) r_t with r_t = 1/sqrt(var_t + eps)
+    over each token's E channels: SCAttn's statistics (scan_kernel_cpu.TOKEN_NORM_MEAN) in one read of y,
+    where the readable path writes the normalised (batch, K, L, E) copy and reads it again. y (batch, K, L,
+    E); returns the mean (batch, K, E), mu and r (batch, K, L), all fp32 (mu and r: for the backward)."""
+    _check_tokens("token_norm_mean", y)
+    batch, K, L, E = y.shape
+    P = max(1, min(L, -(-CPU_WORK_ITEMS // (batch * K))))                     # parts of the tokens: from the shape
+    yf = y.detach().to(torch.float32).contiguous()
+    f32 = dict(dtype=torch.float32)
+    parts, mu, rstd = torch.empty(batch, K, P, E, **f32), torch.empty(batch, K, L, **f32), torch.empty(batch, K, L, **f32)
+    _cpu_kernel("token_norm_mean", 1, CPU_CHUNK)(yf, parts, mu, rstd, batch, K, L, E, P, float(eps))
+    return parts.sum(2) / L, mu, rstd
+
+
+@token_norm_mean.register_fake
+def _(y, eps):
+    batch, K, L, E = y.shape
+    f32 = dict(dtype=torch.float32)
+    return y.new_empty(batch, K, E, **f32), y.new_empty(batch, K, L, **f32), y.new_empty(batch, K, L, **f32)
+
+
+def _token_norm_mean_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0], output[1], output[2])
+    ctx.mark_non_differentiable(output[1], output[2])
+
+
+def _token_norm_mean_grad(ctx, dm, _dmu, _drstd):
+    # LayerNorm's backward with the same gradient dm / L at every token: dy_t = r_t (g - mean_e g - x̂_t mean_e(g x̂_t))
+    y, mu, rstd = ctx.saved_tensors
+    r = rstd.unsqueeze(-1)
+    xhat = (y.float() - mu.unsqueeze(-1)) * r                                 # (batch, K, L, E)
+    g = dm.unsqueeze(2) / y.shape[2]                                          # (batch, K, 1, E)
+    dy = r * (g - g.mean(-1, keepdim=True) - xhat * (xhat * g).mean(-1, keepdim=True))
+    return dy.to(y.dtype), None
+
+
+token_norm_mean.register_autograd(_token_norm_mean_grad, setup_context=_token_norm_mean_setup)
+
+
 def _check_gated_sum(y, a):
-    if not (isinstance(y, torch.Tensor) and isinstance(a, torch.Tensor) and y.dim() == 4 and a.dim() == 3
+    _check_tokens("gated_sum", y)
+    if not (isinstance(a, torch.Tensor) and a.dim() == 3
             and a.shape == (y.shape[0], y.shape[1], y.shape[3]) and a.device == y.device):
         raise ValueError(f"gated_sum: y must be (batch, K, L, E) and a (batch, K, E) on y's device, got "
                          f"{tuple(getattr(y, 'shape', ()))} and {tuple(getattr(a, 'shape', ()))}")
@@ -1504,6 +1552,25 @@ if HAS_TRITON:
         tl.store(out_ptr + (b * L + offs_t[:, None]) * E + offs_e[None, :], acc.to(out_ptr.dtype.element_ty), mask=m)
 
 
+    @triton.jit
+    def _token_norm_mean_kernel(y_ptr, parts_ptr, mu_ptr, rstd_ptr, L, E, eps, BLOCK_T: tl.constexpr,
+                                BLOCK_E: tl.constexpr):
+        # program (part p, b * K + k): tokens [p BLOCK_T, (p+1) BLOCK_T), each a whole row (BLOCK_E >= E); their
+        # mu, r, and the sum of their normalised rows in parts (batch, K, parts, E), summed afterwards in order
+        p, bk = tl.program_id(0), tl.program_id(1).to(tl.int64)
+        offs_t = p * BLOCK_T + tl.arange(0, BLOCK_T)
+        offs_e = tl.arange(0, BLOCK_E)
+        mask_t, mask_e = offs_t < L, offs_e < E
+        m = mask_t[:, None] & mask_e[None, :]
+        yv = tl.load(y_ptr + (bk * L + offs_t[:, None]) * E + offs_e[None, :], mask=m, other=0.0).to(tl.float32)
+        mean = tl.sum(yv, axis=1) / E
+        d = tl.where(m, yv - mean[:, None], 0.0)
+        r = 1.0 / tl.sqrt(tl.sum(d * d, axis=1) / E + eps)
+        tl.store(mu_ptr + bk * L + offs_t, mean, mask=mask_t)
+        tl.store(rstd_ptr + bk * L + offs_t, r, mask=mask_t)
+        tl.store(parts_ptr + (bk * tl.num_programs(0) + p) * E + offs_e, tl.sum(d * r[:, None], axis=0), mask=mask_e)
+
+
 def _ordered_triton_config(N, E, batch, K, rows, L_out, Lmax):
     """(BLOCK_D, BLOCK_N, CHUNK) as the scan's, after checking the int32 offsets."""
     BLOCK_D, BLOCK_N, CHUNK = _triton_config(N, E)
@@ -1613,6 +1680,21 @@ def ordered_conv_backward_triton(x, weight, bias, order, inv, du):
     return [dx.to(x.dtype), dw.to(weight.dtype), db.to(bias.dtype)]
 
 
+def token_norm_mean_triton(y, eps):
+    """token_norm_mean on the Triton kernel (its CUDA implementation; CPU tensors under TRITON_INTERPRET=1)."""
+    _check_tokens("token_norm_mean", y)
+    batch, K, L, E = y.shape
+    y = y.contiguous()
+    BE = triton.next_power_of_2(E)
+    BT = max(1, min(16, 4096 // BE))
+    P = triton.cdiv(L, BT)
+    f32 = dict(dtype=torch.float32, device=y.device)
+    parts, mu, rstd = torch.empty(batch, K, P, E, **f32), torch.empty(batch, K, L, **f32), torch.empty(batch, K, L, **f32)
+    with torch.cuda.device(y.device) if y.is_cuda else contextlib.nullcontext():
+        _token_norm_mean_kernel[(P, batch * K)](y, parts, mu, rstd, L, E, float(eps), BLOCK_T=BT, BLOCK_E=BE)
+    return parts.sum(2) / L, mu, rstd
+
+
 def gated_sum_triton(y, a):
     """gated_sum on the Triton kernel (its CUDA implementation; CPU tensors under TRITON_INTERPRET=1)."""
     _check_gated_sum(y, a)
@@ -1625,12 +1707,13 @@ def gated_sum_triton(y, a):
     return out
 
 
-if HAS_TRITON:   # the CUDA implementations of the five ops
+if HAS_TRITON:   # the CUDA implementations of the six ops
     ordered_scan.register_kernel("cuda")(ordered_scan_triton)
     ordered_scan_backward.register_kernel("cuda")(ordered_scan_backward_triton)
     ordered_conv.register_kernel("cuda")(ordered_conv_triton)
     ordered_conv_backward.register_kernel("cuda")(ordered_conv_backward_triton)
     gated_sum.register_kernel("cuda")(gated_sum_triton)
+    token_norm_mean.register_kernel("cuda")(token_norm_mean_triton)
 
 
 # -----------------------------------------------------------------------------
@@ -1702,7 +1785,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None,
 # GPU machine code without a GPU: python scan_kernel.py --compile-check 80 90
 
 def compile_check(archs=(80, 90)):
-    """Compile the kernels (the scan's two, the fused mixer's six) to CUDA machine code for each
+    """Compile the kernels (the scan's two, the fused mixer's seven) to CUDA machine code for each
     compute capability in archs (80 = A100, 90 = H100) and read their resource use: Triton's
     compiler and the ptxas / cuobjdump that ship with it run on the CPU, so this catches what the
     interpreter cannot (code the GPU compiler rejects, register spills) on a machine with no GPU.
@@ -1720,7 +1803,8 @@ def compile_check(archs=(80, 90)):
     kernels = [(_scan_fwd_kernel, variants), (_scan_bwd_kernel, variants),                # the selective scan
                (_ordered_scan_fwd_kernel, variants[:3]), (_ordered_scan_bwd_kernel, variants[:3]),   # the fused mixer
                (_ordered_conv_fwd_kernel, variants[:2]), (_ordered_conv_bwd_kernel, variants[:1]),
-               (_ordered_conv_dx_kernel, variants[:1]), (_gated_sum_kernel, variants[:1])]
+               (_ordered_conv_dx_kernel, variants[:1]), (_gated_sum_kernel, variants[:1]),
+               (_token_norm_mean_kernel, variants[:1])]
     rows = []
     for arch in archs:
         for kernel, kernel_variants in kernels:
@@ -1731,7 +1815,7 @@ def compile_check(archs=(80, 90)):
                 const = {k: v for k, v in const.items() if k in kernel.arg_names}
                 sig = {a: "constexpr" if a in const else ("*i64" if a in ("order_ptr", "st_ptr", "inv_ptr") else
                                                           "*" + (dtype if a in io_dtype else "fp32"))
-                       if a.endswith("_ptr") else "i32" for a in kernel.arg_names}
+                       if a.endswith("_ptr") else "fp32" if a == "eps" else "i32" for a in kernel.arg_names}
                 compiled = triton.compile(ASTSource(kernel, sig, const), target=GPUTarget("cuda", arch, 32))
                 usage = {}
                 if os.path.exists(cuobjdump):

@@ -27,7 +27,7 @@ dB and dC are sums over a group's channels: each work item sums its channel vect
 the batch. The arithmetic is fp32 (fp16/bf16 inputs are cast first; fp64 takes the PyTorch path).
 
 Names: FWD, BWD (the two kernels' source, `%`-formatted with N and T); ORDERED_SCAN_FWD/_BWD,
-ORDERED_CONV_FWD/_BWD and GATED_SUM (the fused mixer's kernels, scan_kernel.ordered_scan, ...);
+ORDERED_CONV_FWD/_BWD, TOKEN_NORM_MEAN and GATED_SUM (the fused mixer's kernels, scan_kernel.ordered_scan, ...);
 COMMON (what all share: the exp2 polynomial, softplus, sigmoid, tile loads, Δ's low-rank row;
 experiments/bench_scan.py's floor reuses it),
 SIGNATURES (their argument types), build(kind, N, T), library_is_whole(path) (a damaged cached binary is
@@ -77,8 +77,27 @@ static inline Vec exp2v(const Vec& x) {
     return x.exp2();
 #endif
 }
-static inline Vec softplus(const Vec& x) { return Vec::blendv(x.exp().log1p(), x, x > Vec(20.f)); }
-static inline Vec sigmoid(const Vec& x) { return Vec(1.f) / (Vec(1.f) + x.neg().exp()); }
+constexpr float LOG2E = 1.4426950408889634f;
+// log(1 + e) for e in [0, 1], inline: 2 atanh(s) = 2 (s + s^3/3 + ... + s^13/13), s = e / (2 + e) <= 1/3
+// (the series' tail < 2e-8 relative; a few ulp in all, relative also where e is tiny)
+static inline Vec log1p_unit(const Vec& e) {
+    const Vec s = e / (Vec(2.f) + e), s2 = s * s;
+    Vec p(2.f / 13.f);
+    p = at::vec::fmadd(p, s2, Vec(2.f / 11.f));
+    p = at::vec::fmadd(p, s2, Vec(2.f / 9.f));
+    p = at::vec::fmadd(p, s2, Vec(2.f / 7.f));
+    p = at::vec::fmadd(p, s2, Vec(2.f / 5.f));
+    p = at::vec::fmadd(p, s2, Vec(2.f / 3.f));
+    p = at::vec::fmadd(p, s2, Vec(2.f));
+    return p * s;
+}
+// softplus(x) = max(x, 0) + log(1 + exp(-|x|)), exp by exp2v: no library call (Sleef's exp and log1p took half of
+// the ordered scan's forward); x itself above 20, as torch's softplus (and for x = inf)
+static inline Vec softplus(const Vec& x) {
+    const Vec e = exp2v(x.abs().neg() * Vec(LOG2E));
+    return Vec::blendv(at::vec::maximum(x, Vec(0.f)) + log1p_unit(e), x, x > Vec(20.f));
+}
+static inline Vec sigmoid(const Vec& x) { return Vec(1.f) / (Vec(1.f) + exp2v(x.neg() * Vec(LOG2E))); }
 static inline float hsum(const Vec& x) {
     return at::vec::vec_reduce_all<float>([](Vec& p, Vec& q) { return p + q; }, x);
 }
@@ -551,6 +570,39 @@ extern "C" void kernel(const float* y, const float* a, float* out, int64_t batch
 }
 """
 
+TOKEN_NORM_MEAN = COMMON + r"""
+// SCAttn's statistics in one read of y (batch, K, L, E): each token's mean mu and r = 1/sqrt(var + eps) over its E
+// channels (two passes over the row, in L1), and the sum of the normalised tokens (y_t - mu_t) r_t over the
+// tokens of part p (P parts of ceil(L / P) tokens; parts (batch, K, P, E), summed afterwards in order).
+extern "C" void kernel(const float* y, float* parts, float* mu, float* rstd, int64_t batch, int64_t K, int64_t L,
+                       int64_t E, int64_t P, float eps) {
+    const int64_t per = (L + P - 1) / P;
+    #pragma omp parallel for schedule(static)
+    for (int64_t w = 0; w < batch * K * P; w++) {
+        const int64_t bk = w / P, p = w %% P;
+        float* acc = parts + w * E;
+        for (int64_t e = 0; e < E; e++) acc[e] = 0.f;
+        for (int64_t t = p * per; t < std::min(L, (p + 1) * per); t++) {
+            const float* row = y + (bk * L + t) * E;
+            Vec s(0.f), q(0.f);
+            for (int64_t e0 = 0; e0 < E; e0 += VL) s = s + Vec::loadu(row + e0, std::min(VL, E - e0));
+            const float m = hsum(s) / E;
+            for (int64_t e0 = 0; e0 < E; e0 += VL) {                        // lanes past E count nothing
+                const int64_t nc = std::min(VL, E - e0);
+                const Vec d = Vec::loadu(row + e0, nc) - Vec(m);
+                q = q + Vec::set(Vec(0.f), d * d, nc);
+            }
+            const float r = 1.f / std::sqrt(hsum(q) / E + eps);
+            mu[bk * L + t] = m; rstd[bk * L + t] = r;
+            for (int64_t e0 = 0; e0 < E; e0 += VL) {
+                const int64_t nc = std::min(VL, E - e0);
+                at::vec::fmadd(Vec::loadu(row + e0, nc) - Vec(m), Vec(r), Vec::loadu(acc + e0, nc)).store(acc + e0, nc);
+            }
+        }
+    }
+}
+"""
+
 SIGNATURES = {   # the pybinding's argument types: inputs, outputs, then the six int64 sizes and flags
     "fwd": ["const float*"] * 8 + ["float*"] * 3 + ["int64_t"] * 6,
     "bwd": ["const float*"] * 10 + ["float*"] * 7 + ["int64_t"] * 6,
@@ -561,9 +613,11 @@ SIGNATURES = {   # the pybinding's argument types: inputs, outputs, then the six
     "ordered_conv_bwd": ["const float*"] * 3 + ["const int64_t*"] * 2 + ["const float*"] + ["float*"] * 4
                         + ["int64_t"] * 8,
     "gated_sum": ["const float*"] * 2 + ["float*"] + ["int64_t"] * 4,
+    "token_norm_mean": ["const float*"] + ["float*"] * 3 + ["int64_t"] * 5 + ["float"],
 }
 SOURCES = {"fwd": "FWD", "bwd": "BWD", "ordered_scan_fwd": "ORDERED_SCAN_FWD", "ordered_scan_bwd": "ORDERED_SCAN_BWD",
-           "ordered_conv_fwd": "ORDERED_CONV_FWD", "ordered_conv_bwd": "ORDERED_CONV_BWD", "gated_sum": "GATED_SUM"}
+           "ordered_conv_fwd": "ORDERED_CONV_FWD", "ordered_conv_bwd": "ORDERED_CONV_BWD", "gated_sum": "GATED_SUM",
+           "token_norm_mean": "TOKEN_NORM_MEAN"}
 
 
 def library_is_whole(path):

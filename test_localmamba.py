@@ -642,22 +642,41 @@ def test_gated_sum_matches_the_readable_ops_in_float64():
     assert all(torch.equal(runs[0], r) for r in runs[1:])
 
 
-def test_scattn_channel_gate_is_the_forward_gate():
-    """SCAttn.channel_gate (the fused path's: LayerNorm's token mean from per-token statistics and a
-    matmul, never writing a normalised copy) is forward's channel gate: in float64 to 1e-12, with
-    LayerNorm's affine weights not at their init; and in fp32 under bf16 autocast the statistics stay fp32."""
-    torch.manual_seed(0)
-    attn = lm.SCAttn(24).double()
-    with torch.no_grad():
-        attn.norm.weight.normal_()
-        attn.norm.bias.normal_()
-    x = torch.randn(2, 3, 11, 24, dtype=torch.float64) * 3 + 1
-    want = attn(x) / x                                                      # forward's gate, broadcast
-    got = attn.channel_gate(x)
-    assert got.shape == (2, 3, 1, 24) and rel_err(got.expand_as(x), want) < 1e-12
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        lowp = attn.float().channel_gate(x.float())
-    assert rel_err(lowp.double(), got) < 2e-2
+def test_token_norm_mean_matches_layer_norm_in_float64():
+    """token_norm_mean (SCAttn's statistics in one read; C++, and Triton under the interpreter) against
+    F.layer_norm(y).mean over the tokens in float64, the token means and scales against var_mean, and
+    the gradient of y; E = 20 and 40 (partial vectors), a large offset (a two-pass variance), opcheck,
+    the fake's shapes, one ValueError for a bad shape, the same bits on 1, 2 and 3 threads."""
+    g = torch.Generator().manual_seed(2)
+    triton_runs = scan_kernel.HAS_TRITON and (TRITON_DEVICE == "cpu" or torch.cuda.is_available())
+    fns = [scan_kernel.token_norm_mean] + ([scan_kernel.token_norm_mean_triton] if triton_runs else [])
+    for batch, K, L, E, eps in ((2, 4, 13, 20, 1e-5), (1, 3, 37, 40, 0.5)):
+        y = torch.randn(batch, K, L, E, generator=g) * 2 + 30
+        yd = y.double().requires_grad_()
+        want = F.layer_norm(yd, (E,), eps=eps).mean(2)
+        var, mu = torch.var_mean(y.double(), -1, correction=0)
+        for fn in fns:
+            dev = "cpu" if fn is scan_kernel.token_norm_mean else TRITON_DEVICE
+            m, mu_, r_ = (t.cpu() for t in fn(y.to(dev), eps))
+            assert rel_err(m, want) < 1e-5 and rel_err(mu_, mu) < 1e-6, fn.__name__
+            assert rel_err(r_, (var + eps).rsqrt()) < 1e-5, fn.__name__
+        dm = torch.randn(want.shape, generator=g)
+        want_g, = torch.autograd.grad(want, yd, dm.double())
+        y_ = y.clone().requires_grad_()
+        got_g, = torch.autograd.grad(scan_kernel.token_norm_mean(y_, eps)[0], y_, dm)
+        assert rel_err(got_g, want_g) < 1e-5
+    torch.library.opcheck(torch.ops.localmamba.token_norm_mean.default, (y_, 1e-5))
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    real = scan_kernel.token_norm_mean(y, 1e-5)
+    with FakeTensorMode() as mode:
+        fake = scan_kernel.token_norm_mean(mode.from_tensor(y), 1e-5)
+    assert [(t.shape, t.stride(), t.dtype) for t in real] == [(t.shape, t.stride(), t.dtype) for t in fake]
+    for fn in fns:
+        with pytest.raises(ValueError, match=r"token_norm_mean: y must be a float tensor \(batch, K, L, E\)"):
+            fn(y[0], 1e-5)
+    runs = [_with_threads(n, lambda: scan_kernel.token_norm_mean(y, 1e-5)) for n in (1, 2, 3)]
+    assert all(torch.equal(a, c) for other in runs[1:] for a, c in zip(runs[0], other))
+
 
 DAMAGED_CACHE = """
 import warnings, torch, scan_kernel, scan_kernel_cpu
@@ -986,7 +1005,8 @@ def test_a_positive_a_is_said(backend):
 def test_scan_with_a_large_step_stays_finite(backend):
     """Δ·|A| far past what exp can resolve (Δ ≈ 25 with A down to -16, as a model's A starts): exp(ΔA)
     underflows to 0 and the state keeps only the newest input. The C++ kernels' exp2 clamps its
-    argument to [-126, 126] before building 2^x from the exponent bits; without it this gives NaN."""
+    argument to [-126, 126] before building 2^x from the exponent bits (AVX2; AVX-512 scales by 2^x in
+    one instruction, which underflows to 0 itself); without either this gives NaN."""
     inp = scan_inputs(batch=1, dim=8, L=24, N=16, G=1, seed=20)
     inp["A"] = -torch.arange(1, 17, dtype=torch.float32).repeat(8, 1)              # A = -(1..16), the init
     inp["delta"] = 25 + inp["delta"].abs()                                           # Δ ≈ 25..27, softplus ≈ Δ
@@ -999,6 +1019,23 @@ def test_scan_with_a_large_step_stays_finite(backend):
         assert torch.isfinite(got[2].pop("A")).all()
         want[2].pop("A")
     assert_scan_close(got, want, 1e-5, f"{backend}, Δ·|A| up to {27 * 16 * 1.4427:.0f} in log2")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_softplus_and_the_gate_hold_over_their_whole_range(backend):
+    """Δ before softplus from -40 to 40 (softplus's tail, where it is exp(Δ), its middle, and past torch's
+    threshold 20, where it is Δ) and the gate z from -40 to 40: the C++ kernels compute softplus, sigmoid
+    and SiLU inline (exp by exp2v, log1p by its atanh series), held here to the float64 loop."""
+    inp = scan_inputs(batch=1, dim=8, L=40, N=4, G=1, seed=22)
+    steps = torch.randperm(40, generator=torch.Generator().manual_seed(23))          # large and small Δ mixed
+    inp["delta"] = torch.linspace(-40, 40, 8 * 40).view(1, 8, 40)[..., steps]
+    inp["z"] = torch.linspace(40, -40, 8 * 40).view(1, 8, 40)
+    inp["delta_bias"] = torch.zeros(8)
+    dout = torch.randn(1, 8, 40, generator=torch.Generator().manual_seed(24))
+    flags = (True, True, True, True)
+    got = run_scan(selective_scan, inp, flags, dout, return_last_state=True, backend=backend)
+    want = run_scan(loop_float64, {k: v.double() for k, v in inp.items()}, flags, dout)
+    assert_scan_close(got, want, 1e-5, f"{backend}, Δ and z over [-40, 40]")
 
 
 @pytest.mark.parametrize("flags", [(False, False, False, False), (True, True, True, True), (True, False, True, True)])

@@ -73,12 +73,16 @@ shares = {}
 if profile:                                        # one more step under the profiler: self time per kind of op
     from torch.profiler import profile as prof
     with prof() as p:
+        t0 = time.perf_counter()
         step()
-    for e in p.key_averages():
-        name = e.key.lower()
+        wall = (time.perf_counter() - t0) * 1e6
+    for e in p.key_averages():                     # the rest: the step's wall time less the two (the profiler does
+        name = e.key.lower()                       # not list every call of a custom op; Python's own time counts)
         kind = ("scan" if "selectivescan" in name.replace("_", "") or "ordered_scan" in name else
-                "matmul+conv" if any(k in name for k in ("mm", "conv", "linear")) else "rest")
-        shares[kind] = shares.get(kind, 0) + e.self_cpu_time_total
+                "matmul+conv" if any(k in name for k in ("mm", "conv", "linear")) else None)
+        if kind:
+            shares[kind] = shares.get(kind, 0) + e.self_cpu_time_total
+    shares["rest"] = max(0.0, wall - sum(shares.values()))
 print(json.dumps(dict(ms=statistics.median(times) * 1000, profile=shares)))
 """
 
@@ -113,7 +117,7 @@ def main():
                     help="trainer (default): glibc keeps freed blocks for reuse, as train_mini.py sets it; default: "
                          "glibc's own thresholds, which page-fault every large activation in again at each step")
     ap.add_argument("--profile", action="store_true", help="also a profile of one step per case, old and new: "
-                    "the share of self CPU time in the scan, in matmuls and convolutions, and in the rest")
+                    "the share of the step's time in the scan, in matmuls and convolutions (self CPU time), and the rest")
     args = ap.parse_args()
     if args.rounds < 1 or args.reps < 1 or args.busy < 0:
         sys.exit("bench_model_vs_commit: --rounds and --reps must be at least 1, --busy at least 0")

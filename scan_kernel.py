@@ -1098,11 +1098,9 @@ def _ordered_grads(u, delta, A, B, C, D, z, delta_bias, dt_proj, du, ddelta, dAb
         dz = dz.sum(1, keepdim=True)
     opt = lambda t, like: t.to(like.dtype) if like is not None else delta.new_empty(0)
     dW = None
-    if dt_proj is not None:                                       # dΔ (batch, K, rows, E) -> K matmuls
-        batch, K, rows, E = ddelta.shape
-        g = ddelta.transpose(0, 1).reshape(K, batch * rows, E)
-        dW = torch.bmm(g.transpose(1, 2), delta.detach().float().transpose(0, 1).reshape(K, batch * rows, -1))
-        ddelta = torch.bmm(g, dt_proj.detach().float()).view(K, batch, rows, -1).transpose(0, 1).contiguous()
+    if dt_proj is not None:                                       # dΔ (batch, K, rows, E): matmuls per (batch, k)
+        dW = _fixed_order_sum(ddelta.transpose(-1, -2) @ delta.detach().float(), 0)    # (K, E, R)
+        ddelta = ddelta @ dt_proj.detach().float()                                    # (batch, K, rows, R)
     return [du.to(u.dtype), ddelta.to(delta.dtype), _fixed_order_sum(dAb, 0).to(A.dtype), dB.to(B.dtype),
             dC.to(C.dtype), opt(_fixed_order_sum(dDb, 0), D), opt(dz, z), opt(_fixed_order_sum(dbb, 0), delta_bias),
             opt(dW, dt_proj)]
@@ -1118,10 +1116,14 @@ def _ordered_scan_setup(ctx, inputs, output):
     u, delta, A, B, C, D, z, delta_bias, order, L_out, delta_softplus, idx_in, need_starts, dt_proj = inputs
     ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, order, output[1], dt_proj)
     ctx.flags = delta_softplus, idx_in
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)                     # the chunk starts get no gradient: none is zero-filled
 
 
 def _ordered_scan_grad(ctx, dout, _dstarts):
     u, delta, A, B, C, D, z, delta_bias, order, starts, dt_proj = ctx.saved_tensors
+    if dout is None:                                     # the output itself was not used
+        return (None,) * 14
     if starts.numel() == 0:
         raise RuntimeError("ordered_scan: called with need_starts=False, so it has no backward; pass "
                            "need_starts=True when a gradient is wanted")
@@ -1211,10 +1213,10 @@ def token_norm_mean(y: _Tensor, eps: float) -> Tuple[_Tensor, _Tensor, _Tensor]:
     E); returns the mean (batch, K, E), mu and r (batch, K, L), all fp32 (mu and r: for the backward)."""
     _check_tokens("token_norm_mean", y)
     batch, K, L, E = y.shape
-    P = max(1, min(L, -(-CPU_WORK_ITEMS // (batch * K))))                     # parts of the tokens: from the shape
+    P = _token_parts(batch, K, L)
     yf = y.detach().to(torch.float32).contiguous()
     f32 = dict(dtype=torch.float32)
-    parts, mu, rstd = torch.empty(batch, K, P, E, **f32), torch.empty(batch, K, L, **f32), torch.empty(batch, K, L, **f32)
+    parts, mu, rstd = torch.empty(batch, K, P, E, **f32), *(torch.empty(batch, K, L, **f32) for _ in range(2))
     _cpu_kernel("token_norm_mean", 1, CPU_CHUNK)(yf, parts, mu, rstd, batch, K, L, E, P, float(eps))
     return parts.sum(2) / L, mu, rstd
 
@@ -1226,19 +1228,45 @@ def _(y, eps):
     return y.new_empty(batch, K, E, **f32), y.new_empty(batch, K, L, **f32), y.new_empty(batch, K, L, **f32)
 
 
+def _token_parts(batch, K, L):
+    """Parts of the tokens per (batch row, direction) for the token kernels' work items: from the shape."""
+    return max(1, min(L, -(-CPU_WORK_ITEMS // (batch * K))))
+
+
+@torch.library.custom_op("localmamba::token_norm_mean_backward", mutates_args=())
+def token_norm_mean_backward(y: _Tensor, mu: _Tensor, rstd: _Tensor, dm: _Tensor) -> _Tensor:
+    """token_norm_mean's backward (scan_kernel_cpu.TOKEN_NORM_MEAN_BWD, one pass): LayerNorm's backward with
+    the same gradient g = dm / L at every token, dy_t = r_t (g - mean_e g - x̂_t mean_e(g x̂_t)); in y's dtype."""
+    batch, K, L, E = y.shape
+    dy = torch.empty(batch, K, L, E, dtype=torch.float32)
+    g = (dm.detach().to(torch.float32) / L).contiguous()
+    yf, P = y.detach().to(torch.float32).contiguous(), _token_parts(batch, K, L)
+    _cpu_kernel("token_norm_mean_bwd", 1, CPU_CHUNK)(yf, mu.contiguous(), rstd.contiguous(), g, dy, batch, K, L, E, P)
+    return dy.to(y.dtype)
+
+
+@token_norm_mean_backward.register_fake
+def _(y, mu, rstd, dm):
+    return y.new_empty(y.shape)
+
+
+def token_norm_mean_backward_torch(y, mu, rstd, dm):
+    """token_norm_mean_backward in PyTorch ops (its CUDA implementation)."""
+    r = rstd.unsqueeze(-1)
+    xhat = (y.float() - mu.unsqueeze(-1)) * r                                 # (batch, K, L, E)
+    g = dm.float().unsqueeze(2) / y.shape[2]                                  # (batch, K, 1, E)
+    return (r * (g - g.mean(-1, keepdim=True) - xhat * (xhat * g).mean(-1, keepdim=True))).to(y.dtype)
+
+
 def _token_norm_mean_setup(ctx, inputs, output):
     ctx.save_for_backward(inputs[0], output[1], output[2])
     ctx.mark_non_differentiable(output[1], output[2])
+    ctx.set_materialize_grads(False)
 
 
 def _token_norm_mean_grad(ctx, dm, _dmu, _drstd):
-    # LayerNorm's backward with the same gradient dm / L at every token: dy_t = r_t (g - mean_e g - x̂_t mean_e(g x̂_t))
     y, mu, rstd = ctx.saved_tensors
-    r = rstd.unsqueeze(-1)
-    xhat = (y.float() - mu.unsqueeze(-1)) * r                                 # (batch, K, L, E)
-    g = dm.unsqueeze(2) / y.shape[2]                                          # (batch, K, 1, E)
-    dy = r * (g - g.mean(-1, keepdim=True) - xhat * (xhat * g).mean(-1, keepdim=True))
-    return dy.to(y.dtype), None
+    return None if dm is None else token_norm_mean_backward(y, mu, rstd, dm), None
 
 
 token_norm_mean.register_autograd(_token_norm_mean_grad, setup_context=_token_norm_mean_setup)
@@ -1271,17 +1299,38 @@ def _(y, a):
     return y.new_empty(y.shape[0], y.shape[2], y.shape[3])
 
 
+@torch.library.custom_op("localmamba::gated_sum_backward", mutates_args=())
+def gated_sum_backward(y: _Tensor, a: _Tensor, g: _Tensor) -> List[_Tensor]:
+    """gated_sum's backward (scan_kernel_cpu.GATED_SUM_BWD, one pass): [dy, da], dy[b, k, t] = a[b, k] g[b, t]
+    and da[b, k] = sum_t y[b, k, t] g[b, t], in y's and a's dtypes."""
+    batch, K, L, E = y.shape
+    P = _token_parts(batch, 1, L)
+    f32 = dict(dtype=torch.float32)
+    dy, parts = torch.empty(batch, K, L, E, **f32), torch.empty(batch, P, K, E, **f32)
+    _cpu_kernel("gated_sum_bwd", 1, CPU_CHUNK)(y.detach().to(torch.float32).contiguous(),
+                                               a.detach().to(torch.float32).contiguous(),
+                                               g.detach().to(torch.float32).contiguous(), dy, parts, batch, K, L, E, P)
+    return [dy.to(y.dtype), parts.sum(1).to(a.dtype)]
+
+
+@gated_sum_backward.register_fake
+def _(y, a, g):
+    return [y.new_empty(y.shape), a.new_empty(a.shape)]
+
+
+def gated_sum_backward_torch(y, a, g):
+    """gated_sum_backward in PyTorch ops (its CUDA implementation)."""
+    g = g.unsqueeze(1)                                                          # (batch, 1, L, E)
+    return [(a.unsqueeze(2) * g).to(y.dtype), (y * g).sum(2).to(a.dtype)]
+
+
 def _gated_sum_setup(ctx, inputs, output):
     ctx.save_for_backward(*inputs)
 
 
 def _gated_sum_grad(ctx, g):
-    # dy[b, k, t] = a[b, k] g[b, t] and da[b, k] = sum_t y[b, k, t] g[b, t]: per-token products, PyTorch ops
     y, a = ctx.saved_tensors
-    g = g.unsqueeze(1)                                                          # (batch, 1, L, E)
-    dy = (a.unsqueeze(2) * g).to(y.dtype) if ctx.needs_input_grad[0] else None
-    da = (y * g).sum(2).to(a.dtype) if ctx.needs_input_grad[1] else None
-    return dy, da
+    return tuple(gated_sum_backward(y, a, g))
 
 
 gated_sum.register_autograd(_gated_sum_grad, setup_context=_gated_sum_setup)
@@ -1689,7 +1738,7 @@ def token_norm_mean_triton(y, eps):
     BT = max(1, min(16, 4096 // BE))
     P = triton.cdiv(L, BT)
     f32 = dict(dtype=torch.float32, device=y.device)
-    parts, mu, rstd = torch.empty(batch, K, P, E, **f32), torch.empty(batch, K, L, **f32), torch.empty(batch, K, L, **f32)
+    parts, mu, rstd = torch.empty(batch, K, P, E, **f32), *(torch.empty(batch, K, L, **f32) for _ in range(2))
     with torch.cuda.device(y.device) if y.is_cuda else contextlib.nullcontext():
         _token_norm_mean_kernel[(P, batch * K)](y, parts, mu, rstd, L, E, float(eps), BLOCK_T=BT, BLOCK_E=BE)
     return parts.sum(2) / L, mu, rstd
@@ -1714,6 +1763,8 @@ if HAS_TRITON:   # the CUDA implementations of the six ops
     ordered_conv_backward.register_kernel("cuda")(ordered_conv_backward_triton)
     gated_sum.register_kernel("cuda")(gated_sum_triton)
     token_norm_mean.register_kernel("cuda")(token_norm_mean_triton)
+torch.library.register_kernel("localmamba::gated_sum_backward", "cuda", gated_sum_backward_torch)
+torch.library.register_kernel("localmamba::token_norm_mean_backward", "cuda", token_norm_mean_backward_torch)
 
 
 # -----------------------------------------------------------------------------

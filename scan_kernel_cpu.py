@@ -27,7 +27,8 @@ dB and dC are sums over a group's channels: each work item sums its channel vect
 the batch. The arithmetic is fp32 (fp16/bf16 inputs are cast first; fp64 takes the PyTorch path).
 
 Names: FWD, BWD (the two kernels' source, `%`-formatted with N and T); ORDERED_SCAN_FWD/_BWD,
-ORDERED_CONV_FWD/_BWD, TOKEN_NORM_MEAN and GATED_SUM (the fused mixer's kernels, scan_kernel.ordered_scan, ...);
+ORDERED_CONV_FWD/_BWD, TOKEN_NORM_MEAN(_BWD) and GATED_SUM(_BWD) (the fused mixer's kernels:
+scan_kernel.ordered_scan, ...);
 COMMON (what all share: the exp2 polynomial, softplus, sigmoid, tile loads, Δ's low-rank row;
 experiments/bench_scan.py's floor reuses it),
 SIGNATURES (their argument types), build(kind, N, T), library_is_whole(path) (a damaged cached binary is
@@ -603,6 +604,64 @@ extern "C" void kernel(const float* y, float* parts, float* mu, float* rstd, int
 }
 """
 
+TOKEN_NORM_MEAN_BWD = COMMON + r"""
+// The backward of TOKEN_NORM_MEAN in one pass: LayerNorm's backward with the same gradient g (batch, K, E) (the
+// mean's gradient over L) at every token: dy_t = r_t (g - mean_e g - x̂_t mean_e(g x̂_t)), x̂_t = (y_t - mu_t) r_t.
+extern "C" void kernel(const float* y, const float* mu, const float* rstd, const float* g, float* dy, int64_t batch,
+                       int64_t K, int64_t L, int64_t E, int64_t P) {
+    const int64_t per = (L + P - 1) / P;
+    #pragma omp parallel for schedule(static)
+    for (int64_t w = 0; w < batch * K * P; w++) {
+        const int64_t bk = w / P, p = w %% P;
+        const float* gk = g + bk * E;
+        Vec gs(0.f);
+        for (int64_t e0 = 0; e0 < E; e0 += VL) gs = gs + Vec::loadu(gk + e0, std::min(VL, E - e0));
+        const Vec gm(hsum(gs) / E);
+        for (int64_t t = p * per; t < std::min(L, (p + 1) * per); t++) {
+            const float* row = y + (bk * L + t) * E;
+            const Vec m(mu[bk * L + t]), r(rstd[bk * L + t]);
+            Vec c(0.f);
+            for (int64_t e0 = 0; e0 < E; e0 += VL) {                        // lanes past E: g loads 0, adds 0
+                const int64_t nc = std::min(VL, E - e0);
+                c = at::vec::fmadd(Vec::loadu(gk + e0, nc), (Vec::loadu(row + e0, nc) - m) * r, c);
+            }
+            const Vec cm(hsum(c) / E);
+            for (int64_t e0 = 0; e0 < E; e0 += VL) {
+                const int64_t nc = std::min(VL, E - e0);
+                const Vec xh = (Vec::loadu(row + e0, nc) - m) * r;
+                (r * (Vec::loadu(gk + e0, nc) - gm - xh * cm)).store(dy + (bk * L + t) * E + e0, nc);
+            }
+        }
+    }
+}
+"""
+
+GATED_SUM_BWD = COMMON + r"""
+// The backward of GATED_SUM in one pass over the tokens: dy[b][k][t] = a[b][k] g[b][t], and the tokens of part p
+// summed into da's parts (batch, P, K, E): sum_t y[b][k][t] g[b][t] (the parts summed afterwards in order).
+extern "C" void kernel(const float* y, const float* a, const float* g, float* dy, float* parts, int64_t batch,
+                       int64_t K, int64_t L, int64_t E, int64_t P) {
+    const int64_t per = (L + P - 1) / P;
+    #pragma omp parallel for schedule(static)
+    for (int64_t w = 0; w < batch * P; w++) {
+        const int64_t b = w / P, p = w %% P;
+        float* acc = parts + w * K * E;
+        for (int64_t i = 0; i < K * E; i++) acc[i] = 0.f;
+        for (int64_t t = p * per; t < std::min(L, (p + 1) * per); t++)
+            for (int64_t k = 0; k < K; k++) {
+                const int64_t row = ((b * K + k) * L + t) * E;
+                for (int64_t e0 = 0; e0 < E; e0 += VL) {
+                    const int64_t nc = std::min(VL, E - e0);
+                    const Vec gv = Vec::loadu(g + (b * L + t) * E + e0, nc);
+                    (Vec::loadu(a + (b * K + k) * E + e0, nc) * gv).store(dy + row + e0, nc);
+                    at::vec::fmadd(Vec::loadu(y + row + e0, nc), gv, Vec::loadu(acc + k * E + e0, nc))
+                        .store(acc + k * E + e0, nc);
+                }
+            }
+    }
+}
+"""
+
 SIGNATURES = {   # the pybinding's argument types: inputs, outputs, then the six int64 sizes and flags
     "fwd": ["const float*"] * 8 + ["float*"] * 3 + ["int64_t"] * 6,
     "bwd": ["const float*"] * 10 + ["float*"] * 7 + ["int64_t"] * 6,
@@ -614,10 +673,13 @@ SIGNATURES = {   # the pybinding's argument types: inputs, outputs, then the six
                         + ["int64_t"] * 8,
     "gated_sum": ["const float*"] * 2 + ["float*"] + ["int64_t"] * 4,
     "token_norm_mean": ["const float*"] + ["float*"] * 3 + ["int64_t"] * 5 + ["float"],
+    "token_norm_mean_bwd": ["const float*"] * 4 + ["float*"] + ["int64_t"] * 5,
+    "gated_sum_bwd": ["const float*"] * 3 + ["float*"] * 2 + ["int64_t"] * 5,
 }
 SOURCES = {"fwd": "FWD", "bwd": "BWD", "ordered_scan_fwd": "ORDERED_SCAN_FWD", "ordered_scan_bwd": "ORDERED_SCAN_BWD",
            "ordered_conv_fwd": "ORDERED_CONV_FWD", "ordered_conv_bwd": "ORDERED_CONV_BWD", "gated_sum": "GATED_SUM",
-           "token_norm_mean": "TOKEN_NORM_MEAN"}
+           "token_norm_mean": "TOKEN_NORM_MEAN", "token_norm_mean_bwd": "TOKEN_NORM_MEAN_BWD",
+           "gated_sum_bwd": "GATED_SUM_BWD"}
 
 
 def library_is_whole(path):

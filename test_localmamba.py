@@ -629,10 +629,16 @@ def test_gated_sum_matches_the_readable_ops_in_float64():
     for c, w in zip(torch.autograd.grad(got, (y_, a_), g), want_g):
         assert rel_err(c, w) < 1e-6
     torch.library.opcheck(torch.ops.localmamba.gated_sum.default, (y_, a_))
+    # the backward op: C++ on the CPU, PyTorch ops on CUDA (run here on the CPU), and its fake
+    cpp = scan_kernel.gated_sum_backward(y, a, g)
+    for c, w in zip(scan_kernel.gated_sum_backward_torch(y, a, g), cpp):
+        assert rel_err(c, w) < 1e-6
     from torch._subclasses.fake_tensor import FakeTensorMode
     with FakeTensorMode() as mode:
         fake = scan_kernel.gated_sum(mode.from_tensor(y), mode.from_tensor(a))
+        fake_b = scan_kernel.gated_sum_backward(*(mode.from_tensor(t) for t in (y, a, g)))
     assert (fake.shape, fake.stride()) == (got.shape, got.stride())
+    assert [(t.shape, t.stride()) for t in fake_b] == [(t.shape, t.stride()) for t in cpp]
     for bad in (a[:, :3], a[..., :-1], a[0]):
         for fn in fns:
             with pytest.raises(ValueError, match=r"gated_sum: y must be \(batch, K, L, E\) and a \(batch, K, E\)"):
@@ -665,12 +671,17 @@ def test_token_norm_mean_matches_layer_norm_in_float64():
         y_ = y.clone().requires_grad_()
         got_g, = torch.autograd.grad(scan_kernel.token_norm_mean(y_, eps)[0], y_, dm)
         assert rel_err(got_g, want_g) < 1e-5
+        _, mu_, r_ = scan_kernel.token_norm_mean(y, eps)                       # the CUDA backward, on the CPU here
+        assert rel_err(scan_kernel.token_norm_mean_backward_torch(y, mu_, r_, dm), want_g) < 1e-5
     torch.library.opcheck(torch.ops.localmamba.token_norm_mean.default, (y_, 1e-5))
     from torch._subclasses.fake_tensor import FakeTensorMode
     real = scan_kernel.token_norm_mean(y, 1e-5)
+    real_b = scan_kernel.token_norm_mean_backward(y, real[1], real[2], dm)
     with FakeTensorMode() as mode:
         fake = scan_kernel.token_norm_mean(mode.from_tensor(y), 1e-5)
+        fake_b = scan_kernel.token_norm_mean_backward(*(mode.from_tensor(t) for t in (y, real[1], real[2], dm)))
     assert [(t.shape, t.stride(), t.dtype) for t in real] == [(t.shape, t.stride(), t.dtype) for t in fake]
+    assert (real_b.shape, real_b.stride()) == (fake_b.shape, fake_b.stride())
     for fn in fns:
         with pytest.raises(ValueError, match=r"token_norm_mean: y must be a float tensor \(batch, K, L, E\)"):
             fn(y[0], 1e-5)

@@ -48,8 +48,9 @@ constexpr int64_t N = %(N)d;            // states per channel (a compile-time co
 constexpr int64_t T = %(T)d;            // steps per chunk
 constexpr int64_t VL = Vec::size();     // channels per vector
 constexpr float LN2 = 0.6931471805599453f;
-// 2^x: on AVX2 / AVX-512 inline, as 2^round(x) times a degree-6 polynomial of 2^f on [-1/2, 1/2]
-// (f = x - round(x); relative error < 2e-7); elsewhere at::vec's exp2 (Sleef, a call). AVX-512 scales
+// 2^x: on AVX2 / AVX-512 inline, as 2^round(x) times a degree-5 polynomial of 2^f on [-1/2, 1/2]
+// (f = x - round(x); fitted to the relative error, 7.5e-8, and 2.2e-7 evaluated in fp32, as a degree-6
+// Taylor-like fit was); elsewhere at::vec's exp2 (Sleef, a call). AVX-512 scales
 // by 2^round(x) in one instruction (vscalefps: 0 below the smallest float, inf above the largest, so no
 // clamp); AVX2 builds 2^round(x) in the exponent bits, x clamped to [-126, 126]. Both the kernels and
 // the floor use it.
@@ -61,13 +62,12 @@ static inline Vec exp2v(const Vec& x) {
     const Vec v = at::vec::minimum(at::vec::maximum(x, Vec(-126.f)), Vec(126.f));
 #endif
     const Vec r = v.round(), f = v - r;
-    Vec p(1.5403530393381609e-4f);
-    p = at::vec::fmadd(p, f, Vec(1.3333558146428443e-3f));
-    p = at::vec::fmadd(p, f, Vec(9.618129107628477e-3f));
-    p = at::vec::fmadd(p, f, Vec(5.550410866482158e-2f));
-    p = at::vec::fmadd(p, f, Vec(0.2402265069591007f));
-    p = at::vec::fmadd(p, f, Vec(0.6931471805599453f));
-    p = at::vec::fmadd(p, f, Vec(1.f));
+    Vec p(1.3276457320898771e-3f);
+    p = at::vec::fmadd(p, f, Vec(9.67553909868002e-3f));
+    p = at::vec::fmadd(p, f, Vec(5.550713464617729e-2f));
+    p = at::vec::fmadd(p, f, Vec(0.24022120237350464f));
+    p = at::vec::fmadd(p, f, Vec(0.6931469440460205f));
+    p = at::vec::fmadd(p, f, Vec(1.0000001192092896f));
 #if defined(CPU_CAPABILITY_AVX512)
     return Vec(_mm512_scalef_ps(p, r));
 #else
@@ -305,29 +305,43 @@ extern "C" void kernel(const float* u, const float* delta, const float* A2t, con
             for (int64_t n = 0; n < N; n++) { a[n] = gather(A2t + n * K * E + d0, 1, nc); x[n] = Vec(0.f); }
             const Vec vbias = has_bias ? gather(bias + d0, 1, nc) : Vec(0.f);
             const Vec vD = has_D ? gather(Dskip + d0, 1, nc) : Vec(0.f);
-            for (int64_t s = 0; s < Lmax; s++) {
-                if (save && s %% T == 0)                                      // chunk start (batch, K*E, n_chunks, N)
+            alignas(64) float dtb[T * VL], dub[T * VL], yb[T * VL];
+            const float* Bs[T]; const float* Cs[T];
+            for (int64_t c = 0; c < n_chunks; c++) {
+                const int64_t t0 = c * T, nt = std::min(T, Lmax - t0);
+                if (save)                                                     // chunk start (batch, K*E, n_chunks, N)
                     for (int64_t n = 0; n < N; n++)
-                        scatter(x[n], starts + ((b * K * E + d0) * n_chunks + s / T) * N + n, n_chunks * N, nc);
-                const int64_t ro = ord[s], r = idx_in ? ro : s;
-                Vec dt = vbias, uu(0.f);
-                const float* Bn = zeros; const float* Cn = zeros;
-                if (r >= 0) {                                                 // else a zero token
-                    dt = dt + delta_row(d0p + r * st[5], Wk, R, E, e0, nc);
-                    uu = Vec::loadu(u0 + r * st[2] + e0, nc);
-                    Bn = B0 + r * st[8]; Cn = C0 + r * st[8];
+                        scatter(x[n], starts + ((b * K * E + d0) * n_chunks + c) * N + n, n_chunks * N, nc);
+                // the chunk's Δ, Δu and D u first, apart from the recurrence: no step waits on its softplus
+                for (int64_t t = 0; t < nt; t++) {
+                    const int64_t r = idx_in ? ord[t0 + t] : t0 + t;
+                    Vec dt = vbias, uu(0.f);
+                    Bs[t] = zeros; Cs[t] = zeros;
+                    if (r >= 0) {                                             // else a zero token
+                        dt = dt + delta_row(d0p + r * st[5], Wk, R, E, e0, nc);
+                        uu = Vec::loadu(u0 + r * st[2] + e0, nc);
+                        Bs[t] = B0 + r * st[8]; Cs[t] = C0 + r * st[8];
+                    }
+                    if (sp) dt = softplus(dt);                                // Δ
+                    dt.store(dtb + t * VL); (dt * uu).store(dub + t * VL); (vD * uu).store(yb + t * VL);
                 }
-                if (sp) dt = softplus(dt);                                    // Δ
-                const Vec dtu = dt * uu;
-                Vec y[4] = {vD * uu, Vec(0.f), Vec(0.f), Vec(0.f)};
-                for (int64_t n = 0; n < N; n++) {
-                    x[n] = at::vec::fmadd(exp2v(a[n] * dt), x[n], dtu * Vec(Bn[n]));   // exp(ΔA) x + ΔBu
-                    y[n %% 4] = at::vec::fmadd(x[n], Vec(Cn[n]), y[n %% 4]);               // y = sum_n x C + D u
+                for (int64_t t = 0; t < nt; t++) {                            // the recurrence
+                    const Vec dt = Vec::loadu(dtb + t * VL), dtu = Vec::loadu(dub + t * VL);
+                    const float* Bn = Bs[t]; const float* Cn = Cs[t];
+                    Vec y[4] = {Vec::loadu(yb + t * VL), Vec(0.f), Vec(0.f), Vec(0.f)};
+                    for (int64_t n = 0; n < N; n++) {
+                        x[n] = at::vec::fmadd(exp2v(a[n] * dt), x[n], dtu * Vec(Bn[n]));   // exp(ΔA) x + ΔBu
+                        y[n %% 4] = at::vec::fmadd(x[n], Vec(Cn[n]), y[n %% 4]);           // y = sum_n x C + D u
+                    }
+                    ((y[0] + y[1]) + (y[2] + y[3])).store(yb + t * VL);
                 }
-                if (ro < 0) continue;                                         // a padding step: no output
-                Vec yy = (y[0] + y[1]) + (y[2] + y[3]);
-                if (has_z) { const Vec zz = Vec::loadu(z0 + ro * st[11] + e0, nc); yy = yy * zz * sigmoid(zz); }
-                yy.store(o0 + ro * st[14] + e0, nc);
+                for (int64_t t = 0; t < nt; t++) {                            // the gate, at the tokens' rows
+                    const int64_t ro = ord[t0 + t];
+                    if (ro < 0) continue;                                     // a padding step: no output
+                    Vec yy = Vec::loadu(yb + t * VL);
+                    if (has_z) { const Vec zz = Vec::loadu(z0 + ro * st[11] + e0, nc); yy = yy * zz * sigmoid(zz); }
+                    yy.store(o0 + ro * st[14] + e0, nc);
+                }
             }
         }
     }
@@ -382,21 +396,26 @@ extern "C" void kernel(const float* u, const float* delta, const float* A2t, con
             std::fill(sumB.begin(), sumB.end(), Vec(0.f)); std::fill(sumC.begin(), sumC.end(), Vec(0.f));
             for (int64_t i = 0; i < nv; i++) {
                 const int64_t e0 = (v0 + i) * VL, nc = std::min(VL, E - e0), d0 = k * E + e0;
-                const Vec* a = av.data() + i * N; Vec* dh = dhv.data() + i * N; Vec* dA_sum = dAv.data() + i * N;
+                Vec a[N], dh[N], dA_sum[N];                   // local copies: no store to the sums can alias them
+                std::copy_n(av.data() + i * N, N, a); std::copy_n(dhv.data() + i * N, N, dh);
+                std::copy_n(dAv.data() + i * N, N, dA_sum);
                 const Vec vbias = biasv[i], vD = Dv[i];
                 Vec dD_sum = dDv[i], db_sum = dbv[i];
                 for (int64_t n = 0; n < N; n++)
                     gather(starts + ((b * K * E + d0) * n_chunks + c) * N + n, n_chunks * N, nc).store(xs + n * VL);
-                for (int64_t t = 0; t < nt; t++) {                       // the chunk forward again
+                for (int64_t t = 0; t < nt; t++) {                       // the chunk's Δ first (see the forward)
                     const int64_t r = idx_in ? ord[t0 + t] : t0 + t;
                     Vec raw = vbias, uu(0.f);
-                    const float* Bn = zeros;
                     if (r >= 0) {
                         raw = raw + delta_row(d0p + r * st[5], Wk, R, E, e0, nc);
-                        uu = Vec::loadu(u0 + r * st[2] + e0, nc); Bn = B0 + r * st[8];
+                        uu = Vec::loadu(u0 + r * st[2] + e0, nc);
                     }
-                    const Vec dt = sp ? softplus(raw) : raw, dtu = dt * uu;
-                    raw.store(raws + t * VL); dt.store(dts + t * VL); uu.store(us + t * VL);
+                    raw.store(raws + t * VL); (sp ? softplus(raw) : raw).store(dts + t * VL); uu.store(us + t * VL);
+                }
+                for (int64_t t = 0; t < nt; t++) {                       // the chunk forward again
+                    const int64_t r = idx_in ? ord[t0 + t] : t0 + t;
+                    const float* Bn = r >= 0 ? B0 + r * st[8] : zeros;
+                    const Vec dt = Vec::loadu(dts + t * VL), dtu = dt * Vec::loadu(us + t * VL);
                     for (int64_t n = 0; n < N; n++) {
                         const Vec e = exp2v(a[n] * dt);
                         e.store(eA + (t * N + n) * VL);
@@ -442,6 +461,7 @@ extern "C" void kernel(const float* u, const float* delta, const float* A2t, con
                         (go * (y[0] + y[1]) * sz * (Vec(1.f) + zz * (Vec(1.f) - sz))).store(dz0 + ro * E + e0, nc);
                 }
                 dDv[i] = dD_sum; dbv[i] = db_sum;
+                std::copy_n(dh, N, dhv.data() + i * N); std::copy_n(dA_sum, N, dAv.data() + i * N);
             }
             for (int64_t t = 0; t < nt; t++) {                           // the chunk's dB, dC: lanes summed once
                 const int64_t r = idx_in ? ord[t0 + t] : t0 + t;

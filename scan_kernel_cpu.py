@@ -388,7 +388,7 @@ extern "C" void kernel(const float* u, const float* delta, const float* A2t, con
             biasv[i] = has_bias ? gather(bias + d0, 1, nc) : Vec(0.f);
             Dv[i] = has_D ? gather(Dskip + d0, 1, nc) : Vec(0.f);
         }
-        alignas(64) float raws[T * VL], dts[T * VL], us[T * VL];
+        alignas(64) float dsp[T * VL], dts[T * VL], us[T * VL], gys[T * VL], dzf[T * VL];
         alignas(64) float xs[(T + 1) * N * VL], eA[T * N * VL];              // x0 and the chunk's states, exp(ΔA)
         std::vector<Vec> sumB(T * N), sumC(T * N);                            // the chunk's dB, dC, lane-wise
         for (int64_t c = n_chunks - 1; c >= 0; c--) {
@@ -410,7 +410,16 @@ extern "C" void kernel(const float* u, const float* delta, const float* A2t, con
                         raw = raw + delta_row(d0p + r * st[5], Wk, R, E, e0, nc);
                         uu = Vec::loadu(u0 + r * st[2] + e0, nc);
                     }
-                    raw.store(raws + t * VL); (sp ? softplus(raw) : raw).store(dts + t * VL); uu.store(us + t * VL);
+                    (sp ? softplus(raw) : raw).store(dts + t * VL); uu.store(us + t * VL);
+                    (sp ? Vec::blendv(sigmoid(raw), Vec(1.f), raw > Vec(20.f)) : Vec(1.f)).store(dsp + t * VL);  // Δ'
+                }
+                for (int64_t t = 0; t < nt; t++) {                       // the gate's factors first, too
+                    const int64_t ro = ord[t0 + t];
+                    const Vec go = ro >= 0 ? Vec::loadu(g0 + ro * st[14] + e0, nc) : Vec(0.f);
+                    const Vec zz = has_z && ro >= 0 ? Vec::loadu(z0 + ro * st[11] + e0, nc) : Vec(0.f);
+                    const Vec sz = has_z ? sigmoid(zz) : Vec(1.f);
+                    (has_z ? go * zz * sz : go).store(gys + t * VL);      // dL/dy
+                    (go * sz * (Vec(1.f) + zz * (Vec(1.f) - sz))).store(dzf + t * VL);   // dL/dz = that times y
                 }
                 for (int64_t t = 0; t < nt; t++) {                       // the chunk forward again
                     const int64_t r = idx_in ? ord[t0 + t] : t0 + t;
@@ -425,12 +434,8 @@ extern "C" void kernel(const float* u, const float* delta, const float* A2t, con
                 }
                 for (int64_t t = nt - 1; t >= 0; t--) {                  // the reverse scan
                     const int64_t s = t0 + t, ro = ord[s], r = idx_in ? ro : s;
-                    const Vec raw = Vec::loadu(raws + t * VL), dt = Vec::loadu(dts + t * VL);
-                    const Vec uu = Vec::loadu(us + t * VL), dtu = dt * uu;
-                    const Vec go = ro >= 0 ? Vec::loadu(g0 + ro * st[14] + e0, nc) : Vec(0.f);
-                    const Vec zz = has_z && ro >= 0 ? Vec::loadu(z0 + ro * st[11] + e0, nc) : Vec(0.f);
-                    const Vec sz = has_z ? sigmoid(zz) : Vec(1.f);
-                    const Vec gy = has_z ? go * zz * sz : go;             // dL/dy
+                    const Vec dt = Vec::loadu(dts + t * VL), uu = Vec::loadu(us + t * VL), dtu = dt * uu;
+                    const Vec gy = Vec::loadu(gys + t * VL);
                     const float* Bn = r >= 0 ? B0 + r * st[8] : zeros;
                     const float* Cn = r >= 0 ? C0 + r * st[8] : zeros;
                     Vec* sB = sumB.data() + t * N; Vec* sC = sumC.data() + t * N;
@@ -451,14 +456,14 @@ extern "C" void kernel(const float* u, const float* delta, const float* A2t, con
                     const Vec dhB = hB[0] + hB[1];
                     Vec ddt = (wA[0] + wA[1]) * Vec(LN2) + uu * dhB;     // dL/dΔ
                     dD_sum = at::vec::fmadd(gy, uu, dD_sum);
-                    if (sp) ddt = ddt * Vec::blendv(sigmoid(raw), Vec(1.f), raw > Vec(20.f));
+                    if (sp) ddt = ddt * Vec::loadu(dsp + t * VL);
                     db_sum = db_sum + ddt;
                     if (r >= 0) {
                         (dt * dhB + gy * vD).store(du0 + r * E + e0, nc); // du
                         ddt.store(dd0 + r * E + e0, nc);
                     }
                     if (has_z && ro >= 0)                                 // dz
-                        (go * (y[0] + y[1]) * sz * (Vec(1.f) + zz * (Vec(1.f) - sz))).store(dz0 + ro * E + e0, nc);
+                        (Vec::loadu(dzf + t * VL) * (y[0] + y[1])).store(dz0 + ro * E + e0, nc);
                 }
                 dDv[i] = dD_sum; dbv[i] = db_sum;
                 std::copy_n(dh, N, dhv.data() + i * N); std::copy_n(dA_sum, N, dAv.data() + i * N);

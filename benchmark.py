@@ -146,7 +146,7 @@ def count_traffic(model, x):
     """Bytes read + written by model(x) under no_grad, per op (a measurement of memory traffic, the
     GPU's bottleneck for all but the matmuls): every aten op as the bytes of its tensor inputs and
     outputs, views (and _unsafe_view, a reshape's) and allocations (empty*) free, the fused mixer's custom ops
-    (ordered_scan, ordered_conv) included; each call of selective_scan's C++ kernels (the readable path's) as its
+    (ordered_scan, ordered_conv, token_norm_mean, gated_sum) included; each call of selective_scan's C++ kernels (the readable path's) as its
     tensor arguments (inputs and outputs: it is no aten op, so the dispatcher does not see it).
     Returns a Counter {op name: bytes}."""
     import collections
@@ -166,9 +166,9 @@ def count_traffic(model, x):
 
     real = scan_kernel._cpu_kernel
 
-    def counted(kind, N, T):                    # selective_scan's C++ kernel: counted as its tensor arguments
-        kernel = real(kind, N, T)                 # (the ordered kernels are custom ops: counted as ops above)
-        if kind.startswith("ordered"):
+    def counted(kind, N, T):                    # selective_scan's C++ kernels: counted as their tensor arguments
+        kernel = real(kind, N, T)                 # (the fused mixer's kernels run inside custom ops: counted above)
+        if kind not in ("fwd", "bwd"):
             return kernel
         return lambda *a: counts.update({f"scan kernel ({kind})": nbytes(a)}) or kernel(*a)
     scan_kernel._cpu_kernel = counted

@@ -54,6 +54,10 @@ The file, top to bottom (the backends, switched by one readable condition in `se
     "cpu"     `selective_scan_cpu`: two hand-written C++ loops (forward, backward) whose source
               is scan_kernel_cpu.py (optional, as Triton is), built at first use by the C++
               toolchain torch.compile uses; the fast CPU path, fp32/fp16/bf16.
+    the fused mixer's ops (localmamba.py's fused path; custom ops, C++ on the CPU, Triton on CUDA):
+              `ordered_conv`, `ordered_scan` (the scan orders in their loads and stores, Δ's
+              projection inside), `token_norm_mean` and `gated_sum` (SCAttn's statistics, its gate
+              and the sum over the directions), each with its backward op.
     "export"  `selective_scan_export`: the "ref" math with its loop as torch's `scan` op, which
               torch.export and torch.onnx keep as one loop (an ONNX `Scan`). Forward only.
     "auto"    "export" while exporting ("ref" under the legacy ONNX exporter, which traces); "triton"

@@ -597,7 +597,8 @@ class LocalVimBlock(nn.Module):
 
 class RoPE2D(nn.Module):
     """EVA-02-style 2-D rotary embedding (official mamba/rope.py VisionRotaryEmbeddingFast),
-    applied before every layer to the hidden states and the residual stream. The first D/2
+    applied before every layer to the hidden states and the residual stream (officially to each;
+    here the block rotates their sum, the same numbers: see LocalVim._layer). The first D/2
     channels rotate with the token's row, the last D/2 with its column; frequencies
     1/10000^(2m/(D/2)), each used for one pair of channels. Positions are rescaled to a
     pt_seq_len grid (14) as in Vim. freqs_cos/freqs_sin are buffers in the official
@@ -635,7 +636,7 @@ class RoPE2D(nn.Module):
 class LocalVim(TimmInterface, nn.Module):
     """LocalVim (paper §4.1 "plain structure"; official local_vim.py VisionMamba).
 
-    Patch embed -> + learnable pos embed -> depth × [RoPE on hidden and residual -> block] ->
+    Patch embed -> + learnable pos embed -> depth × [RoPE on hidden and residual (their sum) -> block] ->
     add -> RMSNorm -> mean pool (or the middle cls token) -> Linear head.
     """
     timm_names = dict(first_conv="patch_embed.proj", classifier="head", final_norm="norm_f")

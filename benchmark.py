@@ -145,9 +145,10 @@ def measure(name, batch, reps, device, scan, memory=False, path="fused"):
 def count_traffic(model, x):
     """Bytes read + written by model(x) under no_grad, per op (a measurement of memory traffic, the
     GPU's bottleneck for all but the matmuls): every aten op as the bytes of its tensor inputs and
-    outputs, views (and _unsafe_view, a reshape's) and allocations (empty*) free, the fused mixer's custom ops
-    (ordered_scan, ordered_conv, token_norm_mean, gated_sum) included; each call of selective_scan's C++ kernels (the readable path's) as its
-    tensor arguments (inputs and outputs: it is no aten op, so the dispatcher does not see it).
+    outputs, views (and _unsafe_view, a reshape's) and allocations (empty*) free, the fused mixer's
+    custom ops (ordered_scan, ordered_conv, token_norm_mean, gated_sum) included; each call of
+    selective_scan's C++ kernels (the readable path's) as its tensor arguments (inputs and outputs:
+    it is no aten op, so the dispatcher does not see it).
     Returns a Counter {op name: bytes}."""
     import collections
     import scan_kernel

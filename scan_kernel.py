@@ -961,7 +961,8 @@ def _lowrank_weights(dt_proj):
 
 
 def _ordered_scan_args(u, delta, A, B, C, D, z, delta_bias, delta_softplus, idx_in, dt_proj):
-    """The kernels' fp32 inputs (dt_proj as (K, R, E), empty if None), flag bits and work-item splits."""
+    """The kernels' fp32 inputs (dt_proj as (K, R, E), empty if None), flag bits, work-item splits and R
+    (Δ's rank, 0 when Δ comes whole)."""
     K, E = delta.shape[1], u.shape[3]
     u, delta, z = _f32(u), _f32(delta), None if z is None else _f32(z)
     B, C = _f32(B), _f32(C)
@@ -972,27 +973,36 @@ def _ordered_scan_args(u, delta, A, B, C, D, z, delta_bias, delta_softplus, idx_
     flags = ((D is not None) | (z is not None) << 1 | (delta_bias is not None) << 2 | bool(delta_softplus) << 3
              | bool(idx_in) << 4)
     A2t = (A.detach().to(torch.float32) * LOG2E).t().contiguous()             # (N, K*E)
-    Wdt = none if dt_proj is None else _lowrank_weights(dt_proj)[0]
-    ins = [u, delta, A2t, B, C, opt(D), none if z is None else z, opt(delta_bias), Wdt]
-    return ins, flags, _cpu_splits(u.shape[0], K, E)
+    Wdt, R = _lowrank_weights(dt_proj)
+    ins = [u, delta, A2t, B, C, opt(D), none if z is None else z, opt(delta_bias), none if Wdt is None else Wdt]
+    return ins, flags, _cpu_splits(u.shape[0], K, E), R
 
 
-def _check_ordered_inputs(name, tensors, shapes, order, L_in, device_of):
-    """One ValueError naming the argument when a call of an ordered op does not fit its contract:
-    tensors {name: tensor or None}, shapes {name: the shape it needs, None for any size}; order
-    (K, Lmax) int64 with entries in [-1, L_in) (read on the CPU only: on a GPU it would wait)."""
-    def need(cond, msg):
-        if not cond:
-            raise ValueError(f"{name}: {msg}")
+def _need(name, cond, msg):
+    if not cond:
+        raise ValueError(f"{name}: {msg}")
+
+
+def _check_shapes(name, tensors, shapes, device_of):
+    """One ValueError naming the argument when a tensor of op `name` does not fit its contract:
+    tensors {name: tensor or None}, shapes {name: the shape it needs, None for any size}, all on
+    device_of's device."""
     for arg, t in tensors.items():
         if t is None:
             continue
         want = shapes[arg]
-        need(isinstance(t, torch.Tensor) and t.dim() == len(want)
-             and all(w is None or s == w for s, w in zip(t.shape, want)),
-             f"{arg} must be ({', '.join('*' if w is None else str(w) for w in want)}{',' * (len(want) == 1)}), got "
-             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
-        need(t.device == device_of.device, f"{arg} is on {t.device}, not on {device_of.device} with the others")
+        _need(name, isinstance(t, torch.Tensor) and t.dim() == len(want)
+              and all(w is None or s == w for s, w in zip(t.shape, want)),
+              f"{arg} must be ({', '.join('*' if w is None else str(w) for w in want)}{',' * (len(want) == 1)}), got "
+              f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+        _need(name, t.device == device_of.device, f"{arg} is on {t.device}, not on {device_of.device} with the others")
+
+
+def _check_ordered_inputs(name, tensors, shapes, order, L_in, device_of):
+    """_check_shapes, and order (K, Lmax) int64 with entries in [-1, L_in) (read on the CPU only: on
+    a GPU it would wait)."""
+    _check_shapes(name, tensors, shapes, device_of)
+    need = lambda cond, msg: _need(name, cond, msg)
     need(order.dtype == torch.long and order.dim() == 2, f"order must be (K, Lmax) int64, got {order.dtype}")
     if order.device.type == "cpu" and order.numel() and not torch.compiler.is_compiling():
         lo, hi = int(order.min()), int(order.max())
@@ -1044,12 +1054,11 @@ def ordered_scan(u: _Tensor, delta: _Tensor, A: _Tensor, B: _Tensor, C: _Tensor,
     _check_ordered_scan(u, delta, A, B, C, D, z, delta_bias, order, L_out, idx_in, dt_proj)
     batch, K, E = delta.shape[0], delta.shape[1], u.shape[3]
     Lmax, N = order.shape[1], A.shape[1]
-    ins, flags, S = _ordered_scan_args(u, delta, A, B, C, D, z, delta_bias, delta_softplus, idx_in, dt_proj)
+    ins, flags, S, R = _ordered_scan_args(u, delta, A, B, C, D, z, delta_bias, delta_softplus, idx_in, dt_proj)
     out = torch.empty(batch, K, L_out, E, dtype=torch.float32)
     starts = torch.empty(batch, K * E, -(-Lmax // CPU_CHUNK), N, dtype=torch.float32) if need_starts else \
         torch.empty(0, dtype=torch.float32)
     st = _scan_strides(ins[0], ins[1], ins[3], ins[6] if z is not None else None, out, L_out)
-    R = 0 if dt_proj is None else dt_proj.shape[2]
     _cpu_kernel("ordered_scan_fwd", N, CPU_CHUNK)(*ins, order.contiguous(), st, out, starts, batch, K, E, Lmax, S, R,
                                                   flags | bool(need_starts) << 5)
     return out.to(u.dtype), starts
@@ -1073,9 +1082,10 @@ def ordered_scan_backward(u: _Tensor, delta: _Tensor, A: _Tensor, B: _Tensor, C:
     """ordered_scan's backward (scan_kernel_cpu.ORDERED_SCAN_BWD): [du, ddelta, dA, dB, dC, dD, dz, dbias,
     ddt_proj], each in its input's shape (du, dz summed over the directions where u, z are shared; dD,
     dz, dbias, ddt_proj empty where D, z, delta_bias, dt_proj are None)."""
+    _check_ordered_scan_backward(u, delta, A, B, C, D, z, delta_bias, order, starts, dout, idx_in, dt_proj, CPU_CHUNK)
     batch, K, rows, E = *delta.shape[:3], u.shape[3]
     Lmax, N, L_out = order.shape[1], A.shape[1], dout.shape[2]
-    ins, flags, S = _ordered_scan_args(u, delta, A, B, C, D, z, delta_bias, delta_softplus, idx_in, dt_proj)
+    ins, flags, S, R = _ordered_scan_args(u, delta, A, B, C, D, z, delta_bias, delta_softplus, idx_in, dt_proj)
     g = dout.detach().to(torch.float32).contiguous()
     st = _scan_strides(ins[0], ins[1], ins[3], ins[6] if z is not None else None, g, L_out)
     f32 = dict(dtype=torch.float32)
@@ -1084,10 +1094,21 @@ def ordered_scan_backward(u: _Tensor, delta: _Tensor, A: _Tensor, B: _Tensor, C:
     dBs, dCs = (torch.empty(batch, K, S, rows, N, **f32) for _ in range(2))    # every row written (a permutation)
     dAb, dDb, dbb = torch.empty(batch, K * E, N, **f32), *torch.empty(2, batch, K * E, **f32).unbind(0)
     _cpu_kernel("ordered_scan_bwd", N, CPU_CHUNK)(*ins, order.contiguous(), st, starts, g, du, ddelta, dz, dBs, dCs,
-                                                  dAb, dDb, dbb, batch, K, E, Lmax, rows, S,
-                                                  0 if dt_proj is None else dt_proj.shape[2], flags)
+                                                  dAb, dDb, dbb, batch, K, E, Lmax, rows, S, R, flags)
     return _ordered_grads(u, delta, A, B, C, D, z, delta_bias, dt_proj, du, ddelta, dAb, dBs.sum(2), dCs.sum(2), dDb,
                           dz, dbb)
+
+
+def _check_ordered_scan_backward(u, delta, A, B, C, D, z, delta_bias, order, starts, dout, idx_in, dt_proj, chunk):
+    """ordered_scan_backward's contract: ordered_scan's, the chunk starts of `chunk` steps and dout
+    (batch, K, L_out, E)."""
+    ok = lambda t: isinstance(t, torch.Tensor) and t.dim() == 4
+    L_out = (delta.shape[2] if idx_in and ok(delta) else z.shape[2] if ok(z) else      # the tokens: from the inputs,
+             dout.shape[2] if ok(dout) else -1)                                       # else from dout
+    _check_ordered_scan(u, delta, A, B, C, D, z, delta_bias, order, L_out, idx_in, dt_proj)
+    (batch, K), E, Lmax, N = delta.shape[:2], u.shape[3], order.shape[1], A.shape[1]
+    _check_shapes("ordered_scan_backward", dict(starts=starts, dout=dout), dict(
+        starts=(batch, K * E, -(-Lmax // chunk), N), dout=(batch, K, L_out, E)), delta)
 
 
 def _ordered_grads(u, delta, A, B, C, D, z, delta_bias, dt_proj, du, ddelta, dAb, dB, dC, dDb, dz, dbb):
@@ -1168,10 +1189,18 @@ def _(x, weight, bias, order, inv):
     return x.new_empty(order.shape[0], x.shape[0], order.shape[1], x.shape[2])
 
 
+def _check_ordered_conv_backward(x, weight, bias, order, inv, du):
+    """ordered_conv_backward's contract: ordered_conv's, and du (K, batch, Lmax, E)."""
+    _check_ordered_conv(x, weight, bias, order, inv)
+    _check_shapes("ordered_conv_backward", dict(du=du), dict(du=(*order.shape[:1], x.shape[0], order.shape[1],
+                                                                 x.shape[2])), x)
+
+
 @torch.library.custom_op("localmamba::ordered_conv_backward", mutates_args=())
 def ordered_conv_backward(x: _Tensor, weight: _Tensor, bias: _Tensor, order: _Tensor, inv: _Tensor,
                           du: _Tensor) -> List[_Tensor]:
     """ordered_conv's backward (scan_kernel_cpu.ORDERED_CONV_BWD): [dx, dweight, dbias]."""
+    _check_ordered_conv_backward(x, weight, bias, order, inv, du)
     batch, L_in, E = x.shape
     K, Lmax = order.shape
     dc = weight.shape[-1]
@@ -1241,7 +1270,10 @@ def _token_parts(batch, K, L):
 def token_norm_mean_backward(y: _Tensor, mu: _Tensor, rstd: _Tensor, dm: _Tensor) -> _Tensor:
     """token_norm_mean's backward (scan_kernel_cpu.TOKEN_NORM_MEAN_BWD, one pass): LayerNorm's backward with
     the same gradient g = dm / L at every token, dy_t = r_t (g - mean_e g - x̂_t mean_e(g x̂_t)); in y's dtype."""
+    _check_tokens("token_norm_mean_backward", y)
     batch, K, L, E = y.shape
+    _check_shapes("token_norm_mean_backward", dict(mu=mu, rstd=rstd, dm=dm), dict(
+        mu=(batch, K, L), rstd=(batch, K, L), dm=(batch, K, E)), y)
     dy = torch.empty(batch, K, L, E, dtype=torch.float32)
     g = (dm.detach().to(torch.float32) / L).contiguous()
     yf, P = y.detach().to(torch.float32).contiguous(), _token_parts(batch, K, L)
@@ -1307,7 +1339,9 @@ def _(y, a):
 def gated_sum_backward(y: _Tensor, a: _Tensor, g: _Tensor) -> List[_Tensor]:
     """gated_sum's backward (scan_kernel_cpu.GATED_SUM_BWD, one pass): [dy, da], dy[b, k, t] = a[b, k] g[b, t]
     and da[b, k] = sum_t y[b, k, t] g[b, t], in y's and a's dtypes."""
+    _check_gated_sum(y, a)
     batch, K, L, E = y.shape
+    _check_shapes("gated_sum_backward", dict(g=g), dict(g=(batch, L, E)), y)
     P = _token_parts(batch, 1, L)
     f32 = dict(dtype=torch.float32)
     dy, parts = torch.empty(batch, K, L, E, **f32), torch.empty(batch, P, K, E, **f32)
@@ -1668,6 +1702,8 @@ def ordered_scan_triton(u, delta, A, B, C, D, z, delta_bias, order, L_out, delta
 def ordered_scan_backward_triton(u, delta, A, B, C, D, z, delta_bias, order, starts, dout, delta_softplus, idx_in,
                                  dt_proj=None):
     """ordered_scan_backward on the Triton kernels: the same list of gradients."""
+    _check_ordered_scan_backward(u, delta, A, B, C, D, z, delta_bias, order, starts, dout, idx_in, dt_proj,
+                                 _triton_config(A.shape[1], u.shape[3])[2])
     (batch, K, rows), E = delta.shape[:3], u.shape[3]
     W, R = _lowrank_weights(dt_proj)
     N, Lmax, L_out = A.shape[1], order.shape[1], dout.shape[2]
@@ -1713,6 +1749,7 @@ def ordered_conv_triton(x, weight, bias, order, inv):
 
 def ordered_conv_backward_triton(x, weight, bias, order, inv, du):
     """ordered_conv_backward on the Triton kernels (no atomics: partial sums per program, summed in order)."""
+    _check_ordered_conv_backward(x, weight, bias, order, inv, du)
     batch, L_in, E = x.shape
     K, Lmax = order.shape
     dc = weight.shape[-1]

@@ -419,7 +419,7 @@ extern "C" void kernel(const float* u, const float* delta, const float* A2t, con
                     const Vec zz = has_z && ro >= 0 ? Vec::loadu(z0 + ro * st[11] + e0, nc) : Vec(0.f);
                     const Vec sz = has_z ? sigmoid(zz) : Vec(1.f);
                     (has_z ? go * zz * sz : go).store(gys + t * VL);      // dL/dy
-                    (go * sz * (Vec(1.f) + zz * (Vec(1.f) - sz))).store(dzf + t * VL);   // dL/dz = that times y
+                    if (has_z) (go * sz * (Vec(1.f) + zz * (Vec(1.f) - sz))).store(dzf + t * VL);   // dL/dz over y
                 }
                 for (int64_t t = 0; t < nt; t++) {                       // the chunk forward again
                     const int64_t r = idx_in ? ord[t0 + t] : t0 + t;

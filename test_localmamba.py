@@ -501,7 +501,8 @@ def test_ordered_ops_are_custom_ops_that_torch_checks():
     calls = [(torch.ops.localmamba.ordered_scan.default, args),
              (torch.ops.localmamba.ordered_scan_backward.default, (*args[:9], starts, dout, True, True, args[13])),
              (torch.ops.localmamba.ordered_conv.default, conv_args),
-             (torch.ops.localmamba.ordered_conv_backward.default, (*conv_args, torch.randn(2, 2, 16, 12)))]
+             (torch.ops.localmamba.ordered_conv_backward.default,
+              (*conv_args, torch.randn(2, 2, orders.shape[1], 12)))]
     for op, call in calls:
         plain = [a.detach() if isinstance(a, torch.Tensor) else a for a in call]
         real = op(*plain)
@@ -584,11 +585,24 @@ def test_ordered_ops_refuse_calls_outside_their_contract():
         scan_kernel.ordered_conv(xz[..., :12], w, b, orders, inv + 100)
     with pytest.raises(ValueError, match=r"ordered_conv: weight must be \(24, 1, \*\), got \(20, 1, 4\)"):
         scan_kernel.ordered_conv(xz[..., :12], w[:20], b, orders, inv)
+    # the backward ops (autograd calls them; a direct call with a wrong gradient's shape is refused too)
+    out, starts = scan_kernel.ordered_scan(*args.values(), 15, True, True, True)
+    bwd = [scan_kernel.ordered_scan_backward] + ([scan_kernel.ordered_scan_backward_triton] if TRITON_DEVICE == "cpu"
+                                                 else [])
+    for fn in bwd:
+        with pytest.raises(ValueError, match=r"ordered_scan_backward: dout must be \(1, 2, 15, 12\), got \(1, 2, 14, 12\)"):
+            fn(*args.values(), starts, out[:, :, :-1], True, True)
+    cbwd = [scan_kernel.ordered_conv_backward] + ([scan_kernel.ordered_conv_backward_triton]
+                                                  if TRITON_DEVICE == "cpu" else [])
+    for fn in cbwd:
+        with pytest.raises(ValueError, match=r"ordered_conv_backward: du must be \(2, 1, \d+, 12\), got \(2, 1, 3, 12\)"):
+            fn(xz[..., :12], w, b, orders, inv, torch.randn(2, 1, 3, 12))
 
 def test_ordered_kernels_give_the_same_bits_on_any_number_of_threads():
     """The ordered kernels follow the C++ scan's rule: work items and every sum's order come from the
-    shape, so 1, 2 and 3 threads give the same bits (outputs and all gradients)."""
-    x, orders, inv = ordered_case(["h", "v_flip", "w2", "w3_flip"], 5, 7, None, False, True, 3, E=40)
+    shape, so 1, 2 and 3 threads give the same bits (outputs and all gradients, dt_proj's and Δ's low-rank
+    input's too: the matmuls that project dΔ after the kernel)."""
+    x, orders, inv = ordered_case(["h", "v_flip", "w2", "w3_flip"], 5, 7, None, False, True, 3, E=40, rank=5)
     dout = torch.randn(3, 4, 35, 40, generator=torch.Generator().manual_seed(6))
     xz = torch.randn(3, 35, 80, generator=torch.Generator().manual_seed(7))
     w, b = torch.randn(160, 1, 4), torch.randn(160)
@@ -643,9 +657,13 @@ def test_gated_sum_matches_the_readable_ops_in_float64():
         for fn in fns:
             with pytest.raises(ValueError, match=r"gated_sum: y must be \(batch, K, L, E\) and a \(batch, K, E\)"):
                 fn(y, bad)
+    with pytest.raises(ValueError, match=r"gated_sum_backward: g must be \(2, 13, 20\), got \(2, 12, 20\)"):
+        scan_kernel.gated_sum_backward(y, a, g[:, :-1])
     y3, a3 = gated_sum_case(batch=3, L=37, E=40)
-    runs = [_with_threads(n, lambda: scan_kernel.gated_sum(y3, a3)) for n in (1, 2, 3)]
-    assert all(torch.equal(runs[0], r) for r in runs[1:])
+    g3 = torch.randn(3, 37, 40, generator=torch.Generator().manual_seed(4))
+    runs = [_with_threads(n, lambda: [scan_kernel.gated_sum(y3, a3), *scan_kernel.gated_sum_backward(y3, a3, g3)])
+            for n in (1, 2, 3)]
+    assert all(torch.equal(a, c) for other in runs[1:] for a, c in zip(runs[0], other))
 
 
 def test_token_norm_mean_matches_layer_norm_in_float64():
@@ -685,7 +703,10 @@ def test_token_norm_mean_matches_layer_norm_in_float64():
     for fn in fns:
         with pytest.raises(ValueError, match=r"token_norm_mean: y must be a float tensor \(batch, K, L, E\)"):
             fn(y[0], 1e-5)
-    runs = [_with_threads(n, lambda: scan_kernel.token_norm_mean(y, 1e-5)) for n in (1, 2, 3)]
+    with pytest.raises(ValueError, match=r"token_norm_mean_backward: dm must be \(1, 3, 40\), got \(1, 3, 39\)"):
+        scan_kernel.token_norm_mean_backward(y, real[1], real[2], dm[..., :-1])
+    both = lambda: [*scan_kernel.token_norm_mean(y, 1e-5), scan_kernel.token_norm_mean_backward(y, *real[1:], dm)]
+    runs = [_with_threads(n, both) for n in (1, 2, 3)]
     assert all(torch.equal(a, c) for other in runs[1:] for a, c in zip(runs[0], other))
 
 

@@ -117,7 +117,8 @@ def main():
                     help="trainer (default): glibc keeps freed blocks for reuse, as train_mini.py sets it; default: "
                          "glibc's own thresholds, which page-fault every large activation in again at each step")
     ap.add_argument("--profile", action="store_true", help="also a profile of one step per case, old and new: "
-                    "the share of the step's time in the scan, in matmuls and convolutions (self CPU time), and the rest")
+                    "the share of the step's time in the scan, in matmuls and convolutions (self CPU time), "
+                    "and the rest")
     args = ap.parse_args()
     if args.rounds < 1 or args.reps < 1 or args.busy < 0:
         sys.exit("bench_model_vs_commit: --rounds and --reps must be at least 1, --busy at least 0")

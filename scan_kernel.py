@@ -793,6 +793,14 @@ def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None,
 CPU_CHUNK = scan_kernel_cpu.CPU_CHUNK if scan_kernel_cpu else 16   # steps per chunk start the kernels save
 
 
+def _cpu_starts(batch, dim, n_chunks, N, like=None):
+    """The C++ kernels' chunk starts: a (batch, dim, n_chunks, N) fp32 tensor held channel-fastest (memory
+    (batch, n_chunks, N, dim)), so that a chunk's N states of VL channels are N vector loads and stores.
+    like: a tensor whose device the fake (meta) version takes."""
+    new = torch.empty if like is None else like.new_empty
+    return new(batch, n_chunks, N, dim, dtype=torch.float32).permute(0, 3, 1, 2)
+
+
 @functools.lru_cache(maxsize=None)
 def _cpu_kernel(kind, N, T):
     """The forward or backward C++ loop for state size N, built once per process (a few seconds;
@@ -858,7 +866,7 @@ class _SelectiveScanCPU(torch.autograd.Function):
         N = A.shape[1]
         f32 = dict(dtype=torch.float32)                                       # whatever the default dtype is
         out = torch.empty(batch, dim, L, **f32)
-        starts = torch.empty(batch, dim, -(-L // CPU_CHUNK), N, **f32)
+        starts = _cpu_starts(batch, dim, -(-L // CPU_CHUNK), N)
         last = torch.empty(batch, dim, N, **f32)
         _cpu_kernel("fwd", N, CPU_CHUNK)(*ins, out, starts, last, *sizes)
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, starts)
@@ -1056,7 +1064,7 @@ def ordered_scan(u: _Tensor, delta: _Tensor, A: _Tensor, B: _Tensor, C: _Tensor,
     Lmax, N = order.shape[1], A.shape[1]
     ins, flags, S, R = _ordered_scan_args(u, delta, A, B, C, D, z, delta_bias, delta_softplus, idx_in, dt_proj)
     out = torch.empty(batch, K, L_out, E, dtype=torch.float32)
-    starts = torch.empty(batch, K * E, -(-Lmax // CPU_CHUNK), N, dtype=torch.float32) if need_starts else \
+    starts = _cpu_starts(batch, K * E, -(-Lmax // CPU_CHUNK), N) if need_starts else \
         torch.empty(0, dtype=torch.float32)
     st = _scan_strides(ins[0], ins[1], ins[3], ins[6] if z is not None else None, out, L_out)
     _cpu_kernel("ordered_scan_fwd", N, CPU_CHUNK)(*ins, order.contiguous(), st, out, starts, batch, K, E, Lmax, S, R,
@@ -1069,8 +1077,12 @@ def _(u, delta, A, B, C, D, z, delta_bias, order, L_out, delta_softplus, idx_in,
     batch, K, E = delta.shape[0], delta.shape[1], u.shape[3]
     chunk = CPU_CHUNK if delta.device.type == "cpu" else _triton_config(A.shape[1], E)[2]
     n = -(-order.shape[1] // chunk)
-    starts = delta.new_empty(batch, K * E, n, A.shape[1], dtype=torch.float32) if need_starts else \
-        delta.new_empty(0, dtype=torch.float32)
+    if not need_starts:
+        starts = delta.new_empty(0, dtype=torch.float32)
+    elif delta.device.type == "cpu":
+        starts = _cpu_starts(batch, K * E, n, A.shape[1], like=delta)
+    else:
+        starts = delta.new_empty(batch, K * E, n, A.shape[1], dtype=torch.float32)
     return u.new_empty(batch, K, L_out, E), starts
 
 
@@ -1093,6 +1105,8 @@ def ordered_scan_backward(u: _Tensor, delta: _Tensor, A: _Tensor, B: _Tensor, C:
     dz = torch.empty(batch, K, L_out, E, **f32) if z is not None else torch.empty(0, **f32)
     dBs, dCs = (torch.empty(batch, K, S, rows, N, **f32) for _ in range(2))    # every row written (a permutation)
     dAb, dDb, dbb = torch.empty(batch, K * E, N, **f32), *torch.empty(2, batch, K * E, **f32).unbind(0)
+    if not starts.permute(0, 2, 3, 1).is_contiguous():                       # made elsewhere: into the kernels' layout
+        starts = _cpu_starts(*starts.shape).copy_(starts)
     _cpu_kernel("ordered_scan_bwd", N, CPU_CHUNK)(*ins, order.contiguous(), st, starts, g, du, ddelta, dz, dBs, dCs,
                                                   dAb, dDb, dbb, batch, K, E, Lmax, rows, S, R, flags)
     return _ordered_grads(u, delta, A, B, C, D, z, delta_bias, dt_proj, du, ddelta, dAb, dBs.sum(2), dCs.sum(2), dDb,

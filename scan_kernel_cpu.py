@@ -18,7 +18,7 @@ their (batch, D, L) layout, B and C (transposed once to (batch, G, L, N)) as bro
 OpenMP threads take the (batch row, group, channel split) work items.
 
 Forward: the recurrence, y = sum_n x C + D u, the gate, and the state before every chunk of
-T steps (the chunk starts, (batch, D, n_chunks, N)). Backward, chunk by chunk in reverse: the
+T steps (the chunk starts, (batch, D, n_chunks, N) held channel-fastest: one vector per (chunk, state)). Backward, chunk by chunk in reverse: the
 chunk's states and exp(ΔA) recomputed from its start into an L1-sized buffer, then the
 reverse scan dh_t = g_t C_t + exp(Δ_{t+1} A) dh_{t+1} and every gradient in the same pass.
 dB and dC are sums over a group's channels: each work item sums its channel vectors lane-wise
@@ -154,8 +154,8 @@ extern "C" void kernel(const float* u, const float* delta, const float* A2t, con
             alignas(64) float dtb[T * VL], ub[T * VL], yb[T * VL];
             for (int64_t k = 0; k < n_chunks; k++) {
                 const int64_t t0 = k * T, nt = std::min(T, L - t0);
-                for (int64_t n = 0; n < N; n++)                               // chunk start: (batch, D, n_chunks, N)
-                    scatter(x[n], starts + ((b * dim + d0) * n_chunks + k) * N + n, n_chunks * N, nc);
+                for (int64_t n = 0; n < N; n++)                 // chunk start [b][d][k][n] at ((b * n_chunks + k) * N + n) * D + d
+                    x[n].store(starts + ((b * n_chunks + k) * N + n) * dim + d0, nc);
                 load_tile(delta + row, L, t0, nt, nc, dtb);
                 load_tile(u + row, L, t0, nt, nc, ub);
                 for (int64_t t = 0; t < nt; t++) {
@@ -217,7 +217,7 @@ extern "C" void kernel(const float* u, const float* delta, const float* A2t, con
                 load_tile(dout + row, L, t0, nt, nc, gb);
                 if (has_z) load_tile(z + row, L, t0, nt, nc, zb);
                 for (int64_t n = 0; n < N; n++)
-                    gather(starts + ((b * dim + d0) * n_chunks + k) * N + n, n_chunks * N, nc).store(xs + n * VL);
+                    Vec::loadu(starts + ((b * n_chunks + k) * N + n) * dim + d0, nc).store(xs + n * VL);
                 for (int64_t t = 0; t < nt; t++) {                           // the chunk forward again, from its start
                     Vec dt = Vec::loadu(db + t * VL) + vbias;
                     if (sp) dt = softplus(dt);
@@ -309,9 +309,9 @@ extern "C" void kernel(const float* u, const float* delta, const float* A2t, con
             const float* Bs[T]; const float* Cs[T];
             for (int64_t c = 0; c < n_chunks; c++) {
                 const int64_t t0 = c * T, nt = std::min(T, Lmax - t0);
-                if (save)                                                     // chunk start (batch, K*E, n_chunks, N)
+                if (save)                                     // chunk start [b][d][c][n] at ((b * n_chunks + c) * N + n) * K*E + d
                     for (int64_t n = 0; n < N; n++)
-                        scatter(x[n], starts + ((b * K * E + d0) * n_chunks + c) * N + n, n_chunks * N, nc);
+                        x[n].store(starts + ((b * n_chunks + c) * N + n) * K * E + d0, nc);
                 // the chunk's Δ, Δu and D u first, apart from the recurrence: no step waits on its softplus
                 for (int64_t t = 0; t < nt; t++) {
                     const int64_t r = idx_in ? ord[t0 + t] : t0 + t;
@@ -329,7 +329,7 @@ extern "C" void kernel(const float* u, const float* delta, const float* A2t, con
                     const Vec dt = Vec::loadu(dtb + t * VL), dtu = Vec::loadu(dub + t * VL);
                     const float* Bn = Bs[t]; const float* Cn = Cs[t];
                     Vec y[4] = {Vec::loadu(yb + t * VL), Vec(0.f), Vec(0.f), Vec(0.f)};
-                    for (int64_t n = 0; n < N; n++) {
+                    _Pragma("GCC unroll 16") for (int64_t n = 0; n < N; n++) {
                         x[n] = at::vec::fmadd(exp2v(a[n] * dt), x[n], dtu * Vec(Bn[n]));   // exp(ΔA) x + ΔBu
                         y[n %% 4] = at::vec::fmadd(x[n], Vec(Cn[n]), y[n %% 4]);           // y = sum_n x C + D u
                     }
@@ -402,7 +402,7 @@ extern "C" void kernel(const float* u, const float* delta, const float* A2t, con
                 const Vec vbias = biasv[i], vD = Dv[i];
                 Vec dD_sum = dDv[i], db_sum = dbv[i];
                 for (int64_t n = 0; n < N; n++)
-                    gather(starts + ((b * K * E + d0) * n_chunks + c) * N + n, n_chunks * N, nc).store(xs + n * VL);
+                    Vec::loadu(starts + ((b * n_chunks + c) * N + n) * K * E + d0, nc).store(xs + n * VL);
                 for (int64_t t = 0; t < nt; t++) {                       // the chunk's Δ first (see the forward)
                     const int64_t r = idx_in ? ord[t0 + t] : t0 + t;
                     Vec raw = vbias, uu(0.f);
@@ -425,46 +425,65 @@ extern "C" void kernel(const float* u, const float* delta, const float* A2t, con
                     const int64_t r = idx_in ? ord[t0 + t] : t0 + t;
                     const float* Bn = r >= 0 ? B0 + r * st[8] : zeros;
                     const Vec dt = Vec::loadu(dts + t * VL), dtu = dt * Vec::loadu(us + t * VL);
-                    for (int64_t n = 0; n < N; n++) {
+                    _Pragma("GCC unroll 16") for (int64_t n = 0; n < N; n++) {
                         const Vec e = exp2v(a[n] * dt);
                         e.store(eA + (t * N + n) * VL);
                         const Vec x = at::vec::fmadd(e, Vec::loadu(xs + (t * N + n) * VL), dtu * Vec(Bn[n]));
                         x.store(xs + ((t + 1) * N + n) * VL);
                     }
                 }
-                for (int64_t t = nt - 1; t >= 0; t--) {                  // the reverse scan
-                    const int64_t s = t0 + t, ro = ord[s], r = idx_in ? ro : s;
-                    const Vec dt = Vec::loadu(dts + t * VL), uu = Vec::loadu(us + t * VL), dtu = dt * uu;
-                    const Vec gy = Vec::loadu(gys + t * VL);
-                    const float* Bn = r >= 0 ? B0 + r * st[8] : zeros;
-                    const float* Cn = r >= 0 ? C0 + r * st[8] : zeros;
-                    Vec* sB = sumB.data() + t * N; Vec* sC = sumC.data() + t * N;
-                    Vec wA[2] = {Vec(0.f), Vec(0.f)}, hB[2] = {Vec(0.f), Vec(0.f)}, y[2] = {vD * uu, Vec(0.f)};
-                    for (int64_t n = 0; n < N; n++) {
-                        const Vec xt = Vec::loadu(xs + ((t + 1) * N + n) * VL), xp = Vec::loadu(xs + (t * N + n) * VL);
-                        const Vec e = Vec::loadu(eA + (t * N + n) * VL), vB(Bn[n]), vC(Cn[n]);
-                        dh[n] = at::vec::fmadd(gy, vC, dh[n]);           // dh_t = g_t C_t + carry
-                        const Vec wn = dh[n] * e * xp;                    // dh · exp(Δ_t A) x_{t-1}
-                        wA[n & 1] = at::vec::fmadd(wn, a[n], wA[n & 1]);
-                        dA_sum[n] = at::vec::fmadd(wn, dt, dA_sum[n]);
-                        hB[n & 1] = at::vec::fmadd(dh[n], vB, hB[n & 1]); // sum_n dh B
-                        if (has_z) y[n & 1] = at::vec::fmadd(xt, vC, y[n & 1]);   // y_t, for dz
-                        sB[n] = at::vec::fmadd(dh[n], dtu, sB[n]);
-                        sC[n] = at::vec::fmadd(xt, gy, sC[n]);
-                        dh[n] = dh[n] * e;                                // the carry into step t - 1
+                // the reverse scan, over the states in two halves [0, N/2), [N/2, N): each half's dh and dA
+                // sums stay in registers across the chunk (all N of them would not fit: 2 N vectors); the first
+                // half leaves its per-step sums over n (wA, hB, y) in part[] for the second to finish
+                alignas(64) float part[T * 3 * VL];
+                const auto reverse = [&](auto n0c, auto n1c) {
+                    constexpr int64_t n0 = decltype(n0c)::value, n1 = decltype(n1c)::value, last = n1 == N;
+                    Vec hd[n1 - n0 + 1], hA[n1 - n0 + 1];                    // this half's dh and dA sums: registers
+                    for (int64_t j = 0; j < n1 - n0; j++) { hd[j] = dh[n0 + j]; hA[j] = dA_sum[n0 + j]; }
+                    for (int64_t t = nt - 1; t >= 0; t--) {
+                        const int64_t s = t0 + t, ro = ord[s], r = idx_in ? ro : s;
+                        const Vec dt = Vec::loadu(dts + t * VL), uu = Vec::loadu(us + t * VL), dtu = dt * uu;
+                        const Vec gy = Vec::loadu(gys + t * VL);
+                        const float* Bn = r >= 0 ? B0 + r * st[8] : zeros;
+                        const float* Cn = r >= 0 ? C0 + r * st[8] : zeros;
+                        Vec* sB = sumB.data() + t * N; Vec* sC = sumC.data() + t * N;
+                        float* pt = part + t * 3 * VL;
+                        Vec wA = n0 ? Vec::loadu(pt) : Vec(0.f), hB = n0 ? Vec::loadu(pt + VL) : Vec(0.f);
+                        Vec y = n0 ? Vec::loadu(pt + 2 * VL) : vD * uu;
+                        _Pragma("GCC unroll 16")
+                        for (int64_t j = 0; j < n1 - n0; j++) {
+                            const int64_t n = n0 + j;
+                            const Vec xt = Vec::loadu(xs + ((t + 1) * N + n) * VL), xp = Vec::loadu(xs + (t * N + n) * VL);
+                            const Vec e = Vec::loadu(eA + (t * N + n) * VL), vB(Bn[n]), vC(Cn[n]);
+                            hd[j] = at::vec::fmadd(gy, vC, hd[j]);           // dh_t = g_t C_t + carry
+                            const Vec wn = hd[j] * e * xp;                    // dh · exp(Δ_t A) x_{t-1}
+                            wA = at::vec::fmadd(wn, a[n], wA);
+                            hA[j] = at::vec::fmadd(wn, dt, hA[j]);
+                            hB = at::vec::fmadd(hd[j], vB, hB);               // sum_n dh B
+                            if (has_z) y = at::vec::fmadd(xt, vC, y);        // y_t, for dz
+                            sB[n] = at::vec::fmadd(hd[j], dtu, sB[n]);
+                            sC[n] = at::vec::fmadd(xt, gy, sC[n]);
+                            hd[j] = hd[j] * e;                                // the carry into step t - 1
+                        }
+                        if (!last) {                                          // the first half: its sums for the second
+                            wA.store(pt); hB.store(pt + VL); y.store(pt + 2 * VL);
+                            continue;
+                        }
+                        Vec ddt = wA * Vec(LN2) + uu * hB;                    // dL/dΔ
+                        dD_sum = at::vec::fmadd(gy, uu, dD_sum);
+                        if (sp) ddt = ddt * Vec::loadu(dsp + t * VL);
+                        db_sum = db_sum + ddt;
+                        if (r >= 0) {
+                            (dt * hB + gy * vD).store(du0 + r * E + e0, nc); // du
+                            ddt.store(dd0 + r * E + e0, nc);
+                        }
+                        if (has_z && ro >= 0)                                 // dz
+                            (Vec::loadu(dzf + t * VL) * y).store(dz0 + ro * E + e0, nc);
                     }
-                    const Vec dhB = hB[0] + hB[1];
-                    Vec ddt = (wA[0] + wA[1]) * Vec(LN2) + uu * dhB;     // dL/dΔ
-                    dD_sum = at::vec::fmadd(gy, uu, dD_sum);
-                    if (sp) ddt = ddt * Vec::loadu(dsp + t * VL);
-                    db_sum = db_sum + ddt;
-                    if (r >= 0) {
-                        (dt * dhB + gy * vD).store(du0 + r * E + e0, nc); // du
-                        ddt.store(dd0 + r * E + e0, nc);
-                    }
-                    if (has_z && ro >= 0)                                 // dz
-                        (Vec::loadu(dzf + t * VL) * (y[0] + y[1])).store(dz0 + ro * E + e0, nc);
-                }
+                    for (int64_t j = 0; j < n1 - n0; j++) { dh[n0 + j] = hd[j]; dA_sum[n0 + j] = hA[j]; }
+                };
+                reverse(std::integral_constant<int64_t, 0>(), std::integral_constant<int64_t, N / 2>());
+                reverse(std::integral_constant<int64_t, N / 2>(), std::integral_constant<int64_t, N>());
                 dDv[i] = dD_sum; dbv[i] = db_sum;
                 std::copy_n(dh, N, dhv.data() + i * N); std::copy_n(dA_sum, N, dAv.data() + i * N);
             }

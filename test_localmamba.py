@@ -510,6 +510,13 @@ def test_ordered_ops_are_custom_ops_that_torch_checks():
             fake = op(*[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in plain])
         real, fake = ((r,) if isinstance(r, torch.Tensor) else r for r in (real, fake))
         assert [(r.shape, r.stride(), r.dtype) for r in real] == [(f.shape, f.stride(), f.dtype) for f in fake], op
+    # the C++ kernels hold the chunk starts channel-fastest; starts in another layout (made elsewhere, or
+    # saved and loaded contiguous) are the same values, and the backward gives the same gradients from them
+    assert starts.permute(0, 2, 3, 1).is_contiguous()
+    bwd = lambda s: torch.ops.localmamba.ordered_scan_backward.default(
+        *[a.detach() if isinstance(a, torch.Tensor) else a for a in args[:9]], s, dout, True, True, args[13].detach())
+    for got, want in zip(bwd(starts.contiguous()), bwd(starts)):
+        assert torch.equal(got, want)
 
 
 @needs_triton

@@ -791,6 +791,7 @@ def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None,
 # dC over the channel splits, dA and dD over the batch).
 
 CPU_CHUNK = scan_kernel_cpu.CPU_CHUNK if scan_kernel_cpu else 16   # steps per chunk start the kernels save
+ORDERED_CHUNK = scan_kernel_cpu.ORDERED_CHUNK if scan_kernel_cpu else 32   # the same for the ordered scan's kernels
 
 
 def _cpu_starts(batch, dim, n_chunks, N, like=None):
@@ -1064,10 +1065,10 @@ def ordered_scan(u: _Tensor, delta: _Tensor, A: _Tensor, B: _Tensor, C: _Tensor,
     Lmax, N = order.shape[1], A.shape[1]
     ins, flags, S, R = _ordered_scan_args(u, delta, A, B, C, D, z, delta_bias, delta_softplus, idx_in, dt_proj)
     out = torch.empty(batch, K, L_out, E, dtype=torch.float32)
-    starts = _cpu_starts(batch, K * E, -(-Lmax // CPU_CHUNK), N) if need_starts else \
+    starts = _cpu_starts(batch, K * E, -(-Lmax // ORDERED_CHUNK), N) if need_starts else \
         torch.empty(0, dtype=torch.float32)
     st = _scan_strides(ins[0], ins[1], ins[3], ins[6] if z is not None else None, out, L_out)
-    _cpu_kernel("ordered_scan_fwd", N, CPU_CHUNK)(*ins, order.contiguous(), st, out, starts, batch, K, E, Lmax, S, R,
+    _cpu_kernel("ordered_scan_fwd", N, ORDERED_CHUNK)(*ins, order.contiguous(), st, out, starts, batch, K, E, Lmax, S, R,
                                                   flags | bool(need_starts) << 5)
     return out.to(u.dtype), starts
 
@@ -1075,7 +1076,7 @@ def ordered_scan(u: _Tensor, delta: _Tensor, A: _Tensor, B: _Tensor, C: _Tensor,
 @ordered_scan.register_fake
 def _(u, delta, A, B, C, D, z, delta_bias, order, L_out, delta_softplus, idx_in, need_starts, dt_proj=None):
     batch, K, E = delta.shape[0], delta.shape[1], u.shape[3]
-    chunk = CPU_CHUNK if delta.device.type == "cpu" else _triton_config(A.shape[1], E)[2]
+    chunk = ORDERED_CHUNK if delta.device.type == "cpu" else _triton_config(A.shape[1], E)[2]
     n = -(-order.shape[1] // chunk)
     if not need_starts:
         starts = delta.new_empty(0, dtype=torch.float32)
@@ -1094,7 +1095,7 @@ def ordered_scan_backward(u: _Tensor, delta: _Tensor, A: _Tensor, B: _Tensor, C:
     """ordered_scan's backward (scan_kernel_cpu.ORDERED_SCAN_BWD): [du, ddelta, dA, dB, dC, dD, dz, dbias,
     ddt_proj], each in its input's shape (du, dz summed over the directions where u, z are shared; dD,
     dz, dbias, ddt_proj empty where D, z, delta_bias, dt_proj are None)."""
-    _check_ordered_scan_backward(u, delta, A, B, C, D, z, delta_bias, order, starts, dout, idx_in, dt_proj, CPU_CHUNK)
+    _check_ordered_scan_backward(u, delta, A, B, C, D, z, delta_bias, order, starts, dout, idx_in, dt_proj, ORDERED_CHUNK)
     batch, K, rows, E = *delta.shape[:3], u.shape[3]
     Lmax, N, L_out = order.shape[1], A.shape[1], dout.shape[2]
     ins, flags, S, R = _ordered_scan_args(u, delta, A, B, C, D, z, delta_bias, delta_softplus, idx_in, dt_proj)
@@ -1107,7 +1108,7 @@ def ordered_scan_backward(u: _Tensor, delta: _Tensor, A: _Tensor, B: _Tensor, C:
     dAb, dDb, dbb = torch.empty(batch, K * E, N, **f32), *torch.empty(2, batch, K * E, **f32).unbind(0)
     if not starts.permute(0, 2, 3, 1).is_contiguous():                       # made elsewhere: into the kernels' layout
         starts = _cpu_starts(*starts.shape).copy_(starts)
-    _cpu_kernel("ordered_scan_bwd", N, CPU_CHUNK)(*ins, order.contiguous(), st, starts, g, du, ddelta, dz, dBs, dCs,
+    _cpu_kernel("ordered_scan_bwd", N, ORDERED_CHUNK)(*ins, order.contiguous(), st, starts, g, du, ddelta, dz, dBs, dCs,
                                                   dAb, dDb, dbb, batch, K, E, Lmax, rows, S, R, flags)
     return _ordered_grads(u, delta, A, B, C, D, z, delta_bias, dt_proj, du, ddelta, dAb, dBs.sum(2), dCs.sum(2), dDb,
                           dz, dbb)

@@ -593,10 +593,10 @@ def test_ordered_ops_refuse_calls_outside_their_contract():
     with pytest.raises(ValueError, match=r"ordered_conv: weight must be \(24, 1, \*\), got \(20, 1, 4\)"):
         scan_kernel.ordered_conv(xz[..., :12], w[:20], b, orders, inv)
     # the backward ops (autograd calls them; a direct call with a wrong gradient's shape is refused too)
-    out, starts = scan_kernel.ordered_scan(*args.values(), 15, True, True, True)
-    bwd = [scan_kernel.ordered_scan_backward] + ([scan_kernel.ordered_scan_backward_triton] if TRITON_DEVICE == "cpu"
-                                                 else [])
-    for fn in bwd:
+    bwd = [(scan_kernel.ordered_scan, scan_kernel.ordered_scan_backward)] + (
+        [(scan_kernel.ordered_scan_triton, scan_kernel.ordered_scan_backward_triton)] if TRITON_DEVICE == "cpu" else [])
+    for fwd, fn in bwd:                                            # each with its own chunk starts
+        out, starts = fwd(*args.values(), 15, True, True, True)
         with pytest.raises(ValueError, match=r"ordered_scan_backward: dout must be \(1, 2, 15, 12\), got \(1, 2, 14, 12\)"):
             fn(*args.values(), starts, out[:, :, :-1], True, True)
     cbwd = [scan_kernel.ordered_conv_backward] + ([scan_kernel.ordered_conv_backward_triton]

@@ -1100,9 +1100,10 @@ def ordered_scan_backward(u: _Tensor, delta: _Tensor, A: _Tensor, B: _Tensor, C:
     Lmax, N, L_out = order.shape[1], A.shape[1], dout.shape[2]
     ins, flags, S, R = _ordered_scan_args(u, delta, A, B, C, D, z, delta_bias, delta_softplus, idx_in, dt_proj)
     g = dout.detach().to(torch.float32).contiguous()
-    st = _scan_strides(ins[0], ins[1], ins[3], ins[6] if z is not None else None, g, L_out)
     f32 = dict(dtype=torch.float32)
-    du, ddelta = torch.empty(batch, K, rows, E, **f32), torch.empty(batch, K, rows, E, **f32)
+    du, ddelta = _du_like(u, K), torch.empty(batch, K, rows, E, **f32)
+    st = torch.cat([_scan_strides(ins[0], ins[1], ins[3], ins[6] if z is not None else None, g, L_out),
+                    torch.tensor(du.stride()[:2])])                          # + du's (batch, direction) strides
     dz = torch.empty(batch, K, L_out, E, **f32) if z is not None else torch.empty(0, **f32)
     dBs, dCs = (torch.empty(batch, K, S, rows, N, **f32) for _ in range(2))    # every row written (a permutation)
     dAb, dDb, dbb = torch.empty(batch, K * E, N, **f32), *torch.empty(2, batch, K * E, **f32).unbind(0)
@@ -1149,7 +1150,22 @@ def _ordered_grads(u, delta, A, B, C, D, z, delta_bias, dt_proj, du, ddelta, dAb
 @ordered_scan_backward.register_fake
 def _(u, delta, A, B, C, D, z, delta_bias, order, starts, dout, delta_softplus, idx_in, dt_proj=None):
     like = lambda t: delta.new_empty(0) if t is None else t.new_empty(t.shape)     # contiguous, as the kernels write
-    return [like(t) for t in (u, delta, A, B, C, D, z, delta_bias, dt_proj)]
+    du = _du_like(u, delta.shape[1]).to(u.dtype) if u.device.type == "cpu" and u.shape[1] == delta.shape[1] else \
+        like(u)                                                                # as the kernels write it, or summed
+    return [du] + [like(t) for t in (delta, A, B, C, D, z, delta_bias, dt_proj)]
+
+
+def _du_like(u, K):
+    """The C++ backward's du (fp32): in u's own layout where u is per direction and its rows are dense (E
+    channels at stride 1), so that the gradient of a (K, batch, rows, E) u read as (batch, K, ...), the
+    fused LocalVim conv's output, reaches the conv's backward without a copy; else contiguous (batch, K,
+    rows, E), summed over K afterwards where u is shared."""
+    batch, _, rows, E = u.shape
+    if u.shape[1] == K:
+        du = torch.empty_like(u, dtype=torch.float32)
+        if du.stride(3) == 1 and du.stride(2) == E:
+            return du
+    return u.new_empty(batch, K, rows, E, dtype=torch.float32)
 
 
 def _ordered_scan_setup(ctx, inputs, output):

@@ -355,8 +355,8 @@ ORDERED_SCAN_BWD = COMMON + r'''
 // channel-vector loop: a work item runs one chunk for each of its vectors (each carrying its own dh), so its
 // dB, dC sums stay a (T, N) block of vectors in L1 and are written out after each chunk (on a 56×56 LocalVMamba
 // stage a whole-sequence buffer would not fit in any cache). Outputs per direction, in the inputs' rows:
-// du, dΔ (batch, K, rows, E); dz (batch, K, L_out, E), summed over K by the caller when z is shared; dB, dC
-// (batch, K, S, rows, N) per channel split; dA (batch, K*E, N), dD and dbias (batch, K*E) per batch row. dbias
+// du (rows of E at batch and direction strides st[16], st[17]), dΔ (batch, K, rows, E); dz (batch, K, L_out, E),
+// summed over K by the caller when z is shared; dB, dC (batch, K, S, rows, N) per channel split; dA (batch, K*E, N), dD and dbias (batch, K*E) per batch row. dbias
 // sums dΔ over every step, padding steps included (their Δ is softplus(bias)). dΔ is Δ's full gradient also where
 // Δ came in low-rank (R > 0): the caller projects it onto the low-rank input and dt_proj.
 extern "C" void kernel(const float* u, const float* delta, const float* A2t, const float* Bm, const float* Cm,
@@ -379,7 +379,7 @@ extern "C" void kernel(const float* u, const float* delta, const float* A2t, con
         const float* B0 = Bm + b * st[6] + k * st[7]; const float* C0 = Cm + b * st[6] + k * st[7];
         const float* z0 = z + b * st[9] + k * st[10]; const float* g0 = dout + b * st[12] + k * st[13];
         const float* Wk = Wdt + k * R * E;
-        float* du0 = du + (b * K + k) * rows * E; float* dd0 = ddelta + (b * K + k) * rows * E;
+        float* du0 = du + b * st[16] + k * st[17]; float* dd0 = ddelta + (b * K + k) * rows * E;
         float* dz0 = dz + (b * K + k) * Lout * E;
         // per vector of the item: A log2(e), bias, D, and the carried dh and sums
         std::vector<Vec> av(nv * N), dhv(nv * N, Vec(0.f)), dAv(nv * N, Vec(0.f)), biasv(nv), Dv(nv);

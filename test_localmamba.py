@@ -500,6 +500,8 @@ def test_ordered_ops_are_custom_ops_that_torch_checks():
     dout = torch.randn(out.shape).transpose(0, 1).contiguous().transpose(0, 1)
     calls = [(torch.ops.localmamba.ordered_scan.default, args),
              (torch.ops.localmamba.ordered_scan_backward.default, (*args[:9], starts, dout, True, True, args[13])),
+             (torch.ops.localmamba.ordered_scan_backward.default,     # u per direction, (K, batch, ...) in memory
+              (torch.randn(2, 2, 15, 12).transpose(0, 1), *args[1:9], starts, dout, True, True, args[13])),
              (torch.ops.localmamba.ordered_conv.default, conv_args),
              (torch.ops.localmamba.ordered_conv_backward.default,
               (*conv_args, torch.randn(2, 2, orders.shape[1], 12)))]

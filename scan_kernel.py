@@ -1059,7 +1059,8 @@ def ordered_scan(u: _Tensor, delta: _Tensor, A: _Tensor, B: _Tensor, C: _Tensor,
     in scan order). dt_proj (K, E, R): delta is Δ's low-rank input (batch, K, rows, R) and the kernel
     computes Δ = dt_proj[k] delta per step (Δ never stored). Returns out (batch, K, L_out, E) in u's
     dtype, each direction's output at its tokens' row-major places, and the chunk starts for the
-    backward ((batch, K*E, chunks, N) fp32; empty unless need_starts)."""
+    backward ((batch, K*E, chunks, N) fp32, channel-fastest in memory on the CPU: _cpu_starts; empty
+    unless need_starts)."""
     _check_ordered_scan(u, delta, A, B, C, D, z, delta_bias, order, L_out, idx_in, dt_proj)
     batch, K, E = delta.shape[0], delta.shape[1], u.shape[3]
     Lmax, N = order.shape[1], A.shape[1]
@@ -1068,8 +1069,8 @@ def ordered_scan(u: _Tensor, delta: _Tensor, A: _Tensor, B: _Tensor, C: _Tensor,
     starts = _cpu_starts(batch, K * E, -(-Lmax // ORDERED_CHUNK), N) if need_starts else \
         torch.empty(0, dtype=torch.float32)
     st = _scan_strides(ins[0], ins[1], ins[3], ins[6] if z is not None else None, out, L_out)
-    _cpu_kernel("ordered_scan_fwd", N, ORDERED_CHUNK)(*ins, order.contiguous(), st, out, starts, batch, K, E, Lmax, S, R,
-                                                  flags | bool(need_starts) << 5)
+    _cpu_kernel("ordered_scan_fwd", N, ORDERED_CHUNK)(*ins, order.contiguous(), st, out, starts, batch, K, E, Lmax,
+                                                      S, R, flags | bool(need_starts) << 5)
     return out.to(u.dtype), starts
 
 
@@ -1095,7 +1096,8 @@ def ordered_scan_backward(u: _Tensor, delta: _Tensor, A: _Tensor, B: _Tensor, C:
     """ordered_scan's backward (scan_kernel_cpu.ORDERED_SCAN_BWD): [du, ddelta, dA, dB, dC, dD, dz, dbias,
     ddt_proj], each in its input's shape (du, dz summed over the directions where u, z are shared; dD,
     dz, dbias, ddt_proj empty where D, z, delta_bias, dt_proj are None)."""
-    _check_ordered_scan_backward(u, delta, A, B, C, D, z, delta_bias, order, starts, dout, idx_in, dt_proj, ORDERED_CHUNK)
+    _check_ordered_scan_backward(u, delta, A, B, C, D, z, delta_bias, order, starts, dout, idx_in, dt_proj,
+                                 ORDERED_CHUNK)
     batch, K, rows, E = *delta.shape[:3], u.shape[3]
     Lmax, N, L_out = order.shape[1], A.shape[1], dout.shape[2]
     ins, flags, S, R = _ordered_scan_args(u, delta, A, B, C, D, z, delta_bias, delta_softplus, idx_in, dt_proj)
@@ -1109,8 +1111,8 @@ def ordered_scan_backward(u: _Tensor, delta: _Tensor, A: _Tensor, B: _Tensor, C:
     dAb, dDb, dbb = torch.empty(batch, K * E, N, **f32), *torch.empty(2, batch, K * E, **f32).unbind(0)
     if not starts.permute(0, 2, 3, 1).is_contiguous():                       # made elsewhere: into the kernels' layout
         starts = _cpu_starts(*starts.shape).copy_(starts)
-    _cpu_kernel("ordered_scan_bwd", N, ORDERED_CHUNK)(*ins, order.contiguous(), st, starts, g, du, ddelta, dz, dBs, dCs,
-                                                  dAb, dDb, dbb, batch, K, E, Lmax, rows, S, R, flags)
+    _cpu_kernel("ordered_scan_bwd", N, ORDERED_CHUNK)(*ins, order.contiguous(), st, starts, g, du, ddelta, dz, dBs,
+                                                      dCs, dAb, dDb, dbb, batch, K, E, Lmax, rows, S, R, flags)
     return _ordered_grads(u, delta, A, B, C, D, z, delta_bias, dt_proj, du, ddelta, dAb, dBs.sum(2), dCs.sum(2), dDb,
                           dz, dbb)
 

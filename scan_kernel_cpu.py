@@ -18,9 +18,10 @@ their (batch, D, L) layout, B and C (transposed once to (batch, G, L, N)) as bro
 OpenMP threads take the (batch row, group, channel split) work items.
 
 Forward: the recurrence, y = sum_n x C + D u, the gate, and the state before every chunk of
-T steps (the chunk starts, (batch, D, n_chunks, N) held channel-fastest: one vector per (chunk, state)). Backward, chunk by chunk in reverse: the
-chunk's states and exp(ΔA) recomputed from its start into an L1-sized buffer, then the
-reverse scan dh_t = g_t C_t + exp(Δ_{t+1} A) dh_{t+1} and every gradient in the same pass.
+T steps (the chunk starts, (batch, D, n_chunks, N) held channel-fastest: one vector per (chunk,
+state)). Backward, chunk by chunk in reverse: the chunk's states and exp(ΔA) recomputed from its
+start into an L1-sized buffer, then the reverse scan dh_t = g_t C_t + exp(Δ_{t+1} A) dh_{t+1}
+and every gradient in the same pass.
 dB and dC are sums over a group's channels: each work item sums its channel vectors lane-wise
 (an (L, N) buffer of vectors), adds the lanes once at its end into its own slice of a
 (batch, G, splits, L, N) buffer, and the splits are summed afterwards; dA and dD likewise over
@@ -40,8 +41,8 @@ import sys
 import warnings
 
 CPU_CHUNK = 16             # T: steps per chunk of the C++ kernels (one saved chunk start each)
-ORDERED_CHUNK = 32         # T of the ordered scan (its backward runs ~5-10% faster with 32 than 16 steps;
-                           # selective_scan's ~20% slower at train_mini's shape, so the two differ)
+ORDERED_CHUNK = 32         # T of the ordered scan (its backward ran 5-10% faster alone with 32 than 16 steps,
+                           # ~2% in a training step; selective_scan's ~20% slower at train_mini's shape)
 
 COMMON = r'''
 #include <torch/csrc/inductor/cpp_prefix.h>
@@ -156,7 +157,8 @@ extern "C" void kernel(const float* u, const float* delta, const float* A2t, con
             alignas(64) float dtb[T * VL], ub[T * VL], yb[T * VL];
             for (int64_t k = 0; k < n_chunks; k++) {
                 const int64_t t0 = k * T, nt = std::min(T, L - t0);
-                for (int64_t n = 0; n < N; n++)                 // chunk start [b][d][k][n] at ((b * n_chunks + k) * N + n) * D + d
+                // chunk start [b][d][k][n], channel-fastest: at ((b * n_chunks + k) * N + n) * D + d
+                for (int64_t n = 0; n < N; n++)
                     x[n].store(starts + ((b * n_chunks + k) * N + n) * dim + d0, nc);
                 load_tile(delta + row, L, t0, nt, nc, dtb);
                 load_tile(u + row, L, t0, nt, nc, ub);
@@ -311,7 +313,8 @@ extern "C" void kernel(const float* u, const float* delta, const float* A2t, con
             const float* Bs[T]; const float* Cs[T];
             for (int64_t c = 0; c < n_chunks; c++) {
                 const int64_t t0 = c * T, nt = std::min(T, Lmax - t0);
-                if (save)                                     // chunk start [b][d][c][n] at ((b * n_chunks + c) * N + n) * K*E + d
+                // chunk start [b][d][c][n], channel-fastest: at ((b * n_chunks + c) * N + n) * K*E + d
+                if (save)
                     for (int64_t n = 0; n < N; n++)
                         x[n].store(starts + ((b * n_chunks + c) * N + n) * K * E + d0, nc);
                 // the chunk's Δ, Δu and D u first, apart from the recurrence: no step waits on its softplus
@@ -356,9 +359,10 @@ ORDERED_SCAN_BWD = COMMON + r'''
 // dB, dC sums stay a (T, N) block of vectors in L1 and are written out after each chunk (on a 56×56 LocalVMamba
 // stage a whole-sequence buffer would not fit in any cache). Outputs per direction, in the inputs' rows:
 // du (rows of E at batch and direction strides st[16], st[17]), dΔ (batch, K, rows, E); dz (batch, K, L_out, E),
-// summed over K by the caller when z is shared; dB, dC (batch, K, S, rows, N) per channel split; dA (batch, K*E, N), dD and dbias (batch, K*E) per batch row. dbias
-// sums dΔ over every step, padding steps included (their Δ is softplus(bias)). dΔ is Δ's full gradient also where
-// Δ came in low-rank (R > 0): the caller projects it onto the low-rank input and dt_proj.
+// summed over K by the caller when z is shared; dB, dC (batch, K, S, rows, N) per channel split; dA (batch, K*E,
+// N), dD and dbias (batch, K*E) per batch row. dbias sums dΔ over every step, padding steps included (their Δ
+// is softplus(bias)). dΔ is Δ's full gradient also where Δ came in low-rank (R > 0): the caller projects it
+// onto the low-rank input and dt_proj.
 extern "C" void kernel(const float* u, const float* delta, const float* A2t, const float* Bm, const float* Cm,
                        const float* Dskip, const float* z, const float* bias, const float* Wdt, const int64_t* order,
                        const int64_t* st, const float* starts, const float* dout, float* du, float* ddelta, float* dz,
@@ -440,7 +444,7 @@ extern "C" void kernel(const float* u, const float* delta, const float* A2t, con
                 alignas(64) float part[T * 3 * VL];
                 const auto reverse = [&](auto n0c, auto n1c) {
                     constexpr int64_t n0 = decltype(n0c)::value, n1 = decltype(n1c)::value, last = n1 == N;
-                    Vec hd[n1 - n0 + 1], hA[n1 - n0 + 1];                    // this half's dh and dA sums: registers
+                    Vec hd[n1 - n0 + 1], hA[n1 - n0 + 1];   // this half's dh and dA sums (+1: N = 1 has an empty half)
                     for (int64_t j = 0; j < n1 - n0; j++) { hd[j] = dh[n0 + j]; hA[j] = dA_sum[n0 + j]; }
                     for (int64_t t = nt - 1; t >= 0; t--) {
                         const int64_t s = t0 + t, ro = ord[s], r = idx_in ? ro : s;
@@ -455,7 +459,8 @@ extern "C" void kernel(const float* u, const float* delta, const float* A2t, con
                         _Pragma("GCC unroll 16")
                         for (int64_t j = 0; j < n1 - n0; j++) {
                             const int64_t n = n0 + j;
-                            const Vec xt = Vec::loadu(xs + ((t + 1) * N + n) * VL), xp = Vec::loadu(xs + (t * N + n) * VL);
+                            const Vec xt = Vec::loadu(xs + ((t + 1) * N + n) * VL);
+                            const Vec xp = Vec::loadu(xs + (t * N + n) * VL);
                             const Vec e = Vec::loadu(eA + (t * N + n) * VL), vB(Bn[n]), vC(Cn[n]);
                             hd[j] = at::vec::fmadd(gy, vC, hd[j]);           // dh_t = g_t C_t + carry
                             const Vec wn = hd[j] * e * xp;                    // dh · exp(Δ_t A) x_{t-1}

@@ -1840,6 +1840,15 @@ if HAS_TRITON:   # the CUDA implementations of the six ops
 torch.library.register_kernel("localmamba::gated_sum_backward", "cuda", gated_sum_backward_torch)
 torch.library.register_kernel("localmamba::token_norm_mean_backward", "cuda", token_norm_mean_backward_torch)
 
+# torch 2.14 calls a custom op whose arguments are all tensors through a Python fast path (the
+# "PyObject dispatcher" of torch/_ops.py) that skips the C++ dispatcher, and with it the event a
+# profiler records: ordered_conv and gated_sum vanished from torch.profiler's tables, their time
+# counted nowhere. The eight ops go through the C++ dispatcher, a few µs per call of ~1 ms.
+for _op in (ordered_scan, ordered_scan_backward, ordered_conv, ordered_conv_backward, token_norm_mean,
+            token_norm_mean_backward, gated_sum, gated_sum_backward):
+    if hasattr(_op._opoverload, "_enable_pyobj_dispatch"):      # torch without the fast path: nothing to undo
+        _op._opoverload._enable_pyobj_dispatch(False)
+
 
 # -----------------------------------------------------------------------------
 # "export": the recurrence as ONE loop that exporters keep (torch.export, torch.onnx's dynamo

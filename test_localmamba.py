@@ -27,6 +27,7 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
 
 import argparse
+import collections
 import copy
 import hashlib
 import importlib.util
@@ -519,6 +520,22 @@ def test_ordered_ops_are_custom_ops_that_torch_checks():
         *[a.detach() if isinstance(a, torch.Tensor) else a for a in args[:9]], s, dout, True, True, args[13].detach())
     for got, want in zip(bwd(starts.contiguous()), bwd(starts)):
         assert torch.equal(got, want)
+
+
+def test_profilers_see_every_call_of_every_ordered_op(monkeypatch):
+    """torch.profiler lists each of the eight ops once per call: a fused LocalVim training step
+    (3 layers, SCAttn) calls each forward op and its backward op once per layer. torch 2.14's
+    fast path for all-tensor custom ops recorded no event for ordered_conv and gated_sum."""
+    monkeypatch.setattr(scan_kernel, "COMPILE_TORCH_PATH", True)
+    monkeypatch.delenv("LOCALMAMBA_FUSED", raising=False)
+    model = create_model("local_vim_nano", in_chans=1)
+    x = torch.randn(2, 1, 28, 28)
+    from torch.profiler import profile
+    with profile() as p:
+        model(x).square().mean().backward()
+    counts = collections.Counter(e.name for e in p.events() if e.name.startswith("localmamba::"))
+    ops = ("ordered_scan", "ordered_conv", "token_norm_mean", "gated_sum")
+    assert counts == {f"localmamba::{op}{part}": NANO_DEPTH for op in ops for part in ("", "_backward")}
 
 
 @needs_triton

@@ -76,8 +76,8 @@ if profile:                                        # one more step under the pro
         t0 = time.perf_counter()
         step()
         wall = (time.perf_counter() - t0) * 1e6
-    for e in p.key_averages():                     # the rest: the step's wall time less the two (the profiler does
-        name = e.key.lower()                       # not list every call of a custom op; Python's own time counts)
+    for e in p.key_averages():                     # the rest: the step's wall time less the two (Python's own
+        name = e.key.lower()                       # time counts)
         kind = ("scan" if "selectivescan" in name.replace("_", "") or "ordered_scan" in name else
                 "matmul+conv" if any(k in name for k in ("mm", "conv", "linear")) else None)
         if kind:

@@ -59,7 +59,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from scan_kernel import gated_sum, ordered_conv, ordered_kernels_take, ordered_scan, selective_scan, token_norm_mean
+from scan_kernel import ordered_conv, ordered_kernels_take, scattn_sum, selective_scan, x_proj_scan
 # the generic plumbing (timm's interface, checkpoint files, MAC counting) lives beside this file;
 # what a user calls from it is re-exported here, so `from localmamba import ...` is the one import
 from localmamba_helpers import (FASHION_MEAN_STD, IMAGENET_MEAN_STD, BadInput, FeatureInfo, FeatureMaps,
@@ -311,13 +311,13 @@ def set_fused(model, enabled=True):
 
 def _attend_and_sum(multi_scan, attn, ys):
     """multi_scan.combine(attn(ys)) on the fused path: ys (B, K, L, E) -> (B, L, E). A fixed layer with
-    SCAttn's channel branch reads ys twice: once for the token mean of its LayerNorm (scan_kernel.
-    token_norm_mean, no normalised copy written), once to gate and sum the K directions (scan_kernel.
-    gated_sum). The supernet's LN_k and the spatial branch run as written."""
+    SCAttn's channel branch reads ys twice (scan_kernel.scattn_sum): once for the token mean of its
+    LayerNorm (no normalised copy written), once to gate and sum the K directions (no gated copy); its
+    backward writes ys's gradient once. The supernet's LN_k and the spatial branch run as written."""
     if multi_scan.search or not isinstance(attn, SCAttn) or attn.spatial:
         return multi_scan.combine(attn(ys))
-    mean_u = token_norm_mean(ys, attn.norm.eps)[0] * attn.norm.weight + attn.norm.bias   # mean_L LayerNorm(ys)
-    return gated_sum(ys, attn.channel_branch(mean_u)[1])                       # gate (B, K, E): one per direction
+    norm, reduce, select = attn.norm, attn.global_reduce, attn.channel_select
+    return scattn_sum(ys, norm.eps, norm.weight, norm.bias, reduce.weight, reduce.bias, select.weight, select.bias)
 
 
 def _fused(mixer, x):
@@ -538,25 +538,21 @@ class LocalVimMixer(nn.Module):
 
     def _forward_fused(self, h, H, W, cls_pos):
         """forward's math with the orders inside the kernels: the conv reads x through each order and
-        writes scan order; x_proj runs per token on that; the scan computes Δ from its low-rank input
-        (dt_proj inside the kernel), reads z through the order and writes every direction's output at
-        its row-major tokens."""
-        B, K, E, N, R = h.shape[0], self.K, self.d_inner, self.d_state, self.dt_rank
+        writes scan order; x_proj runs per token on that and the scan computes Δ from its low-rank input
+        (dt_proj inside the kernel; x_proj_scan: one autograd node), reads z through the order and writes
+        every direction's output at its row-major tokens."""
+        K = self.K
         orders, inv, _ = self.multi_scan.index(H, W, cls_pos, h.device)           # (K, Lmax), (K, L_in)
-        Lmax, L_in = orders.shape[1], inv.shape[1]
-        xz = self.in_proj(h)                                                       # (B, L_in, 2E)
+        L_in = inv.shape[1]
+        x, z = self.in_proj(h).chunk(2, dim=-1)                                    # (B, L_in, E) each, views
         convs = [getattr(self, f"conv1d_{k}") for k in range(K)]
-        u = ordered_conv(xz[..., :E], torch.cat([c.weight for c in convs]), torch.cat([c.bias for c in convs]),
+        u = ordered_conv(x, torch.cat([c.weight for c in convs]), torch.cat([c.bias for c in convs]),
                          orders, inv)                                              # (K, B, Lmax, E): conv + SiLU
-        x_proj_w = torch.stack([getattr(self, f"x_proj_{k}").weight for k in range(K)])   # (K, R+2N, E)
-        x_dbl = torch.bmm(u.view(K, B * Lmax, E), x_proj_w.transpose(1, 2))        # (K, B*Lmax, R+2N)
         dt_projs = [getattr(self, f"dt_proj_{k}") for k in range(K)]
-        x_dbl = x_dbl.view(K, B, Lmax, R + 2 * N).transpose(0, 1)                  # (B, K, Lmax, R+2N), a view
-        ys, _ = ordered_scan(u.transpose(0, 1), x_dbl[..., :R], -torch.exp(self._stacked("A_log").float()),
-                             x_dbl[..., R:R + N], x_dbl[..., R + N:], self._stacked("D").float(),
-                             xz[..., E:].unsqueeze(1), torch.cat([p.bias for p in dt_projs]).float(), orders, L_in,
-                             True, False, torch.is_grad_enabled(),
-                             torch.stack([p.weight for p in dt_projs]))          # (B, K, L_in, E)
+        ys = x_proj_scan(u, torch.stack([getattr(self, f"x_proj_{k}").weight for k in range(K)]),   # (K, R+2N, E)
+                         -torch.exp(self._stacked("A_log").float()), self._stacked("D").float(), z.unsqueeze(1),
+                         torch.cat([p.bias for p in dt_projs]).float(), orders, L_in,
+                         torch.stack([p.weight for p in dt_projs]))              # (B, K, L_in, E)
         y = _attend_and_sum(self.multi_scan, self.attn, ys)                         # SCAttn per direction, then sum
         return self.out_proj(y)                                                    # (B, L_in, D)
 
@@ -870,16 +866,11 @@ class SS2D(nn.Module):
         the scan reads x, Δ's low-rank input, B, C through each order (zeros at padding), computes Δ
         (dt_proj inside the kernel) and writes every direction's output at its row-major tokens.
         x: (B, E, H, W) -> (B, H*W, E), summed."""
-        B, E, N, R = x.shape[0], self.d_inner, self.d_state, self.dt_rank
-        K, C2 = len(self.multi_scan.directions), R + 2 * self.d_state
+        B, E = x.shape[0], self.d_inner
         orders, _, _ = self.multi_scan.index(H, W, None, x.device)
         xr = x.permute(0, 2, 3, 1).reshape(B, H * W, E)                   # (B, L, E); a view: conv2d kept channels-last
-        x_dbl = (xr @ self.x_proj_weight.reshape(K * C2, E).t()).view(B, H * W, K, C2)   # every direction at once
-        x_dbl = x_dbl.transpose(1, 2)                                           # (B, K, L, R+2N), a view
-        ys, _ = ordered_scan(xr.unsqueeze(1), x_dbl[..., :R], -torch.exp(self.A_logs.float()),
-                             x_dbl[..., R:R + N], x_dbl[..., R + N:], self.Ds.float(), None,
-                             self.dt_projs_bias.view(-1).float(), orders, H * W, True, True,
-                             torch.is_grad_enabled(), self.dt_projs_weight)     # (B, K, L, E)
+        ys = x_proj_scan(xr, self.x_proj_weight, -torch.exp(self.A_logs.float()), self.Ds.float(), None,
+                         self.dt_projs_bias.view(-1).float(), orders, H * W, self.dt_projs_weight)   # (B, K, L, E)
         return _attend_and_sum(self.multi_scan, self.multi_scan.attn, ys)      # SCAttn per direction, sum
 
     def macs(self, H, W):

@@ -57,7 +57,9 @@ The file, top to bottom (the backends, switched by one readable condition in `se
     the fused mixer's ops (localmamba.py's fused path; custom ops, C++ on the CPU, Triton on CUDA):
               `ordered_conv`, `ordered_scan` (the scan orders in their loads and stores, Δ's
               projection inside), `token_norm_mean` and `gated_sum` (SCAttn's statistics, its gate
-              and the sum over the directions), each with its backward op.
+              and the sum over the directions), each with its backward op; what the mixers call
+              composes them into one autograd node each, so that no input's gradient is written
+              twice and added: `x_proj_scan` (x_proj + ordered_scan), `scattn_sum` (SCAttn + sum).
     "export"  `selective_scan_export`: the "ref" math with its loop as torch's `scan` op, which
               torch.export and torch.onnx keep as one loop (an ONNX `Scan`). Forward only.
     "auto"    "export" while exporting ("ref" under the legacy ONNX exporter, which traces); "triton"
@@ -1194,6 +1196,80 @@ def _ordered_scan_grad(ctx, dout, _dstarts):
 ordered_scan.register_autograd(_ordered_scan_grad, setup_context=_ordered_scan_setup)
 
 
+class _XProjScan(torch.autograd.Function):
+    """x_proj and ordered_scan as one autograd node (as mamba_ssm's mamba_inner_fn holds x_proj). Through
+    the two apart, autograd would write u's gradient twice, the scan's and x_proj's, and add them in a pass
+    of their own (~1 ms per LocalVim-T layer at batch 4), and build x_dbl's gradient from its three slices,
+    each zero-filled. Here x_proj's part of du is added by its GEMM's own accumulate (baddbmm_ / addmm_ into
+    the scan's du), and x_dbl's gradient is one cat."""
+
+    @staticmethod
+    def forward(ctx, u, x_proj_weight, A, D, z, delta_bias, order, L_out, dt_proj, need_starts):
+        u = u.contiguous()                                  # its gradient is accumulated into in place, as a view
+        x_dbl, us = _x_proj(u, x_proj_weight)
+        out, starts = ordered_scan(us, *_x_dbl_parts(x_dbl, dt_proj, A), D, z, delta_bias, order, L_out, True,
+                                   u.dim() == 3, need_starts, dt_proj)
+        ctx.save_for_backward(u, x_proj_weight, A, D, z, delta_bias, order, dt_proj, starts, x_dbl)
+        ctx.mark_non_differentiable(starts)
+        ctx.set_materialize_grads(False)                    # the chunk starts get no gradient: none is zero-filled
+        return out, starts
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout, _dstarts):
+        u, W, A, D, z, delta_bias, order, dt_proj, starts, x_dbl = ctx.saved_tensors
+        if dout is None:                                    # the output itself was not used
+            return (None,) * 10
+        if starts.numel() == 0:
+            raise RuntimeError("x_proj_scan: called with need_starts=False, so it has no backward")
+        us = u.transpose(0, 1) if u.dim() == 4 else u.unsqueeze(1)
+        du, dlow, dA, dB, dC, dD, dz, dbias, ddt = ordered_scan_backward(
+            us, *_x_dbl_parts(x_dbl, dt_proj, A), D, z, delta_bias, order, starts, dout, True, u.dim() == 3, dt_proj)
+        K, C2, E = W.shape
+        cdt = x_dbl.dtype                                   # the dtype x_proj ran in (bf16 under autocast)
+        if u.dim() == 4:                                    # per direction: (K, batch, rows, E), du in that layout
+            dx = torch.cat([t.transpose(0, 1) for t in (dlow, dB, dC)], -1).to(cdt).view(K, -1, C2)
+            du = du.transpose(0, 1)
+            du.view(K, -1, E).baddbmm_(dx, W.to(cdt).to(du.dtype))             # + x_proj's part, in the GEMM
+            dW = torch.bmm(dx.transpose(1, 2), u.reshape(K, -1, E).to(cdt))   # (K, R+2N, E)
+        else:                                               # shared: (batch, rows, E), du summed over K
+            dx = torch.cat([t.transpose(1, 2) for t in (dlow, dB, dC)], -1).to(cdt).view(-1, K * C2)
+            du = du.squeeze(1)
+            du.view(-1, E).addmm_(dx, W.reshape(K * C2, E).to(cdt).to(du.dtype))
+            dW = (dx.t() @ u.reshape(-1, E).to(cdt)).view(K, C2, E)
+        opt = lambda g, like: g if like is not None else None
+        return (du, dW.to(W.dtype), dA, opt(dD, D), opt(dz, z), opt(dbias, delta_bias), None, None, ddt, None)
+
+
+def _x_proj(u, weight):
+    """x_dbl = x_proj(u) of each direction, (batch, K, rows, R + 2N) (a view), and u as ordered_scan reads
+    it: u (K, batch, rows, E) one per direction (a bmm), or (batch, rows, E) shared (one matmul for all K)."""
+    K, C2, E = weight.shape
+    if u.dim() == 4:
+        _, batch, rows, _ = u.shape
+        x_dbl = torch.bmm(u.reshape(K, batch * rows, E), weight.transpose(1, 2))      # (K, batch*rows, R+2N)
+        return x_dbl.view(K, batch, rows, C2).transpose(0, 1), u.transpose(0, 1)
+    batch, rows, _ = u.shape
+    x_dbl = u.reshape(batch * rows, E) @ weight.reshape(K * C2, E).t()               # every direction at once
+    return x_dbl.view(batch, rows, K, C2).transpose(1, 2), u.unsqueeze(1)
+
+
+def _x_dbl_parts(x_dbl, dt_proj, A):
+    """ordered_scan's delta, A, B, C from x_dbl: its parts (views) Δ's low-rank input (dt_proj's rank), B and
+    C (A's N states each), with A between them."""
+    R, N = dt_proj.shape[2], A.shape[1]
+    return x_dbl[..., :R], A, x_dbl[..., R:R + N], x_dbl[..., R + N:]
+
+
+def x_proj_scan(u, x_proj_weight, A, D, z, delta_bias, order, L_out, dt_proj):
+    """x_proj, then ordered_scan with Δ from its low-rank part (dt_proj inside the kernel), softplus on: the
+    fused mixers' S6. u: (K, batch, Lmax, E) one per direction in scan order (LocalVim's conv output), or
+    (batch, L_out, E) shared by the K directions, in token order (SS2D's); x_proj_weight (K, R + 2N, E);
+    dt_proj (K, E, R); the rest as ordered_scan's. Returns out (batch, K, L_out, E). One autograd node
+    (_XProjScan: u's gradient written once)."""
+    return _XProjScan.apply(u, x_proj_weight, A, D, z, delta_bias, order, L_out, dt_proj, torch.is_grad_enabled())[0]
+
+
 def _conv_args(x, weight, bias):
     """x (batch, L_in, E) fp32 with a contiguous last axis; weight (K*E, 1, dc) -> (K, dc, E); bias -> (K, E)."""
     E, dc = x.shape[2], weight.shape[-1]
@@ -1300,31 +1376,41 @@ def _token_parts(batch, K, L):
 
 
 @torch.library.custom_op("localmamba::token_norm_mean_backward", mutates_args=())
-def token_norm_mean_backward(y: _Tensor, mu: _Tensor, rstd: _Tensor, dm: _Tensor) -> _Tensor:
+def token_norm_mean_backward(y: _Tensor, mu: _Tensor, rstd: _Tensor, dm: _Tensor, a: Optional[_Tensor] = None,
+                             g: Optional[_Tensor] = None) -> _Tensor:
     """token_norm_mean's backward (scan_kernel_cpu.TOKEN_NORM_MEAN_BWD, one pass): LayerNorm's backward with
-    the same gradient g = dm / L at every token, dy_t = r_t (g - mean_e g - x̂_t mean_e(g x̂_t)); in y's dtype."""
+    the same gradient g = dm / L at every token, dy_t = r_t (g - mean_e g - x̂_t mean_e(g x̂_t)); in y's dtype.
+    With a (batch, K, E) and g (batch, L, E), gated_sum's gradient of y, a[b, k] g[b, t], is added as dy is
+    written (_SCAttnSum: y's two gradients in one pass)."""
     _check_tokens("token_norm_mean_backward", y)
     batch, K, L, E = y.shape
-    _check_shapes("token_norm_mean_backward", dict(mu=mu, rstd=rstd, dm=dm), dict(
-        mu=(batch, K, L), rstd=(batch, K, L), dm=(batch, K, E)), y)
+    _check_shapes("token_norm_mean_backward", dict(mu=mu, rstd=rstd, dm=dm, a=a, g=g), dict(
+        mu=(batch, K, L), rstd=(batch, K, L), dm=(batch, K, E), a=(batch, K, E), g=(batch, L, E)), y)
+    _need("token_norm_mean_backward", (a is None) == (g is None), "a and g come together (gated_sum's gradient)")
     dy = torch.empty(batch, K, L, E, dtype=torch.float32)
-    g = (dm.detach().to(torch.float32) / L).contiguous()
+    gm = (dm.detach().to(torch.float32) / L).contiguous()
     yf, P = y.detach().to(torch.float32).contiguous(), _token_parts(batch, K, L)
-    _cpu_kernel("token_norm_mean_bwd", 1, CPU_CHUNK)(yf, mu.contiguous(), rstd.contiguous(), g, dy, batch, K, L, E, P)
+    af, gf = (torch.empty(0, dtype=torch.float32) if t is None else t.detach().to(torch.float32).contiguous()
+              for t in (a, g))
+    _cpu_kernel("token_norm_mean_bwd", 1, CPU_CHUNK)(yf, mu.contiguous(), rstd.contiguous(), gm, af, gf, dy, batch, K,
+                                                     L, E, P, int(a is not None))
     return dy.to(y.dtype)
 
 
 @token_norm_mean_backward.register_fake
-def _(y, mu, rstd, dm):
+def _(y, mu, rstd, dm, a=None, g=None):
     return y.new_empty(y.shape)
 
 
-def token_norm_mean_backward_torch(y, mu, rstd, dm):
+def token_norm_mean_backward_torch(y, mu, rstd, dm, a=None, g=None):
     """token_norm_mean_backward in PyTorch ops (its CUDA implementation)."""
     r = rstd.unsqueeze(-1)
     xhat = (y.float() - mu.unsqueeze(-1)) * r                                 # (batch, K, L, E)
-    g = dm.float().unsqueeze(2) / y.shape[2]                                  # (batch, K, 1, E)
-    return (r * (g - g.mean(-1, keepdim=True) - xhat * (xhat * g).mean(-1, keepdim=True))).to(y.dtype)
+    gm = dm.float().unsqueeze(2) / y.shape[2]                                 # (batch, K, 1, E)
+    dy = r * (gm - gm.mean(-1, keepdim=True) - xhat * (xhat * gm).mean(-1, keepdim=True))
+    if a is not None:
+        dy = dy + a.float().unsqueeze(2) * g.float().unsqueeze(1)
+    return dy.to(y.dtype)
 
 
 def _token_norm_mean_setup(ctx, inputs, output):
@@ -1369,30 +1455,33 @@ def _(y, a):
 
 
 @torch.library.custom_op("localmamba::gated_sum_backward", mutates_args=())
-def gated_sum_backward(y: _Tensor, a: _Tensor, g: _Tensor) -> List[_Tensor]:
+def gated_sum_backward(y: _Tensor, a: _Tensor, g: _Tensor, need_dy: bool = True) -> List[_Tensor]:
     """gated_sum's backward (scan_kernel_cpu.GATED_SUM_BWD, one pass): [dy, da], dy[b, k, t] = a[b, k] g[b, t]
-    and da[b, k] = sum_t y[b, k, t] g[b, t], in y's and a's dtypes."""
+    and da[b, k] = sum_t y[b, k, t] g[b, t], in y's and a's dtypes. need_dy=False: dy is not written (an empty
+    tensor), for _SCAttnSum, whose token_norm_mean_backward adds that term."""
     _check_gated_sum(y, a)
     batch, K, L, E = y.shape
     _check_shapes("gated_sum_backward", dict(g=g), dict(g=(batch, L, E)), y)
     P = _token_parts(batch, 1, L)
     f32 = dict(dtype=torch.float32)
-    dy, parts = torch.empty(batch, K, L, E, **f32), torch.empty(batch, P, K, E, **f32)
+    dy, parts = torch.empty(*((batch, K, L, E) if need_dy else (0,)), **f32), torch.empty(batch, P, K, E, **f32)
     _cpu_kernel("gated_sum_bwd", 1, CPU_CHUNK)(y.detach().to(torch.float32).contiguous(),
                                                a.detach().to(torch.float32).contiguous(),
-                                               g.detach().to(torch.float32).contiguous(), dy, parts, batch, K, L, E, P)
+                                               g.detach().to(torch.float32).contiguous(), dy, parts, batch, K, L, E, P,
+                                               int(need_dy))
     return [dy.to(y.dtype), parts.sum(1).to(a.dtype)]
 
 
 @gated_sum_backward.register_fake
-def _(y, a, g):
-    return [y.new_empty(y.shape), a.new_empty(a.shape)]
+def _(y, a, g, need_dy=True):
+    return [y.new_empty(y.shape if need_dy else (0,)), a.new_empty(a.shape)]
 
 
-def gated_sum_backward_torch(y, a, g):
+def gated_sum_backward_torch(y, a, g, need_dy=True):
     """gated_sum_backward in PyTorch ops (its CUDA implementation)."""
     g = g.unsqueeze(1)                                                          # (batch, 1, L, E)
-    return [(a.unsqueeze(2) * g).to(y.dtype), (y * g).sum(2).to(a.dtype)]
+    dy = (a.unsqueeze(2) * g).to(y.dtype) if need_dy else y.new_empty(0)
+    return [dy, (y * g).sum(2).to(a.dtype)]
 
 
 def _gated_sum_setup(ctx, inputs, output):
@@ -1405,6 +1494,58 @@ def _gated_sum_grad(ctx, g):
 
 
 gated_sum.register_autograd(_gated_sum_grad, setup_context=_gated_sum_setup)
+
+
+def _channel_gate(m, norm_weight, norm_bias, reduce_weight, reduce_bias, select_weight, select_bias):
+    """SCAttn.channel_branch's gate from m (batch, K, E), the token mean of y's parameter-free LayerNorm, in
+    fp32: mean_u = m w + b (the LayerNorm's affine commutes with the mean), h = global_reduce(mean_u), a =
+    sigmoid(channel_select(GELU(h))). Returns mean_u, h, a (the backward reuses all three)."""
+    f = lambda t: t.detach().to(torch.float32)
+    with torch.autocast(m.device.type, enabled=False):             # fp32 also under autocast: m is fp32
+        mean_u = m * f(norm_weight) + f(norm_bias)
+        h = F.linear(mean_u, f(reduce_weight), f(reduce_bias))
+        return mean_u, h, torch.sigmoid(F.linear(F.gelu(h), f(select_weight), f(select_bias)))
+
+
+class _SCAttnSum(torch.autograd.Function):
+    """SCAttn's channel branch on each of the K directions and their sum, one autograd node: y (batch, K, L,
+    E) -> (batch, L, E) in y's dtype (scattn_sum). Forward: token_norm_mean, the gate (_channel_gate), gated_sum.
+    Backward: autograd through those ops would write y's gradient twice, (batch, K, L, E) each, and add them
+    in a third pass (~1 ms per LocalVim-T layer at batch 4). Here: gated_sum_backward without dy (da = sum_t
+    y g), the gate's backward (small matmuls), then token_norm_mean_backward, which adds gated_sum's a g to
+    LayerNorm's gradient as it writes dy: two reads of y and one write."""
+
+    @staticmethod
+    def forward(ctx, y, eps, *params):
+        m, mu, rstd = token_norm_mean(y, eps)
+        mean_u, h, a = _channel_gate(m, *params)
+        ctx.save_for_backward(y, mu, rstd, m, mean_u, h, a, *params)
+        return gated_sum(y, a)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        y, mu, rstd, m, mean_u, h, a, norm_w, _, reduce_w, _, select_w, _ = ctx.saved_tensors
+        params = ctx.saved_tensors[7:]
+        da = gated_sum_backward(y, a, g, False)[1]                              # (batch, K, E)
+        with torch.autocast(y.device.type, enabled=False):
+            dz = torch.ops.aten.sigmoid_backward(da.float(), a)                # through sigmoid(channel_select(.))
+            dh = torch.ops.aten.gelu_backward(dz @ select_w.float(), h)         # through GELU
+            dmean_u = dh @ reduce_w.float()                                     # through global_reduce
+            flat = lambda t: t.reshape(-1, t.shape[-1])                        # (batch * K, features)
+            grads = (_fixed_order_sum(dmean_u * m, (0, 1)), _fixed_order_sum(dmean_u, (0, 1)),   # LayerNorm's w, b
+                     flat(dh).t() @ flat(mean_u), _fixed_order_sum(dh, (0, 1)),                  # global_reduce's
+                     flat(dz).t() @ flat(F.gelu(h)), _fixed_order_sum(dz, (0, 1)))               # channel_select's
+        dy = token_norm_mean_backward(y, mu, rstd, dmean_u * norm_w.float(), a, g)   # y's two gradients at once
+        return dy, None, *(d.to(p.dtype) for d, p in zip(grads, params))
+
+
+def scattn_sum(y, eps, norm_weight, norm_bias, reduce_weight, reduce_bias, select_weight, select_bias):
+    """SCAttn's channel branch (LayerNorm(eps, norm_*), global_reduce, GELU, channel_select, sigmoid) on each
+    of the K directions of y (batch, K, L, E), and the sum over K: (batch, L, E) in y's dtype, the same
+    numbers as MultiScan.combine(SCAttn(y)). Its ops: token_norm_mean, gated_sum and their backwards
+    (_SCAttnSum: y's gradient written once)."""
+    return _SCAttnSum.apply(y, eps, norm_weight, norm_bias, reduce_weight, reduce_bias, select_weight, select_bias)
 
 
 # --- the ordered kernels in Triton: the same ops on CUDA tensors (and on the CPU under TRITON_INTERPRET=1) ---

@@ -658,16 +658,19 @@ extern "C" void kernel(const float* y, float* parts, float* mu, float* rstd, int
 TOKEN_NORM_MEAN_BWD = COMMON + r"""
 // The backward of TOKEN_NORM_MEAN in one pass: LayerNorm's backward with the same gradient g (batch, K, E) (the
 // mean's gradient over L) at every token: dy_t = r_t (g - mean_e g - x̂_t mean_e(g x̂_t)), x̂_t = (y_t - mu_t) r_t.
-extern "C" void kernel(const float* y, const float* mu, const float* rstd, const float* g, float* dy, int64_t batch,
-                       int64_t K, int64_t L, int64_t E, int64_t P) {
+// has_gate: plus GATED_SUM's gradient a[b][k] gs[b][t] (a (batch, K, E), gs (batch, L, E)), so that y's two
+// gradients are added as dy is written (SCAttn and the sum: scan_kernel._SCAttnSum), not in a pass of their own.
+extern "C" void kernel(const float* y, const float* mu, const float* rstd, const float* g, const float* a,
+                       const float* gs, float* dy, int64_t batch, int64_t K, int64_t L, int64_t E, int64_t P,
+                       int64_t has_gate) {
     const int64_t per = (L + P - 1) / P;
     #pragma omp parallel for schedule(static)
     for (int64_t w = 0; w < batch * K * P; w++) {
         const int64_t bk = w / P, p = w %% P;
-        const float* gk = g + bk * E;
-        Vec gs(0.f);
-        for (int64_t e0 = 0; e0 < E; e0 += VL) gs = gs + Vec::loadu(gk + e0, std::min(VL, E - e0));
-        const Vec gm(hsum(gs) / E);
+        const float* gk = g + bk * E; const float* ak = a + bk * E; const float* gsb = gs + bk / K * L * E;
+        Vec gs_(0.f);
+        for (int64_t e0 = 0; e0 < E; e0 += VL) gs_ = gs_ + Vec::loadu(gk + e0, std::min(VL, E - e0));
+        const Vec gm(hsum(gs_) / E);
         for (int64_t t = p * per; t < std::min(L, (p + 1) * per); t++) {
             const float* row = y + (bk * L + t) * E;
             const Vec m(mu[bk * L + t]), r(rstd[bk * L + t]);
@@ -680,7 +683,9 @@ extern "C" void kernel(const float* y, const float* mu, const float* rstd, const
             for (int64_t e0 = 0; e0 < E; e0 += VL) {
                 const int64_t nc = std::min(VL, E - e0);
                 const Vec xh = (Vec::loadu(row + e0, nc) - m) * r;
-                (r * (Vec::loadu(gk + e0, nc) - gm - xh * cm)).store(dy + (bk * L + t) * E + e0, nc);
+                Vec d = r * (Vec::loadu(gk + e0, nc) - gm - xh * cm);
+                if (has_gate) d = at::vec::fmadd(Vec::loadu(ak + e0, nc), Vec::loadu(gsb + t * E + e0, nc), d);
+                d.store(dy + (bk * L + t) * E + e0, nc);
             }
         }
     }
@@ -688,10 +693,11 @@ extern "C" void kernel(const float* y, const float* mu, const float* rstd, const
 """
 
 GATED_SUM_BWD = COMMON + r"""
-// The backward of GATED_SUM in one pass over the tokens: dy[b][k][t] = a[b][k] g[b][t], and the tokens of part p
-// summed into da's parts (batch, P, K, E): sum_t y[b][k][t] g[b][t] (the parts summed afterwards in order).
+// The backward of GATED_SUM in one pass over the tokens: dy[b][k][t] = a[b][k] g[b][t] (need_dy; without it dy is
+// not written: TOKEN_NORM_MEAN_BWD adds that term), and the tokens of part p summed into da's parts (batch, P, K,
+// E): sum_t y[b][k][t] g[b][t] (the parts summed afterwards in order).
 extern "C" void kernel(const float* y, const float* a, const float* g, float* dy, float* parts, int64_t batch,
-                       int64_t K, int64_t L, int64_t E, int64_t P) {
+                       int64_t K, int64_t L, int64_t E, int64_t P, int64_t need_dy) {
     const int64_t per = (L + P - 1) / P;
     #pragma omp parallel for schedule(static)
     for (int64_t w = 0; w < batch * P; w++) {
@@ -704,7 +710,7 @@ extern "C" void kernel(const float* y, const float* a, const float* g, float* dy
                 for (int64_t e0 = 0; e0 < E; e0 += VL) {
                     const int64_t nc = std::min(VL, E - e0);
                     const Vec gv = Vec::loadu(g + (b * L + t) * E + e0, nc);
-                    (Vec::loadu(a + (b * K + k) * E + e0, nc) * gv).store(dy + row + e0, nc);
+                    if (need_dy) (Vec::loadu(a + (b * K + k) * E + e0, nc) * gv).store(dy + row + e0, nc);
                     at::vec::fmadd(Vec::loadu(y + row + e0, nc), gv, Vec::loadu(acc + k * E + e0, nc))
                         .store(acc + k * E + e0, nc);
                 }
@@ -724,8 +730,8 @@ SIGNATURES = {   # the pybinding's argument types: inputs, outputs, then the six
                         + ["int64_t"] * 8,
     "gated_sum": ["const float*"] * 2 + ["float*"] + ["int64_t"] * 4,
     "token_norm_mean": ["const float*"] + ["float*"] * 3 + ["int64_t"] * 5 + ["float"],
-    "token_norm_mean_bwd": ["const float*"] * 4 + ["float*"] + ["int64_t"] * 5,
-    "gated_sum_bwd": ["const float*"] * 3 + ["float*"] * 2 + ["int64_t"] * 5,
+    "token_norm_mean_bwd": ["const float*"] * 6 + ["float*"] + ["int64_t"] * 6,
+    "gated_sum_bwd": ["const float*"] * 3 + ["float*"] * 2 + ["int64_t"] * 6,
 }
 SOURCES = {"fwd": "FWD", "bwd": "BWD", "ordered_scan_fwd": "ORDERED_SCAN_FWD", "ordered_scan_bwd": "ORDERED_SCAN_BWD",
            "ordered_conv_fwd": "ORDERED_CONV_FWD", "ordered_conv_bwd": "ORDERED_CONV_BWD", "gated_sum": "GATED_SUM",

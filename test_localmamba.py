@@ -538,6 +538,73 @@ def test_profilers_see_every_call_of_every_ordered_op(monkeypatch):
     assert counts == {f"localmamba::{op}{part}": NANO_DEPTH for op in ops for part in ("", "_backward")}
 
 
+@pytest.mark.parametrize("per_direction", [True, False])
+def test_x_proj_scan_matches_x_proj_then_ordered_scan(per_direction):
+    """x_proj_scan (x_proj and ordered_scan as one autograd node, u's gradient accumulated inside x_proj's
+    GEMM) against the same two steps through autograd, x_proj as a plain matmul and ordered_scan's
+    registered backward: output and every gradient, within fp32 rounding. u per direction (LocalVim: (K,
+    batch, Lmax, E) in scan order, shared z) and shared (SS2D: (batch, L, E)), on a 5×7 grid that w2 and
+    w3 pad; without need_starts (no_grad) it has no backward to run."""
+    dirs, g = ["h", "v_flip", "w2", "w3_flip"], torch.Generator().manual_seed(5)
+    x, orders, inv = ordered_case(dirs, 5, 7, idx_in=not per_direction, z=per_direction, rank=3)
+    K, Lmax, L, E, R, N = len(dirs), orders.shape[1], inv.shape[1], 20, 3, 16
+    u = torch.randn((K, 2, Lmax, E) if per_direction else (2, L, E), generator=g)
+    leaves = dict(u=u, W=torch.randn(K, R + 2 * N, E, generator=g) * 0.3, A=x["A"], D=x["D"], z=x["z"],
+                  bias=x["delta_bias"], dt_proj=x["dt_proj"])
+    leaves = {k: v.clone().requires_grad_() for k, v in leaves.items() if v is not None}
+    a = lambda k: leaves.get(k)
+    got = scan_kernel.x_proj_scan(a("u"), a("W"), a("A"), a("D"), a("z"), a("bias"), orders, L, a("dt_proj"))
+    if per_direction:                                  # the two steps as the mixers wrote them before
+        x_dbl = torch.einsum("kme,kce->kmc", a("u").reshape(K, -1, E), a("W")).view(K, 2, Lmax, -1).transpose(0, 1)
+        us = a("u").transpose(0, 1)
+    else:
+        x_dbl = (a("u") @ a("W").reshape(-1, E).t()).view(2, L, K, -1).transpose(1, 2)
+        us = a("u").unsqueeze(1)
+    want, _ = scan_kernel.ordered_scan(us, x_dbl[..., :R], a("A"), x_dbl[..., R:R + N], x_dbl[..., R + N:], a("D"),
+                                       a("z"), a("bias"), orders, L, True, not per_direction, True, a("dt_proj"))
+    assert rel_err(got, want) < 1e-6
+    dout = torch.randn(got.shape, generator=g)
+    for name, c, w in zip(leaves, torch.autograd.grad(got, list(leaves.values()), dout),
+                          torch.autograd.grad(want, list(leaves.values()), dout)):
+        assert rel_err(c, w) < 1e-5, name
+    with torch.no_grad():
+        assert torch.equal(scan_kernel.x_proj_scan(*(a(k) for k in ("u", "W", "A", "D", "z", "bias")), orders, L,
+                                                   a("dt_proj")), got.detach())
+
+
+def test_scattn_sum_matches_scattn_and_the_sum_in_float64():
+    """scattn_sum (SCAttn's channel branch on each direction and the K-sum: token_norm_mean, the gate,
+    gated_sum; its backward writes y's gradient once) against MultiScan.combine(SCAttn(y)) in float64:
+    the output and the gradients of y and of the six parameters; E = 20 (a partial vector); the same
+    bits on 1, 2 and 3 threads."""
+    g = torch.Generator().manual_seed(6)
+    attn = lm.SCAttn(20)
+    with torch.no_grad():
+        for p in attn.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=g))
+    y = torch.randn(2, 4, 13, 20, generator=g) * 2 + 1
+    dout = torch.randn(2, 13, 20, generator=g)
+    params = [attn.norm.weight, attn.norm.bias, attn.global_reduce.weight, attn.global_reduce.bias,
+              attn.channel_select.weight, attn.channel_select.bias]
+
+    def fused():
+        y_ = y.clone().requires_grad_()
+        out = scan_kernel.scattn_sum(y_, attn.norm.eps, *params)
+        return [out, *torch.autograd.grad(out, [y_, *params], dout)]
+    ref = copy.deepcopy(attn).double()
+    yd = y.double().requires_grad_()
+    want = ref(yd).sum(1)
+    want = [want, *torch.autograd.grad(want, [yd, ref.norm.weight, ref.norm.bias, ref.global_reduce.weight,
+                                              ref.global_reduce.bias, ref.channel_select.weight,
+                                              ref.channel_select.bias], dout.double())]
+    got = fused()
+    for name, c, w in zip(["out", "y", "norm.weight", "norm.bias", "global_reduce.weight", "global_reduce.bias",
+                           "channel_select.weight", "channel_select.bias"], got, want):
+        assert c.dtype == torch.float32 and rel_err(c, w) < 1e-5, name
+    runs = [_with_threads(n, fused) for n in (1, 2, 3)]
+    assert all(torch.equal(a, c) for other in runs[1:] for a, c in zip(runs[0], other))
+
+
 @needs_triton
 @pytest.mark.parametrize("dirs,H,W,cls_pos,idx_in,z,batch,rank", ORDERED_CASES[:3])
 def test_ordered_triton_kernels_match_the_readable_ops_in_float64(dirs, H, W, cls_pos, idx_in, z, batch, rank):
@@ -673,12 +740,17 @@ def test_gated_sum_matches_the_readable_ops_in_float64():
     cpp = scan_kernel.gated_sum_backward(y, a, g)
     for c, w in zip(scan_kernel.gated_sum_backward_torch(y, a, g), cpp):
         assert rel_err(c, w) < 1e-6
+    for fn in (scan_kernel.gated_sum_backward, scan_kernel.gated_sum_backward_torch):   # da alone: dy not written
+        no_dy, da = fn(y, a, g, False)
+        assert no_dy.numel() == 0 and rel_err(da, cpp[1]) < 1e-6
     from torch._subclasses.fake_tensor import FakeTensorMode
     with FakeTensorMode() as mode:
         fake = scan_kernel.gated_sum(mode.from_tensor(y), mode.from_tensor(a))
         fake_b = scan_kernel.gated_sum_backward(*(mode.from_tensor(t) for t in (y, a, g)))
+        fake_da = scan_kernel.gated_sum_backward(*(mode.from_tensor(t) for t in (y, a, g)), False)
     assert (fake.shape, fake.stride()) == (got.shape, got.stride())
     assert [(t.shape, t.stride()) for t in fake_b] == [(t.shape, t.stride()) for t in cpp]
+    assert [t.shape for t in fake_da] == [t.shape for t in scan_kernel.gated_sum_backward(y, a, g, False)]
     for bad in (a[:, :3], a[..., :-1], a[0]):
         for fn in fns:
             with pytest.raises(ValueError, match=r"gated_sum: y must be \(batch, K, L, E\) and a \(batch, K, E\)"):
@@ -717,6 +789,10 @@ def test_token_norm_mean_matches_layer_norm_in_float64():
         assert rel_err(got_g, want_g) < 1e-5
         _, mu_, r_ = scan_kernel.token_norm_mean(y, eps)                       # the CUDA backward, on the CPU here
         assert rel_err(scan_kernel.token_norm_mean_backward_torch(y, mu_, r_, dm), want_g) < 1e-5
+        a, gs = torch.rand(batch, K, E, generator=g), torch.randn(batch, L, E, generator=g)   # + gated_sum's a g
+        want_ag = want_g + a.double()[:, :, None] * gs.double()[:, None]
+        for fn in (scan_kernel.token_norm_mean_backward, scan_kernel.token_norm_mean_backward_torch):
+            assert rel_err(fn(y, mu_, r_, dm, a, gs), want_ag) < 1e-5, fn.__name__
     torch.library.opcheck(torch.ops.localmamba.token_norm_mean.default, (y_, 1e-5))
     from torch._subclasses.fake_tensor import FakeTensorMode
     real = scan_kernel.token_norm_mean(y, 1e-5)
@@ -731,6 +807,8 @@ def test_token_norm_mean_matches_layer_norm_in_float64():
             fn(y[0], 1e-5)
     with pytest.raises(ValueError, match=r"token_norm_mean_backward: dm must be \(1, 3, 40\), got \(1, 3, 39\)"):
         scan_kernel.token_norm_mean_backward(y, real[1], real[2], dm[..., :-1])
+    with pytest.raises(ValueError, match=r"token_norm_mean_backward: a and g come together"):
+        scan_kernel.token_norm_mean_backward(y, real[1], real[2], dm, dm)
     both = lambda: [*scan_kernel.token_norm_mean(y, 1e-5), scan_kernel.token_norm_mean_backward(y, *real[1:], dm)]
     runs = [_with_threads(n, both) for n in (1, 2, 3)]
     assert all(torch.equal(a, c) for other in runs[1:] for a, c in zip(runs[0], other))
@@ -1338,10 +1416,10 @@ def mixer_path(request, monkeypatch):
     -> selective_scan -> unscan_tokens) and "fused" (the C++ scan switched on, so the mixers run the
     ordered kernels); the fused run fails if no mixer took the fused path."""
     if request.param == "fused":
-        calls, real = [], lm.ordered_scan
+        calls, real = [], lm.x_proj_scan
         monkeypatch.setattr(scan_kernel, "COMPILE_TORCH_PATH", True)
         monkeypatch.delenv("LOCALMAMBA_FUSED", raising=False)
-        monkeypatch.setattr(lm, "ordered_scan", lambda *a: calls.append(1) or real(*a))
+        monkeypatch.setattr(lm, "x_proj_scan", lambda *a: calls.append(1) or real(*a))
     yield request.param
     if request.param == "fused":
         assert calls, "no mixer took the fused path"
@@ -1398,8 +1476,8 @@ def test_fused_mixer_path_matches_the_readable_path(name, kw, shape, batch, monk
     c, h, w = shape or model.pretrained_cfg["input_size"]
     x = torch.randn(batch, c, h, w, generator=torch.Generator().manual_seed(2))
     weight = torch.randn(batch, model.num_classes, generator=torch.Generator().manual_seed(3))
-    calls, real = [], lm.ordered_scan
-    monkeypatch.setattr(lm, "ordered_scan", lambda *a: calls.append(1) or real(*a))
+    calls, real = [], lm.x_proj_scan
+    monkeypatch.setattr(lm, "x_proj_scan", lambda *a: calls.append(1) or real(*a))
     fused = _out_and_grads(model, x, True, weight)
     assert len(calls) == len(model.directions)                            # every mixer took the fused path
     readable = _out_and_grads(model, x, False, weight)
@@ -1452,8 +1530,8 @@ def test_the_fused_path_is_switched_per_model_and_by_environment(monkeypatch):
     """The fused path runs where its kernels do (the C++ scan on, a CPU tensor, not fp64, not while
     exporting); set_fused(model, False) and LOCALMAMBA_FUSED=0 force the readable path; any other
     value of the variable is one message, in the trainer before any setup."""
-    calls, real = [], lm.ordered_scan
-    monkeypatch.setattr(lm, "ordered_scan", lambda *a: calls.append(1) or real(*a))
+    calls, real = [], lm.x_proj_scan
+    monkeypatch.setattr(lm, "x_proj_scan", lambda *a: calls.append(1) or real(*a))
     m = create_model("local_vmamba_tiny_search", depths=(1, 1, 1, 1)).eval()
     x = torch.randn(1, 3, 64, 64)
     fused_calls = lambda model, inp: (calls.clear(), model(inp), len(calls))[2]

@@ -59,7 +59,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from scan_kernel import ordered_conv, ordered_kernels_take, scattn_sum, selective_scan, x_proj_scan
+from scan_kernel import ordered_conv, ordered_kernels_take, rope_rms_norm, scattn_sum, selective_scan, x_proj_scan
 # the generic plumbing (timm's interface, checkpoint files, MAC counting) lives beside this file;
 # what a user calls from it is re-exported here, so `from localmamba import ...` is the one import
 from localmamba_helpers import (FASHION_MEAN_STD, IMAGENET_MEAN_STD, BadInput, FeatureInfo, FeatureMaps,
@@ -583,6 +583,11 @@ class LocalVimBlock(nn.Module):
     def forward(self, hidden, residual, grid=None, rope=None):
         # hidden, residual: (B, L_in, D) -> (B, L_in, D), (B, L_in, D) fp32; residual None in the first block;
         # rope: RoPE2D of the sum, = rope(residual) + DropPath(rope(hidden)) as the official code adds them
+        if _fused(self.mixer, hidden) and self.norm.weight.dtype == torch.float32:   # the same math in one pass
+            cos, sin = (None, None) if rope is None else rope.cos_sin(grid, hidden.device)
+            hidden = hidden if residual is None else self.drop_path(hidden)
+            residual, h, _ = rope_rms_norm(residual, hidden, cos, sin, self.norm.weight, self.norm.eps)
+            return self.mixer(h, grid), residual
         residual = hidden if residual is None else residual + self.drop_path(hidden)
         residual = residual.float()                                                 # kept in fp32
         if rope is not None:
@@ -617,13 +622,16 @@ class RoPE2D(nn.Module):
         ang = torch.cat([fr[:, None, :].expand(H, W, -1), fc[None, :, :].expand(H, W, -1)], -1)  # (H, W, D)
         return ang.reshape(H * W, -1)
 
-    def forward(self, t, grid=None):
-        # t: (B, L, D); pairs (t0, t1) -> (t0 cos - t1 sin, t1 cos + t0 sin); another grid: its own angles
+    def cos_sin(self, grid=None, device=None):
+        """cos and sin of the angles, (L, D) each: the buffers, or another grid's own angles."""
         if grid is None or tuple(grid) == self.grid:
-            cos, sin = self.freqs_cos, self.freqs_sin
-        else:
-            ang = self._angles(*grid).to(t.device)
-            cos, sin = ang.cos(), ang.sin()
+            return self.freqs_cos, self.freqs_sin
+        ang = self._angles(*grid).to(device)
+        return ang.cos(), ang.sin()
+
+    def forward(self, t, grid=None):
+        # t: (B, L, D); pairs (t0, t1) -> (t0 cos - t1 sin, t1 cos + t0 sin)
+        cos, sin = self.cos_sin(grid, t.device)
         t1, t2 = t.unflatten(-1, (-1, 2)).unbind(-1)
         rot = torch.stack([-t2, t1], -1).flatten(-2)
         return t * cos + rot * sin

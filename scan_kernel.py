@@ -1548,6 +1548,117 @@ def scattn_sum(y, eps, norm_weight, norm_bias, reduce_weight, reduce_bias, selec
     return _SCAttnSum.apply(y, eps, norm_weight, norm_bias, reduce_weight, reduce_bias, select_weight, select_bias)
 
 
+# --- LocalVim's block before its mixer: the residual add, RoPE and RMSNorm per token in one pass ---
+
+def _check_rope_rms_norm(residual, hidden, cos, sin, weight):
+    if not (isinstance(hidden, torch.Tensor) and hidden.dim() == 3 and hidden.dtype.is_floating_point):
+        raise ValueError(f"rope_rms_norm: hidden must be a float tensor (batch, L, D), got "
+                         f"{tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__}")
+    batch, L, D = hidden.shape
+    _check_shapes("rope_rms_norm", dict(residual=residual, cos=cos, sin=sin, weight=weight), dict(
+        residual=(batch, L, D), cos=(L, D), sin=(L, D), weight=(D,)), hidden)
+    _need("rope_rms_norm", (cos is None) == (sin is None) and (cos is None or D % 2 == 0),
+          "cos and sin come together (RoPE), over an even number of channels")
+
+
+@torch.library.custom_op("localmamba::rope_rms_norm", mutates_args=())
+def rope_rms_norm(residual: Optional[_Tensor], hidden: _Tensor, cos: Optional[_Tensor], sin: Optional[_Tensor],
+                  weight: _Tensor, eps: float) -> Tuple[_Tensor, _Tensor, _Tensor]:
+    """LocalVim's block before its mixer in one pass per token (scan_kernel_cpu.ROPE_RMS_NORM): res = RoPE(residual
+    + hidden) (hidden alone where residual is None; no rotation where cos, sin are None), out = RMSNorm(res) =
+    res / sqrt(mean_D res^2 + eps) * weight. hidden, residual (batch, L, D); cos, sin (L, D) (RoPE2D's).
+    Returns res and out (batch, L, D) fp32 and 1/sqrt(...) (batch, L) fp32 for the backward."""
+    _check_rope_rms_norm(residual, hidden, cos, sin, weight)
+    batch, L, D = hidden.shape
+    f32 = dict(dtype=torch.float32)
+    c = lambda t: torch.empty(0, **f32) if t is None else t.detach().to(torch.float32).contiguous()
+    res, out, rstd = torch.empty(batch, L, D, **f32), torch.empty(batch, L, D, **f32), torch.empty(batch, L, **f32)
+    _cpu_kernel("rope_rms_norm", 1, CPU_CHUNK)(c(residual), c(hidden), c(cos), c(sin), c(weight), res, out, rstd,
+                                               batch * L, L, D, (residual is not None) | (cos is not None) << 1,
+                                               float(eps))
+    return res, out, rstd
+
+
+@rope_rms_norm.register_fake
+def _(residual, hidden, cos, sin, weight, eps):
+    f32 = dict(dtype=torch.float32)
+    return hidden.new_empty(hidden.shape, **f32), hidden.new_empty(hidden.shape, **f32), \
+        hidden.new_empty(hidden.shape[:2], **f32)
+
+
+@torch.library.custom_op("localmamba::rope_rms_norm_backward", mutates_args=())
+def rope_rms_norm_backward(res: _Tensor, rstd: _Tensor, cos: Optional[_Tensor], sin: Optional[_Tensor],
+                           weight: _Tensor, dout: _Tensor, dres: Optional[_Tensor]) -> List[_Tensor]:
+    """rope_rms_norm's backward (scan_kernel_cpu.ROPE_RMS_NORM_BWD, one pass): RMSNorm's backward of dout plus
+    dres (res's gradient from its other reader), then RoPE's transpose: [ds, dweight], ds (batch, L, D) fp32 the
+    gradient of residual + hidden, dweight in weight's dtype."""
+    _check_rope_rms_norm(None, res, cos, sin, weight)
+    batch, L, D = res.shape
+    _check_shapes("rope_rms_norm_backward", dict(rstd=rstd, dout=dout, dres=dres), dict(
+        rstd=(batch, L), dout=(batch, L, D), dres=(batch, L, D)), res)
+    f32 = dict(dtype=torch.float32)
+    c = lambda t: torch.empty(0, **f32) if t is None else t.detach().to(torch.float32).contiguous()
+    P = max(1, min(batch * L, CPU_WORK_ITEMS))
+    ds, parts = torch.empty(batch, L, D, **f32), torch.empty(P, D, **f32)
+    flags = (dres is not None) | (cos is not None) << 1
+    _cpu_kernel("rope_rms_norm_bwd", 1, CPU_CHUNK)(c(res), c(rstd), c(cos), c(sin), c(weight), c(dout), c(dres), ds,
+                                                   parts, batch * L, L, D, flags, P)
+    return [ds, parts.sum(0).to(weight.dtype)]
+
+
+@rope_rms_norm_backward.register_fake
+def _(res, rstd, cos, sin, weight, dout, dres):
+    return [res.new_empty(res.shape, dtype=torch.float32), weight.new_empty(weight.shape)]
+
+
+def rope_rms_norm_torch(residual, hidden, cos, sin, weight, eps):
+    """rope_rms_norm in PyTorch ops (its CUDA implementation; RoPE2D.forward's and RMSNorm's math)."""
+    res = hidden.float() if residual is None else residual.float() + hidden.float()
+    if cos is not None:
+        t1, t2 = res.unflatten(-1, (-1, 2)).unbind(-1)
+        res = res * cos.float() + torch.stack([-t2, t1], -1).flatten(-2) * sin.float()
+    rstd = torch.rsqrt(res.pow(2).mean(-1) + eps)
+    return res, res * rstd.unsqueeze(-1) * weight.float(), rstd
+
+
+def rope_rms_norm_backward_torch(res, rstd, cos, sin, weight, dout, dres):
+    """rope_rms_norm_backward in PyTorch ops (its CUDA implementation)."""
+    r, g = rstd.unsqueeze(-1), dout.float() * weight.float()
+    ds = r * g - res * r ** 3 * (g * res).mean(-1, keepdim=True)
+    if dres is not None:
+        ds = ds + dres.float()
+    if cos is not None:                                                        # RoPE's transpose
+        q = ds * sin.float()
+        q1, q2 = q.unflatten(-1, (-1, 2)).unbind(-1)
+        ds = ds * cos.float() + torch.stack([q2, -q1], -1).flatten(-2)
+    return [ds, (dout.float() * res * r).sum((0, 1)).to(weight.dtype)]
+
+
+torch.library.register_kernel("localmamba::rope_rms_norm", "cuda", rope_rms_norm_torch)
+torch.library.register_kernel("localmamba::rope_rms_norm_backward", "cuda", rope_rms_norm_backward_torch)
+
+
+def _rope_rms_norm_setup(ctx, inputs, output):
+    residual, hidden, cos, sin, weight, _ = inputs
+    ctx.save_for_backward(output[0], output[2], cos, sin, weight)
+    ctx.dtypes = None if residual is None else residual.dtype, hidden.dtype
+    ctx.mark_non_differentiable(output[2])
+    ctx.set_materialize_grads(False)
+
+
+def _rope_rms_norm_grad(ctx, dres, dout, _drstd):
+    res, rstd, cos, sin, weight = ctx.saved_tensors
+    if dout is None and dres is None:
+        return (None,) * 6
+    dout = torch.zeros_like(res) if dout is None else dout
+    ds, dw = rope_rms_norm_backward(res, rstd, cos, sin, weight, dout, dres)
+    r_dtype, h_dtype = ctx.dtypes
+    return None if r_dtype is None else ds.to(r_dtype), ds.to(h_dtype), None, None, dw, None
+
+
+rope_rms_norm.register_autograd(_rope_rms_norm_grad, setup_context=_rope_rms_norm_setup)
+
+
 # --- the ordered kernels in Triton: the same ops on CUDA tensors (and on the CPU under TRITON_INTERPRET=1) ---
 # Program (pid_e, pid_bk) owns batch row b, direction k and BLOCK_D channels e of it, all N states;
 # along the scan it walks chunks of CHUNK steps as _scan_fwd_kernel / _scan_bwd_kernel do (the same
@@ -1984,9 +2095,9 @@ torch.library.register_kernel("localmamba::token_norm_mean_backward", "cuda", to
 # torch 2.14 calls a custom op whose arguments are all tensors through a Python fast path (the
 # "PyObject dispatcher" of torch/_ops.py) that skips the C++ dispatcher, and with it the event a
 # profiler records: ordered_conv and gated_sum vanished from torch.profiler's tables, their time
-# counted nowhere. The eight ops go through the C++ dispatcher, a few µs per call of ~1 ms.
+# counted nowhere. The ten ops go through the C++ dispatcher, a few µs per call of ~1 ms.
 for _op in (ordered_scan, ordered_scan_backward, ordered_conv, ordered_conv_backward, token_norm_mean,
-            token_norm_mean_backward, gated_sum, gated_sum_backward):
+            token_norm_mean_backward, gated_sum, gated_sum_backward, rope_rms_norm, rope_rms_norm_backward):
     if hasattr(_op._opoverload, "_enable_pyobj_dispatch"):      # torch without the fast path: nothing to undo
         _op._opoverload._enable_pyobj_dispatch(False)
 

@@ -719,6 +719,99 @@ extern "C" void kernel(const float* y, const float* a, const float* g, float* dy
 }
 """
 
+ROPE_COMMON = r"""
+// RoPE's two helpers (ROPE_RMS_NORM and its backward): the channel pairs swapped, and sin with a sign per lane
+static inline Vec swap_pairs(const Vec& v) {            // (v0, v1, v2, v3, ...) -> (v1, v0, v3, v2, ...)
+#if defined(CPU_CAPABILITY_AVX512)
+    return Vec(_mm512_permute_ps(v, 0xB1));
+#elif defined(CPU_CAPABILITY_AVX2)
+    return Vec(_mm256_permute_ps(v, 0xB1));
+#else
+    alignas(64) float a[VL], b[VL];
+    v.store(a);
+    for (int64_t i = 0; i < VL; i++) b[i] = a[i ^ 1];
+    return Vec::loadu(b);
+#endif
+}
+static inline Vec signed_sin(const float* sin, int64_t nc) {   // sin with its even lanes negated
+    alignas(64) float sg[VL];
+    for (int64_t i = 0; i < VL; i++) sg[i] = i %% 2 ? 1.f : -1.f;
+    return Vec::loadu(sin, nc) * Vec::loadu(sg);
+}
+"""
+
+ROPE_RMS_NORM = COMMON + ROPE_COMMON + r"""
+// LocalVim's block before its mixer, per token in one pass: s = residual + hidden (hidden alone in the first block,
+// has_res off), rotated by RoPE where has_rope (the pairs (s0, s1) of channels (2i, 2i+1) -> (s0 cos - s1 sin,
+// s1 cos + s0 sin), cos and sin (L, D): s cos + swap(s) sin±, sin± = sin with even channels negated), written to
+// res (rows, D); out = res r w with r = 1/sqrt(mean_d res^2 + eps) (RMSNorm), r to rstd (rows). Rows of D channels,
+// token l = row %% L; each row is one thread's (the thread count changes no bit).
+extern "C" void kernel(const float* residual, const float* hidden, const float* cos, const float* sin, const float* w,
+                       float* res, float* out, float* rstd, int64_t rows, int64_t L, int64_t D, int64_t flags,
+                       float eps) {
+    const bool has_res = flags & 1, has_rope = flags & 2;
+    #pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < rows; i++) {
+        const int64_t l = i %% L;
+        Vec q(0.f);
+        for (int64_t d0 = 0; d0 < D; d0 += VL) {
+            const int64_t nc = std::min(VL, D - d0);
+            Vec x = Vec::loadu(hidden + i * D + d0, nc);
+            if (has_res) x = Vec::loadu(residual + i * D + d0, nc) + x;
+            if (has_rope)                                                   // pairs never straddle a vector: D, VL even
+                x = x * Vec::loadu(cos + l * D + d0, nc) + swap_pairs(x) * signed_sin(sin + l * D + d0, nc);
+            x.store(res + i * D + d0, nc);
+            q = at::vec::fmadd(x, x, q);                                    // lanes past D load 0: add 0
+        }
+        const float r = 1.f / std::sqrt(hsum(q) / D + eps);
+        rstd[i] = r;
+        for (int64_t d0 = 0; d0 < D; d0 += VL) {
+            const int64_t nc = std::min(VL, D - d0);
+            (Vec::loadu(res + i * D + d0, nc) * Vec(r) * Vec::loadu(w + d0, nc)).store(out + i * D + d0, nc);
+        }
+    }
+}
+"""
+
+ROPE_RMS_NORM_BWD = COMMON + ROPE_COMMON + r"""
+// The backward of ROPE_RMS_NORM, per token: RMSNorm's, g = dout w, dres += r g - res r^3 mean_d(g res) (dres: the
+// gradient of res from its other reader, the next block, or 0 where has_dres is off), then RoPE's transpose:
+// ds = dres cos + swap(dres sin±) (the same cos and sin±), to ds (rows, D): the gradient of residual and of hidden.
+// dw's partial sums over the rows of part p (parts (P, D), summed afterwards in order).
+extern "C" void kernel(const float* res, const float* rstd, const float* cos, const float* sin, const float* w,
+                       const float* dout, const float* dres, float* ds, float* parts, int64_t rows, int64_t L,
+                       int64_t D, int64_t flags, int64_t P) {
+    const bool has_dres = flags & 1, has_rope = flags & 2;
+    const int64_t per = (rows + P - 1) / P;
+    #pragma omp parallel for schedule(static)
+    for (int64_t p = 0; p < P; p++) {
+        float* dw = parts + p * D;
+        for (int64_t d = 0; d < D; d++) dw[d] = 0.f;
+        for (int64_t i = p * per; i < std::min(rows, (p + 1) * per); i++) {
+            const int64_t l = i %% L;
+            const Vec r(rstd[i]);
+            Vec c(0.f);
+            for (int64_t d0 = 0; d0 < D; d0 += VL) {
+                const int64_t nc = std::min(VL, D - d0);
+                const Vec x = Vec::loadu(res + i * D + d0, nc), dn = Vec::loadu(dout + i * D + d0, nc);
+                c = at::vec::fmadd(dn * Vec::loadu(w + d0, nc), x, c);
+                at::vec::fmadd(dn, x * r, Vec::loadu(dw + d0, nc)).store(dw + d0, nc);
+            }
+            const Vec cm(hsum(c) / D);
+            for (int64_t d0 = 0; d0 < D; d0 += VL) {
+                const int64_t nc = std::min(VL, D - d0);
+                const Vec x = Vec::loadu(res + i * D + d0, nc);
+                Vec g = r * (Vec::loadu(dout + i * D + d0, nc) * Vec::loadu(w + d0, nc) - x * r * r * cm);
+                if (has_dres) g = g + Vec::loadu(dres + i * D + d0, nc);
+                if (has_rope)
+                    g = g * Vec::loadu(cos + l * D + d0, nc) + swap_pairs(g * signed_sin(sin + l * D + d0, nc));
+                g.store(ds + i * D + d0, nc);
+            }
+        }
+    }
+}
+"""
+
 SIGNATURES = {   # the pybinding's argument types: inputs, outputs, then the six int64 sizes and flags
     "fwd": ["const float*"] * 8 + ["float*"] * 3 + ["int64_t"] * 6,
     "bwd": ["const float*"] * 10 + ["float*"] * 7 + ["int64_t"] * 6,
@@ -732,11 +825,13 @@ SIGNATURES = {   # the pybinding's argument types: inputs, outputs, then the six
     "token_norm_mean": ["const float*"] + ["float*"] * 3 + ["int64_t"] * 5 + ["float"],
     "token_norm_mean_bwd": ["const float*"] * 6 + ["float*"] + ["int64_t"] * 6,
     "gated_sum_bwd": ["const float*"] * 3 + ["float*"] * 2 + ["int64_t"] * 6,
+    "rope_rms_norm": ["const float*"] * 5 + ["float*"] * 3 + ["int64_t"] * 4 + ["float"],
+    "rope_rms_norm_bwd": ["const float*"] * 7 + ["float*"] * 2 + ["int64_t"] * 5,
 }
 SOURCES = {"fwd": "FWD", "bwd": "BWD", "ordered_scan_fwd": "ORDERED_SCAN_FWD", "ordered_scan_bwd": "ORDERED_SCAN_BWD",
            "ordered_conv_fwd": "ORDERED_CONV_FWD", "ordered_conv_bwd": "ORDERED_CONV_BWD", "gated_sum": "GATED_SUM",
            "token_norm_mean": "TOKEN_NORM_MEAN", "token_norm_mean_bwd": "TOKEN_NORM_MEAN_BWD",
-           "gated_sum_bwd": "GATED_SUM_BWD"}
+           "gated_sum_bwd": "GATED_SUM_BWD", "rope_rms_norm": "ROPE_RMS_NORM", "rope_rms_norm_bwd": "ROPE_RMS_NORM_BWD"}
 
 
 def library_is_whole(path):

@@ -523,7 +523,7 @@ def test_ordered_ops_are_custom_ops_that_torch_checks():
 
 
 def test_profilers_see_every_call_of_every_ordered_op(monkeypatch):
-    """torch.profiler lists each of the eight ops once per call: a fused LocalVim training step
+    """torch.profiler lists each of the ten ops once per call: a fused LocalVim training step
     (3 layers, SCAttn) calls each forward op and its backward op once per layer. torch 2.14's
     fast path for all-tensor custom ops recorded no event for ordered_conv and gated_sum."""
     monkeypatch.setattr(scan_kernel, "COMPILE_TORCH_PATH", True)
@@ -534,7 +534,7 @@ def test_profilers_see_every_call_of_every_ordered_op(monkeypatch):
     with profile() as p:
         model(x).square().mean().backward()
     counts = collections.Counter(e.name for e in p.events() if e.name.startswith("localmamba::"))
-    ops = ("ordered_scan", "ordered_conv", "token_norm_mean", "gated_sum")
+    ops = ("ordered_scan", "ordered_conv", "token_norm_mean", "gated_sum", "rope_rms_norm")
     assert counts == {f"localmamba::{op}{part}": NANO_DEPTH for op in ops for part in ("", "_backward")}
 
 
@@ -570,6 +570,54 @@ def test_x_proj_scan_matches_x_proj_then_ordered_scan(per_direction):
     with torch.no_grad():
         assert torch.equal(scan_kernel.x_proj_scan(*(a(k) for k in ("u", "W", "A", "D", "z", "bias")), orders, L,
                                                    a("dt_proj")), got.detach())
+
+
+@pytest.mark.parametrize("first,rope", [(False, True), (True, True), (False, False)])
+def test_rope_rms_norm_matches_the_block_in_float64(first, rope):
+    """rope_rms_norm (LocalVim's block before its mixer in one pass: the residual add, RoPE, RMSNorm) against
+    RoPE2D and RMSNorm in float64: res and out, and the gradients of residual, hidden and the norm's weight
+    from both outputs; the first block (no residual), no RoPE; D = 20 (a partial vector); its PyTorch version
+    (CUDA's) too; opcheck; one ValueError for a bad shape; the same bits on 1, 2 and 3 threads."""
+    g = torch.Generator().manual_seed(7)
+    B, H, W, D = 2, 3, 5, 20
+    rot, norm = lm.RoPE2D(D, H, W), lm.RMSNorm(D)
+    with torch.no_grad():
+        norm.weight.add_(0.3 * torch.randn(D, generator=g))
+    cos, sin = rot.cos_sin() if rope else (None, None)
+    residual = None if first else torch.randn(B, H * W, D, generator=g)
+    hidden = torch.randn(B, H * W, D, generator=g) * 2
+    d_res, d_out = torch.randn(B, H * W, D, generator=g), torch.randn(B, H * W, D, generator=g)
+
+    def fused(fn=scan_kernel.rope_rms_norm):
+        ins = [None if t is None else t.clone().requires_grad_() for t in (residual, hidden)]
+        w = norm.weight.detach().clone().requires_grad_()
+        res, out, _ = fn(*ins, cos, sin, w, norm.eps)
+        leaves = [t for t in (*ins, w) if t is not None]
+        return [res, out, *torch.autograd.grad([res, out], leaves, [d_res, d_out])]
+    rd, nd = copy.deepcopy(rot).double(), copy.deepcopy(norm).double()
+    ins = [None if t is None else t.double().requires_grad_() for t in (residual, hidden)]
+    s_ = ins[1] if first else ins[0] + ins[1]
+    res = rd(s_) if rope else s_
+    out = nd(res)
+    leaves = [t for t in (*ins, nd.weight) if t is not None]
+    want = [res, out, *torch.autograd.grad([res, out], leaves, [d_res.double(), d_out.double()])]
+    got = fused()
+    assert len(got) == len(want)
+    for i, (c, w) in enumerate(zip(got, want)):
+        assert c.dtype == torch.float32 and rel_err(c, w) < 1e-5, i
+    ref = scan_kernel.rope_rms_norm_torch(residual, hidden, cos, sin, norm.weight, norm.eps)
+    for c, w in zip(ref, scan_kernel.rope_rms_norm(residual, hidden, cos, sin, norm.weight, norm.eps)):
+        assert rel_err(c, w) < 1e-6
+    real = scan_kernel.rope_rms_norm(residual, hidden, cos, sin, norm.weight, norm.eps)
+    bwd = [real[0], real[2], cos, sin, norm.weight, d_out, None if first else d_res]
+    for c, w in zip(scan_kernel.rope_rms_norm_backward_torch(*bwd), scan_kernel.rope_rms_norm_backward(*bwd)):
+        assert rel_err(c, w) < 1e-5
+    torch.library.opcheck(torch.ops.localmamba.rope_rms_norm.default,
+                          (residual, hidden.requires_grad_(), cos, sin, norm.weight, norm.eps))
+    with pytest.raises(ValueError, match=r"rope_rms_norm: weight must be \(20,\), got \(19,\)"):
+        scan_kernel.rope_rms_norm(residual, hidden, cos, sin, norm.weight[:-1], norm.eps)
+    runs = [_with_threads(n, fused) for n in (1, 2, 3)]
+    assert all(torch.equal(a, c) for other in runs[1:] for a, c in zip(runs[0], other))
 
 
 def test_scattn_sum_matches_scattn_and_the_sum_in_float64():
@@ -1486,6 +1534,26 @@ def test_fused_mixer_path_matches_the_readable_path(name, kw, shape, batch, monk
     assert fused.keys() == readable.keys() == truth.keys()
     for key in truth:
         assert rel_err(fused[key], truth[key]) <= 10 * rel_err(readable[key], truth[key]) + 1e-6, key
+
+
+def test_fused_path_in_training_mode_draws_the_same_drop_path(monkeypatch):
+    """A LocalVim training step with DropPath on: the fused path (its block's rope_rms_norm takes the
+    DropPath-scaled hidden state) gives the readable path's output and gradients from the same random
+    draws, within fp32 rounding."""
+    monkeypatch.setattr(scan_kernel, "COMPILE_TORCH_PATH", True)
+    monkeypatch.delenv("LOCALMAMBA_FUSED", raising=False)
+    model = _perturbed(create_model("local_vim_nano", in_chans=1, drop_path_rate=0.5)).train()
+    x = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(2))
+    weight = torch.randn(4, model.num_classes, generator=torch.Generator().manual_seed(3))
+    runs = []
+    for fused in (True, False):
+        torch.manual_seed(9)
+        runs.append(_out_and_grads(model, x, fused, weight))
+    torch.manual_seed(10)
+    other = _out_and_grads(model, x, False, weight)                      # other draws: the masks matter here
+    assert rel_err(other["output"], runs[1]["output"]) > 1e-3
+    for key in runs[1]:
+        assert rel_err(runs[0][key], runs[1][key]) < 1e-4, key
 
 
 def test_fused_mixer_path_under_bf16_autocast(monkeypatch):

@@ -1511,9 +1511,9 @@ class _SCAttnSum(torch.autograd.Function):
     """SCAttn's channel branch on each of the K directions and their sum, one autograd node: y (batch, K, L,
     E) -> (batch, L, E) in y's dtype (scattn_sum). Forward: token_norm_mean, the gate (_channel_gate), gated_sum.
     Backward: autograd through those ops would write y's gradient twice, (batch, K, L, E) each, and add them
-    in a third pass (~1 ms per LocalVim-T layer at batch 4). Here: gated_sum_backward without dy (da = sum_t
-    y g), the gate's backward (small matmuls), then token_norm_mean_backward, which adds gated_sum's a g to
-    LayerNorm's gradient as it writes dy: two reads of y and one write."""
+    in a third pass. Here: gated_sum_backward without dy (da = sum_t y g), the gate's backward (small
+    matmuls), then token_norm_mean_backward, which adds gated_sum's a g to LayerNorm's gradient as it
+    writes dy: two reads of y and one write (LocalVMamba-T's gated_sum_backward: 22.5 -> 7.9 ms a step)."""
 
     @staticmethod
     def forward(ctx, y, eps, *params):

@@ -926,13 +926,27 @@ def selective_scan_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None,
 # where a window scan pads the grid (a zero token, scanned like a real one, as the official code
 # does). Tensors are channels-last, (batch, K, rows, channels) with any strides but a contiguous
 # last axis, so a K-shared input (SS2D's u, LocalVim's gate z) is a stride-0 view, not K copies.
-# Each is a PyTorch custom op (torch.library.custom_op: torch.compile, export, FX and profilers see
-# one op) with a fake (meta) implementation and its backward registered. On the CPU they run the C++
+# Each is a PyTorch custom op (torch.library.custom_op through `_custom_op`: torch.compile, export, FX
+# and profilers see one op) with a fake (meta) implementation and its backward registered. On the CPU they run the C++
 # kernels of scan_kernel_cpu.py, on CUDA the Triton kernels below them (`ordered_scan_triton`, ...,
 # which the tests also run on the CPU under TRITON_INTERPRET=1); `ordered_kernels_take` says when
 # the models may use them.
 
 _Tensor = torch.Tensor
+
+
+def _custom_op(name):
+    """torch.library.custom_op(name, mutates_args=()) for this file's ops, each kept visible to profilers:
+    torch 2.14 calls a custom op whose arguments are all tensors through a Python fast path (the
+    "PyObject dispatcher" of torch/_ops.py) that skips the C++ dispatcher, and with it the event a
+    profiler records (ordered_conv and gated_sum vanished from torch.profiler's tables, their time
+    counted nowhere). Each op goes through the C++ dispatcher instead, a few µs per call of ~1 ms."""
+    def register(fn):
+        op = torch.library.custom_op(name, mutates_args=())(fn)
+        if hasattr(op._opoverload, "_enable_pyobj_dispatch"):       # torch without the fast path: nothing to undo
+            op._opoverload._enable_pyobj_dispatch(False)
+        return op
+    return register
 
 
 def ordered_kernels_take(x):
@@ -952,6 +966,11 @@ def _f32(t):
     """fp32 with a contiguous last axis (the kernels' channel stride is 1); a view when it already is."""
     t = t.detach().to(torch.float32)
     return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _f32_or_empty(t):
+    """An optional input as the C++ kernels take it: fp32 contiguous, or an empty tensor for None (its flag off)."""
+    return torch.empty(0, dtype=torch.float32) if t is None else t.detach().to(torch.float32).contiguous()
 
 
 def _scan_strides(u, delta, B, z, out, L_out):
@@ -980,7 +999,7 @@ def _ordered_scan_args(u, delta, A, B, C, D, z, delta_bias, delta_softplus, idx_
     if B.stride() != C.stride():                                               # one layout for both
         B, C = B.contiguous(), C.contiguous()
     none = torch.empty(0, dtype=torch.float32)
-    opt = lambda t: none if t is None else t.detach().to(torch.float32).contiguous()
+    opt = _f32_or_empty
     flags = ((D is not None) | (z is not None) << 1 | (delta_bias is not None) << 2 | bool(delta_softplus) << 3
              | bool(idx_in) << 4)
     A2t = (A.detach().to(torch.float32) * LOG2E).t().contiguous()             # (N, K*E)
@@ -1049,7 +1068,7 @@ def _check_ordered_conv(x, weight, bias, order, inv):
         raise ValueError(f"ordered_conv: inv must hold scan positions in [0, {Lmax}) (inverse_order of order)")
 
 
-@torch.library.custom_op("localmamba::ordered_scan", mutates_args=())
+@_custom_op("localmamba::ordered_scan")
 def ordered_scan(u: _Tensor, delta: _Tensor, A: _Tensor, B: _Tensor, C: _Tensor, D: Optional[_Tensor],
                  z: Optional[_Tensor], delta_bias: Optional[_Tensor], order: _Tensor, L_out: int,
                  delta_softplus: bool, idx_in: bool, need_starts: bool,
@@ -1090,7 +1109,7 @@ def _(u, delta, A, B, C, D, z, delta_bias, order, L_out, delta_softplus, idx_in,
     return u.new_empty(batch, K, L_out, E), starts
 
 
-@torch.library.custom_op("localmamba::ordered_scan_backward", mutates_args=())
+@_custom_op("localmamba::ordered_scan_backward")
 def ordered_scan_backward(u: _Tensor, delta: _Tensor, A: _Tensor, B: _Tensor, C: _Tensor, D: Optional[_Tensor],
                           z: Optional[_Tensor], delta_bias: Optional[_Tensor], order: _Tensor, starts: _Tensor,
                           dout: _Tensor, delta_softplus: bool, idx_in: bool,
@@ -1277,7 +1296,7 @@ def _conv_args(x, weight, bias):
     return _f32(x), wt, bias.detach().to(torch.float32).reshape(-1, E).contiguous()
 
 
-@torch.library.custom_op("localmamba::ordered_conv", mutates_args=())
+@_custom_op("localmamba::ordered_conv")
 def ordered_conv(x: _Tensor, weight: _Tensor, bias: _Tensor, order: _Tensor, inv: _Tensor) -> _Tensor:
     """LocalVim's causal depthwise conv1d + SiLU of each direction, along its scan order
     (scan_kernel_cpu.ORDERED_CONV_FWD): x (batch, L_in, E), channels-last (the in_proj output's first
@@ -1305,7 +1324,7 @@ def _check_ordered_conv_backward(x, weight, bias, order, inv, du):
                                                                  x.shape[2])), x)
 
 
-@torch.library.custom_op("localmamba::ordered_conv_backward", mutates_args=())
+@_custom_op("localmamba::ordered_conv_backward")
 def ordered_conv_backward(x: _Tensor, weight: _Tensor, bias: _Tensor, order: _Tensor, inv: _Tensor,
                           du: _Tensor) -> List[_Tensor]:
     """ordered_conv's backward (scan_kernel_cpu.ORDERED_CONV_BWD): [dx, dweight, dbias]."""
@@ -1347,7 +1366,7 @@ def _check_tokens(name, y):
                          f"{tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__}")
 
 
-@torch.library.custom_op("localmamba::token_norm_mean", mutates_args=())
+@_custom_op("localmamba::token_norm_mean")
 def token_norm_mean(y: _Tensor, eps: float) -> Tuple[_Tensor, _Tensor, _Tensor]:
     """The token mean of y's parameter-free LayerNorm, mean_t (y_t - mu_t) r_t with r_t = 1/sqrt(var_t + eps)
     over each token's E channels: SCAttn's statistics (scan_kernel_cpu.TOKEN_NORM_MEAN) in one read of y,
@@ -1375,7 +1394,7 @@ def _token_parts(batch, K, L):
     return max(1, min(L, -(-CPU_WORK_ITEMS // (batch * K))))
 
 
-@torch.library.custom_op("localmamba::token_norm_mean_backward", mutates_args=())
+@_custom_op("localmamba::token_norm_mean_backward")
 def token_norm_mean_backward(y: _Tensor, mu: _Tensor, rstd: _Tensor, dm: _Tensor, a: Optional[_Tensor] = None,
                              g: Optional[_Tensor] = None) -> _Tensor:
     """token_norm_mean's backward (scan_kernel_cpu.TOKEN_NORM_MEAN_BWD, one pass): LayerNorm's backward with
@@ -1390,10 +1409,8 @@ def token_norm_mean_backward(y: _Tensor, mu: _Tensor, rstd: _Tensor, dm: _Tensor
     dy = torch.empty(batch, K, L, E, dtype=torch.float32)
     gm = (dm.detach().to(torch.float32) / L).contiguous()
     yf, P = y.detach().to(torch.float32).contiguous(), _token_parts(batch, K, L)
-    af, gf = (torch.empty(0, dtype=torch.float32) if t is None else t.detach().to(torch.float32).contiguous()
-              for t in (a, g))
-    _cpu_kernel("token_norm_mean_bwd", 1, CPU_CHUNK)(yf, mu.contiguous(), rstd.contiguous(), gm, af, gf, dy, batch, K,
-                                                     L, E, P, int(a is not None))
+    _cpu_kernel("token_norm_mean_bwd", 1, CPU_CHUNK)(yf, mu.contiguous(), rstd.contiguous(), gm, _f32_or_empty(a),
+                                                     _f32_or_empty(g), dy, batch, K, L, E, P, int(a is not None))
     return dy.to(y.dtype)
 
 
@@ -1435,7 +1452,7 @@ def _check_gated_sum(y, a):
                          f"{tuple(getattr(y, 'shape', ()))} and {tuple(getattr(a, 'shape', ()))}")
 
 
-@torch.library.custom_op("localmamba::gated_sum", mutates_args=())
+@_custom_op("localmamba::gated_sum")
 def gated_sum(y: _Tensor, a: _Tensor) -> _Tensor:
     """SCAttn's channel gate and the sum of the K directions in one pass: out[b, t] = sum_k a[b, k] * y[b, k, t]
     (scan_kernel_cpu.GATED_SUM), which the readable path computes as (y * a[:, :, None]).sum(1), writing the
@@ -1454,7 +1471,7 @@ def _(y, a):
     return y.new_empty(y.shape[0], y.shape[2], y.shape[3])
 
 
-@torch.library.custom_op("localmamba::gated_sum_backward", mutates_args=())
+@_custom_op("localmamba::gated_sum_backward")
 def gated_sum_backward(y: _Tensor, a: _Tensor, g: _Tensor, need_dy: bool = True) -> List[_Tensor]:
     """gated_sum's backward (scan_kernel_cpu.GATED_SUM_BWD, one pass): [dy, da], dy[b, k, t] = a[b, k] g[b, t]
     and da[b, k] = sum_t y[b, k, t] g[b, t], in y's and a's dtypes. need_dy=False: dy is not written (an empty
@@ -1561,7 +1578,7 @@ def _check_rope_rms_norm(residual, hidden, cos, sin, weight):
           "cos and sin come together (RoPE), over an even number of channels")
 
 
-@torch.library.custom_op("localmamba::rope_rms_norm", mutates_args=())
+@_custom_op("localmamba::rope_rms_norm")
 def rope_rms_norm(residual: Optional[_Tensor], hidden: _Tensor, cos: Optional[_Tensor], sin: Optional[_Tensor],
                   weight: _Tensor, eps: float) -> Tuple[_Tensor, _Tensor, _Tensor]:
     """LocalVim's block before its mixer in one pass per token (scan_kernel_cpu.ROPE_RMS_NORM): res = RoPE(residual
@@ -1570,8 +1587,7 @@ def rope_rms_norm(residual: Optional[_Tensor], hidden: _Tensor, cos: Optional[_T
     Returns res and out (batch, L, D) fp32 and 1/sqrt(...) (batch, L) fp32 for the backward."""
     _check_rope_rms_norm(residual, hidden, cos, sin, weight)
     batch, L, D = hidden.shape
-    f32 = dict(dtype=torch.float32)
-    c = lambda t: torch.empty(0, **f32) if t is None else t.detach().to(torch.float32).contiguous()
+    f32, c = dict(dtype=torch.float32), _f32_or_empty
     res, out, rstd = torch.empty(batch, L, D, **f32), torch.empty(batch, L, D, **f32), torch.empty(batch, L, **f32)
     _cpu_kernel("rope_rms_norm", 1, CPU_CHUNK)(c(residual), c(hidden), c(cos), c(sin), c(weight), res, out, rstd,
                                                batch * L, L, D, (residual is not None) | (cos is not None) << 1,
@@ -1586,7 +1602,7 @@ def _(residual, hidden, cos, sin, weight, eps):
         hidden.new_empty(hidden.shape[:2], **f32)
 
 
-@torch.library.custom_op("localmamba::rope_rms_norm_backward", mutates_args=())
+@_custom_op("localmamba::rope_rms_norm_backward")
 def rope_rms_norm_backward(res: _Tensor, rstd: _Tensor, cos: Optional[_Tensor], sin: Optional[_Tensor],
                            weight: _Tensor, dout: _Tensor, dres: Optional[_Tensor]) -> List[_Tensor]:
     """rope_rms_norm's backward (scan_kernel_cpu.ROPE_RMS_NORM_BWD, one pass): RMSNorm's backward of dout plus
@@ -1596,8 +1612,7 @@ def rope_rms_norm_backward(res: _Tensor, rstd: _Tensor, cos: Optional[_Tensor], 
     batch, L, D = res.shape
     _check_shapes("rope_rms_norm_backward", dict(rstd=rstd, dout=dout, dres=dres), dict(
         rstd=(batch, L), dout=(batch, L, D), dres=(batch, L, D)), res)
-    f32 = dict(dtype=torch.float32)
-    c = lambda t: torch.empty(0, **f32) if t is None else t.detach().to(torch.float32).contiguous()
+    f32, c = dict(dtype=torch.float32), _f32_or_empty
     P = max(1, min(batch * L, CPU_WORK_ITEMS))
     ds, parts = torch.empty(batch, L, D, **f32), torch.empty(P, D, **f32)
     flags = (dres is not None) | (cos is not None) << 1
@@ -2091,15 +2106,6 @@ if HAS_TRITON:   # the CUDA implementations of the six ops
     token_norm_mean.register_kernel("cuda")(token_norm_mean_triton)
 torch.library.register_kernel("localmamba::gated_sum_backward", "cuda", gated_sum_backward_torch)
 torch.library.register_kernel("localmamba::token_norm_mean_backward", "cuda", token_norm_mean_backward_torch)
-
-# torch 2.14 calls a custom op whose arguments are all tensors through a Python fast path (the
-# "PyObject dispatcher" of torch/_ops.py) that skips the C++ dispatcher, and with it the event a
-# profiler records: ordered_conv and gated_sum vanished from torch.profiler's tables, their time
-# counted nowhere. The ten ops go through the C++ dispatcher, a few µs per call of ~1 ms.
-for _op in (ordered_scan, ordered_scan_backward, ordered_conv, ordered_conv_backward, token_norm_mean,
-            token_norm_mean_backward, gated_sum, gated_sum_backward, rope_rms_norm, rope_rms_norm_backward):
-    if hasattr(_op._opoverload, "_enable_pyobj_dispatch"):      # torch without the fast path: nothing to undo
-        _op._opoverload._enable_pyobj_dispatch(False)
 
 
 # -----------------------------------------------------------------------------

@@ -544,7 +544,8 @@ def test_x_proj_scan_matches_x_proj_then_ordered_scan(per_direction):
     GEMM) against the same two steps through autograd, x_proj as a plain matmul and ordered_scan's
     registered backward: output and every gradient, within fp32 rounding. u per direction (LocalVim: (K,
     batch, Lmax, E) in scan order, shared z) and shared (SS2D: (batch, L, E)), on a 5×7 grid that w2 and
-    w3 pad; without need_starts (no_grad) it has no backward to run."""
+    w3 pad; without need_starts (no_grad) it has no backward to run. (No thread-count check: its x_proj
+    GEMMs are BLAS's, whose sums, like every nn.Linear's, may split by thread count.)"""
     dirs, g = ["h", "v_flip", "w2", "w3_flip"], torch.Generator().manual_seed(5)
     x, orders, inv = ordered_case(dirs, 5, 7, idx_in=not per_direction, z=per_direction, rank=3)
     K, Lmax, L, E, R, N = len(dirs), orders.shape[1], inv.shape[1], 20, 3, 16

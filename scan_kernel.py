@@ -824,15 +824,18 @@ def _cpu_kernels_take(u, *others):
 
 
 CPU_WORK_ITEMS = 64        # (batch row, group, channel split) items the C++ kernels aim for: 4 per thread at 16
+CPU_BWD_WORK_ITEMS = 32    # the same for ordered_scan_backward, whose every split also sums the lanes of its dB, dC
+                           # block once per chunk (2 T N vectors): half the splits took LocalVim-T's call (batch 4,
+                           # 2 threads) from 10.9 to 10.1 ms; 2 items per thread at 16
 
 
-def _cpu_splits(batch, G, Dg):
-    """Channel splits per (batch row, group): about CPU_WORK_ITEMS work items in all, from the shape
-    alone. Not from the thread count: the splits fix the order in which dB and dC are summed, so
-    the same call gives the same bits on any number of cores (a run resumed elsewhere continues
+def _cpu_splits(batch, G, Dg, items=None):
+    """Channel splits per (batch row, group): about `items` (CPU_WORK_ITEMS) work items in all, from
+    the shape alone. Not from the thread count: the splits fix the order in which dB and dC are summed,
+    so the same call gives the same bits on any number of cores (a run resumed elsewhere continues
     bitwise). The vectors are counted at AVX2's 8 lanes; with wider ones some splits are empty."""
     nvec = -(-Dg // 8)
-    return max(1, min(nvec, -(-CPU_WORK_ITEMS // (batch * G))))
+    return max(1, min(nvec, -(-(CPU_WORK_ITEMS if items is None else items) // (batch * G))))
 
 
 def _fixed_order_sum(t, dims):
@@ -1017,15 +1020,17 @@ def _check_shapes(name, tensors, shapes, device_of):
     """One ValueError naming the argument when a tensor of op `name` does not fit its contract:
     tensors {name: tensor or None}, shapes {name: the shape it needs, None for any size}, all on
     device_of's device."""
-    for arg, t in tensors.items():
+    for arg, t in tensors.items():                  # (the messages are built only for a failure: ~100 calls a step)
         if t is None:
             continue
         want = shapes[arg]
-        _need(name, isinstance(t, torch.Tensor) and t.dim() == len(want)
-              and all(w is None or s == w for s, w in zip(t.shape, want)),
-              f"{arg} must be ({', '.join('*' if w is None else str(w) for w in want)}{',' * (len(want) == 1)}), got "
-              f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
-        _need(name, t.device == device_of.device, f"{arg} is on {t.device}, not on {device_of.device} with the others")
+        if not (isinstance(t, torch.Tensor) and t.dim() == len(want)
+                and all(w is None or s == w for s, w in zip(t.shape, want))):
+            _need(name, False, f"{arg} must be ({', '.join('*' if w is None else str(w) for w in want)}"
+                               f"{',' * (len(want) == 1)}), got "
+                               f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+        if t.device != device_of.device:
+            _need(name, False, f"{arg} is on {t.device}, not on {device_of.device} with the others")
 
 
 def _check_ordered_inputs(name, tensors, shapes, order, L_in, device_of):
@@ -1035,7 +1040,7 @@ def _check_ordered_inputs(name, tensors, shapes, order, L_in, device_of):
     need = lambda cond, msg: _need(name, cond, msg)
     need(order.dtype == torch.long and order.dim() == 2, f"order must be (K, Lmax) int64, got {order.dtype}")
     if order.device.type == "cpu" and order.numel() and not torch.compiler.is_compiling():
-        lo, hi = int(order.min()), int(order.max())
+        lo, hi = (int(v) for v in torch.aminmax(order))
         need(lo >= -1 and hi < L_in, f"order holds {lo}..{hi}; each entry must be a token in [0, {L_in}) or -1")
 
 
@@ -1121,7 +1126,8 @@ def ordered_scan_backward(u: _Tensor, delta: _Tensor, A: _Tensor, B: _Tensor, C:
                                  ORDERED_CHUNK)
     batch, K, rows, E = *delta.shape[:3], u.shape[3]
     Lmax, N, L_out = order.shape[1], A.shape[1], dout.shape[2]
-    ins, flags, S, R = _ordered_scan_args(u, delta, A, B, C, D, z, delta_bias, delta_softplus, idx_in, dt_proj)
+    ins, flags, _, R = _ordered_scan_args(u, delta, A, B, C, D, z, delta_bias, delta_softplus, idx_in, dt_proj)
+    S = _cpu_splits(batch, K, E, CPU_BWD_WORK_ITEMS)
     g = dout.detach().to(torch.float32).contiguous()
     f32 = dict(dtype=torch.float32)
     du, ddelta = _du_like(u, K), torch.empty(batch, K, rows, E, **f32)

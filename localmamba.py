@@ -341,7 +341,7 @@ class DropPath(nn.Module):
         if self.p == 0.0 or not self.training:
             return x
         keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1 - self.p)
-        return x * keep / (1 - self.p)
+        return x * keep.div_(1 - self.p)                  # the (B, 1, ...) mask scaled, as timm's: one pass over x
 
     def extra_repr(self):
         return f"p={self.p}"

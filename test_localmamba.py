@@ -1537,6 +1537,20 @@ def test_fused_mixer_path_matches_the_readable_path(name, kw, shape, batch, monk
         assert rel_err(fused[key], truth[key]) <= 10 * rel_err(readable[key], truth[key]) + 1e-6, key
 
 
+def test_drop_path_drops_whole_samples_and_scales_the_kept_ones():
+    """DropPath (stochastic depth): in training each sample's branch is either zero or x / (1 - p),
+    whole (one draw per sample), both happen at p = 0.5 over 64 samples; p = 0 and eval mode return x."""
+    x = torch.randn(64, 5, 7, generator=torch.Generator().manual_seed(0)) + 3.0   # no zero entries
+    drop = lm.DropPath(0.5).train()
+    torch.manual_seed(1)
+    out = drop(x)
+    kept = out.flatten(1).ne(0).all(1)
+    assert torch.equal(out.flatten(1).ne(0).any(1), kept)                  # a sample is dropped whole or not at all
+    assert 0 < int(kept.sum()) < 64
+    assert torch.allclose(out[kept], x[kept] / 0.5, rtol=1e-6, atol=0)
+    assert lm.DropPath(0.5).eval()(x) is x and lm.DropPath(0.0).train()(x) is x
+
+
 def test_fused_path_in_training_mode_draws_the_same_drop_path(monkeypatch):
     """A LocalVim training step with DropPath on: the fused path (its block's rope_rms_norm takes the
     DropPath-scaled hidden state) gives the readable path's output and gradients from the same random

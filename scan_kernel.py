@@ -1026,11 +1026,11 @@ def _check_shapes(name, tensors, shapes, device_of):
         want = shapes[arg]
         if not (isinstance(t, torch.Tensor) and t.dim() == len(want)
                 and all(w is None or s == w for s, w in zip(t.shape, want))):
-            _need(name, False, f"{arg} must be ({', '.join('*' if w is None else str(w) for w in want)}"
-                               f"{',' * (len(want) == 1)}), got "
-                               f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+            raise ValueError(f"{name}: {arg} must be ({', '.join('*' if w is None else str(w) for w in want)}"
+                             f"{',' * (len(want) == 1)}), got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
         if t.device != device_of.device:
-            _need(name, False, f"{arg} is on {t.device}, not on {device_of.device} with the others")
+            raise ValueError(f"{name}: {arg} is on {t.device}, not on {device_of.device} with the others")
 
 
 def _check_ordered_inputs(name, tensors, shapes, order, L_in, device_of):

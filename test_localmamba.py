@@ -719,6 +719,9 @@ def test_ordered_ops_refuse_calls_outside_their_contract():
             a = {**args, **over}
             with pytest.raises(ValueError, match="ordered_scan: " + match):
                 fn(*a.values(), 15, True, True, True)
+    if TRITON_DEVICE == "cpu":            # a tensor on another device (the C++ op: a meta one sends the call to its fake)
+        with pytest.raises(ValueError, match=r"ordered_scan: D is on meta, not on cpu with the others"):
+            scan_kernel.ordered_scan_triton(*{**args, "D": x["D"].to("meta")}.values(), 15, True, True, True)
     xz = torch.randn(1, 15, 24)
     w, b = torch.randn(24, 1, 4), torch.randn(24)
     with pytest.raises(ValueError, match=r"ordered_conv: order holds -1\.\.15"):

@@ -59,7 +59,8 @@ The file, top to bottom (the backends, switched by one readable condition in `se
               projection inside), `token_norm_mean` and `gated_sum` (SCAttn's statistics, its gate
               and the sum over the directions), each with its backward op; what the mixers call
               composes them into one autograd node each, so that no input's gradient is written
-              twice and added: `x_proj_scan` (x_proj + ordered_scan), `scattn_sum` (SCAttn + sum).
+              twice and added: `x_proj_scan` (x_proj + ordered_scan), `scattn_sum` (SCAttn + sum);
+              `rope_rms_norm` (LocalVim's block before its mixer: residual add, RoPE, RMSNorm).
     "export"  `selective_scan_export`: the "ref" math with its loop as torch's `scan` op, which
               torch.export and torch.onnx keep as one loop (an ONNX `Scan`). Forward only.
     "auto"    "export" while exporting ("ref" under the legacy ONNX exporter, which traces); "triton"
@@ -993,9 +994,9 @@ def _lowrank_weights(dt_proj):
     return dt_proj.detach().to(torch.float32).transpose(1, 2).contiguous(), dt_proj.shape[2]
 
 
-def _ordered_scan_args(u, delta, A, B, C, D, z, delta_bias, delta_softplus, idx_in, dt_proj):
-    """The kernels' fp32 inputs (dt_proj as (K, R, E), empty if None), flag bits, work-item splits and R
-    (Δ's rank, 0 when Δ comes whole)."""
+def _ordered_scan_args(u, delta, A, B, C, D, z, delta_bias, delta_softplus, idx_in, dt_proj, items=None):
+    """The kernels' fp32 inputs (dt_proj as (K, R, E), empty if None), flag bits, work-item splits (about
+    `items` work items, _cpu_splits) and R (Δ's rank, 0 when Δ comes whole)."""
     K, E = delta.shape[1], u.shape[3]
     u, delta, z = _f32(u), _f32(delta), None if z is None else _f32(z)
     B, C = _f32(B), _f32(C)
@@ -1008,7 +1009,7 @@ def _ordered_scan_args(u, delta, A, B, C, D, z, delta_bias, delta_softplus, idx_
     A2t = (A.detach().to(torch.float32) * LOG2E).t().contiguous()             # (N, K*E)
     Wdt, R = _lowrank_weights(dt_proj)
     ins = [u, delta, A2t, B, C, opt(D), none if z is None else z, opt(delta_bias), none if Wdt is None else Wdt]
-    return ins, flags, _cpu_splits(u.shape[0], K, E), R
+    return ins, flags, _cpu_splits(u.shape[0], K, E, items), R
 
 
 def _need(name, cond, msg):
@@ -1126,8 +1127,8 @@ def ordered_scan_backward(u: _Tensor, delta: _Tensor, A: _Tensor, B: _Tensor, C:
                                  ORDERED_CHUNK)
     batch, K, rows, E = *delta.shape[:3], u.shape[3]
     Lmax, N, L_out = order.shape[1], A.shape[1], dout.shape[2]
-    ins, flags, _, R = _ordered_scan_args(u, delta, A, B, C, D, z, delta_bias, delta_softplus, idx_in, dt_proj)
-    S = _cpu_splits(batch, K, E, CPU_BWD_WORK_ITEMS)
+    ins, flags, S, R = _ordered_scan_args(u, delta, A, B, C, D, z, delta_bias, delta_softplus, idx_in, dt_proj,
+                                          CPU_BWD_WORK_ITEMS)
     g = dout.detach().to(torch.float32).contiguous()
     f32 = dict(dtype=torch.float32)
     du, ddelta = _du_like(u, K), torch.empty(batch, K, rows, E, **f32)
@@ -1552,13 +1553,13 @@ class _SCAttnSum(torch.autograd.Function):
         params = ctx.saved_tensors[7:]
         da = gated_sum_backward(y, a, g, False)[1]                              # (batch, K, E)
         with torch.autocast(y.device.type, enabled=False):
-            dz = torch.ops.aten.sigmoid_backward(da.float(), a)                # through sigmoid(channel_select(.))
-            dh = torch.ops.aten.gelu_backward(dz @ select_w.float(), h)         # through GELU
+            dsel = torch.ops.aten.sigmoid_backward(da.float(), a)                # through sigmoid(channel_select(.))
+            dh = torch.ops.aten.gelu_backward(dsel @ select_w.float(), h)         # through GELU
             dmean_u = dh @ reduce_w.float()                                     # through global_reduce
             flat = lambda t: t.reshape(-1, t.shape[-1])                        # (batch * K, features)
             grads = (_fixed_order_sum(dmean_u * m, (0, 1)), _fixed_order_sum(dmean_u, (0, 1)),   # LayerNorm's w, b
                      flat(dh).t() @ flat(mean_u), _fixed_order_sum(dh, (0, 1)),                  # global_reduce's
-                     flat(dz).t() @ flat(F.gelu(h)), _fixed_order_sum(dz, (0, 1)))               # channel_select's
+                     flat(dsel).t() @ flat(F.gelu(h)), _fixed_order_sum(dsel, (0, 1)))               # channel_select's
         dy = token_norm_mean_backward(y, mu, rstd, dmean_u * norm_w.float(), a, g)   # y's two gradients at once
         return dy, None, *(d.to(p.dtype) for d, p in zip(grads, params))
 

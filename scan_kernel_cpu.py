@@ -28,10 +28,10 @@ dB and dC are sums over a group's channels: each work item sums its channel vect
 the batch. The arithmetic is fp32 (fp16/bf16 inputs are cast first; fp64 takes the PyTorch path).
 
 Names: FWD, BWD (the two kernels' source, `%`-formatted with N and T); ORDERED_SCAN_FWD/_BWD,
-ORDERED_CONV_FWD/_BWD, TOKEN_NORM_MEAN(_BWD) and GATED_SUM(_BWD) (the fused mixer's kernels:
-scan_kernel.ordered_scan, ...);
+ORDERED_CONV_FWD/_BWD, TOKEN_NORM_MEAN(_BWD), GATED_SUM(_BWD) and ROPE_RMS_NORM(_BWD) (the fused mixer's
+kernels: scan_kernel.ordered_scan, ...);
 COMMON (what all share: the exp2 polynomial, softplus, sigmoid, tile loads, Δ's low-rank row;
-experiments/bench_scan.py's floor reuses it),
+experiments/bench_scan.py's floor reuses it), CONV_COMMON and ROPE_COMMON (the conv's and RoPE's helpers),
 SIGNATURES (their argument types), build(kind, N, T), library_is_whole(path) (a damaged cached binary is
 rebuilt, not loaded).
 """
@@ -668,9 +668,9 @@ extern "C" void kernel(const float* y, const float* mu, const float* rstd, const
     for (int64_t w = 0; w < batch * K * P; w++) {
         const int64_t bk = w / P, p = w %% P;
         const float* gk = g + bk * E; const float* ak = a + bk * E; const float* gsb = gs + bk / K * L * E;
-        Vec gs_(0.f);
-        for (int64_t e0 = 0; e0 < E; e0 += VL) gs_ = gs_ + Vec::loadu(gk + e0, std::min(VL, E - e0));
-        const Vec gm(hsum(gs_) / E);
+        Vec gsum(0.f);
+        for (int64_t e0 = 0; e0 < E; e0 += VL) gsum = gsum + Vec::loadu(gk + e0, std::min(VL, E - e0));
+        const Vec gm(hsum(gsum) / E);
         for (int64_t t = p * per; t < std::min(L, (p + 1) * per); t++) {
             const float* row = y + (bk * L + t) * E;
             const Vec m(mu[bk * L + t]), r(rstd[bk * L + t]);
